@@ -1,0 +1,67 @@
+"""The one configuration object of an engine, with vLLM's names for its fields."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
+    tokenizer: str | None = None  # None: the model's own
+    device: str | None = None  # None: cuda when present, else cpu
+    dtype: str | None = None  # None: bfloat16 on cuda or on a CPU with fast bf16 matmul, else float32
+    kernel_backend: str | None = None  # None: "triton" on cuda, "torch" on cpu
+    load_format: str = "auto"  # "auto" or "dummy" (random weights)
+    seed: int = 0
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: 8192 on cuda, 2048 on cpu
+    max_model_len: int | None = None  # None: the model's own context length
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None  # CPU budget; None: 4 GiB
+    num_gpu_blocks_override: int | None = None
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.kernel_backend not in (None, "torch", "triton"):
+            raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {self.kernel_backend!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        on_cuda = self.device.startswith("cuda")
+        if self.kernel_backend is None:
+            self.kernel_backend = "triton" if on_cuda else "torch"
+        if self.dtype is None:
+            self.dtype = "bfloat16" if on_cuda or cpu_has_fast_bf16() else "float32"
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 8192 if on_cuda else 2048
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                  "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16, "float": torch.float32}
+        if self.dtype not in dtypes:
+            raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {self.dtype!r}")
+        return dtypes[self.dtype]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX makes bf16 matmul several times faster than fp32 on x86."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

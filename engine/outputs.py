@@ -1,0 +1,32 @@
+"""What the engine hands back to callers, shaped as vLLM's RequestOutput."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# One dict per generated token: {token_id: logprob} holding the sampled token and the top-k.
+SampleLogprobs = list[dict[int, float]]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    logprobs: SampleLogprobs | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)

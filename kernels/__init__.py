@@ -1,0 +1,27 @@
+"""Kernels for the model's hot path, behind one small API chosen once per engine.
+
+Every op exists twice with one signature: a Triton kernel (kernel_backend="triton") and the PyTorch
+reference in kernels/reference.py (kernel_backend="torch"). Kernels know only tensors.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+
+class KernelOps(NamedTuple):
+    write_kv_cache: Callable
+    paged_decode_attention: Callable
+    prefill_attention: Callable
+    rms_norm: Callable
+    rotary_embedding: Callable
+    silu_and_mul: Callable
+
+
+def get_ops(backend: str) -> KernelOps:
+    if backend == "torch":
+        from kernels import reference as impl
+    elif backend == "triton":
+        from kernels import triton_ops as impl
+    else:
+        raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {backend!r}")
+    return KernelOps(**{name: getattr(impl, name) for name in KernelOps._fields})

@@ -1,0 +1,111 @@
+"""PyTorch references for every kernel: the semantics the Triton kernels must match,
+and the CPU path of the engine (kernel_backend="torch"), so they are batched, not per token.
+
+KV cache layout, one tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim], K then V.
+Slot of token t of a sequence: block_table[t // block_size] * block_size + t % block_size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter key/value [num_tokens, num_kv_heads, head_dim] into their slots; slot -1 is skipped (padding)."""
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+def _gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense [num_seqs, num_kv_heads, max_seq_len, head_dim] copies of K and V for the sequences' blocks."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (max_seq_len + block_size - 1) // block_size
+    table = block_tables[:, :num_blocks].long()
+    kv = kv_cache[:, table]  # [2, num_seqs, num_blocks, block_size, kvh, d]
+    kv = kv.flatten(2, 3)[:, :, :max_seq_len]  # [2, num_seqs, max_seq_len, kvh, d]
+    return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+
+
+def _key_mask(q_pos: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, sliding_window: int | None) -> torch.Tensor:
+    """Boolean [num_seqs, q_len, max_seq_len]: key j is visible to the query at position q_pos."""
+    k_pos = torch.arange(max_seq_len, device=q_pos.device)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
+    if sliding_window is not None:
+        mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    return mask
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """query [B, H, q, d], key/value [B, kvh, k, d]; fp32 softmax via SDPA's math on the input dtype."""
+    group = query.shape[1] // key.shape[1]
+    if group > 1:
+        key = key.repeat_interleave(group, dim=1)
+        value = value.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scale)
+
+
+def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           scale: float, max_seq_len: int, sliding_window: int | None = None) -> torch.Tensor:
+    """One query token per sequence, [num_seqs, num_heads, head_dim], attending to its seq_len cached tokens."""
+    key, value = _gather_kv(kv_cache, block_tables, max_seq_len)
+    q_pos = (seq_lens.long() - 1)[:, None]
+    mask = _key_mask(q_pos, seq_lens.long(), max_seq_len, sliding_window)
+    return _sdpa(query[:, :, None].to(key.dtype), key, value, mask, scale)[:, :, 0].to(query.dtype)
+
+
+def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                      query_start_loc: torch.Tensor, scale: float, max_seq_len: int,
+                      sliding_window: int | None = None) -> torch.Tensor:
+    """Variable-length query chunks [num_tokens, num_heads, head_dim]: sequence i owns query rows
+    query_start_loc[i]:query_start_loc[i+1], which are its last tokens (positions seq_len - q_len .. seq_len - 1),
+    causal within the chunk and attending to the whole cached prefix. Their K/V are already in the cache."""
+    out = torch.empty_like(query)
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for i, seq_len in enumerate(lens):  # per sequence, not per token: prefills are few per step
+        start, end = starts[i], starts[i + 1]
+        key, value = _gather_kv(kv_cache, block_tables[i:i + 1], seq_len)
+        q_pos = torch.arange(seq_len - (end - start), seq_len, device=query.device)[None]
+        mask = _key_mask(q_pos, seq_lens[i:i + 1].long(), seq_len, sliding_window)
+        q = query[start:end].transpose(0, 1)[None].to(key.dtype)
+        out[start:end] = _sdpa(q, key, value, mask, scale)[0].transpose(0, 1).to(query.dtype)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm in fp32. With a residual: returns (norm(x + residual), x + residual)."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    x32 = x.float()
+    out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    return out if residual is None else (out, residual)
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None:
+    """Rotate query [num_tokens, num_heads, head_dim] and key [num_tokens, num_kv_heads, head_dim] in place.
+    cos_sin_cache [max_position, rotary_dim]: cos in the first half, sin in the second; rotary_dim may be < head_dim.
+    neox rotates (x[:half], x[half:]) pairs; GPT-J rotates interleaved (x[0::2], x[1::2]) pairs."""
+    cos, sin = cos_sin_cache[positions.long()].float().chunk(2, dim=-1)  # [num_tokens, rotary_dim // 2]
+    for x in (query, key):
+        rot = x[..., :cos.shape[-1] * 2]
+        r = rot.float()
+        if is_neox:
+            x1, x2 = r.chunk(2, dim=-1)
+        else:
+            x1, x2 = r[..., 0::2], r[..., 1::2]
+        c, s = cos[:, None], sin[:, None]
+        o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+        rot.copy_(torch.cat((o1, o2), -1) if is_neox else torch.stack((o1, o2), -1).flatten(-2))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2 * d] holding gate then up: silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="tokmodel",
+    version="0.1.0",
+    description="A continuous-batching LLM serving engine in Python with a paged KV cache and an OpenAI-compatible API",
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "server", "server.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.46",
+        "safetensors",
+        "aiohttp>=3.9",
+        "numpy",
+        "gguf>=0.10",
+        "tqdm",
+        "huggingface_hub",
+        "prometheus_client",
+    ],
+    extras_require={
+        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema"],
+        "bench": ["matplotlib", "accelerate"],
+    },
+    entry_points={"console_scripts": ["tokmodel=server.cli:main"]},
+)
