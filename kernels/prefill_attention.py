@@ -1,0 +1,110 @@
+"""Prefill/extend attention over the paged cache, the whole batch in one launch.
+
+Each program owns one KV head and a block of BLOCK_Q query tokens of one sequence, and stacks those tokens'
+query heads of the KV head's group into the rows of one tile (row = token * group + head), so the keys are
+loaded once for the whole group. The keys, the cached prefix and the chunk's own, are read from paged blocks.
+
+Programs find their sequence without a host sync: sequence i owns program ids
+query_start_loc[i] // BLOCK_Q + i onwards (at least ceil(q_len_i / BLOCK_Q) of them before sequence i + 1's),
+so num_tokens // BLOCK_Q + num_seqs programs cover any batch; the spare ones exit at once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.decode_attention import LOG2E, attend_tile, check_attention_args, dot_precision, paged_offsets, window_arg
+
+BLOCK_M = 64  # query rows (token, head) per program
+TILE_N = 64  # keys per tile
+
+
+@triton.jit
+def _find_sequence(query_start_loc_ptr, program, num_seqs, BLOCK_Q: tl.constexpr):
+    """Last sequence i with query_start_loc[i] // BLOCK_Q + i <= program (binary search)."""
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= program:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, seq_lens_ptr, query_start_loc_ptr,
+                    qk_scale, window, num_seqs, group, head_dim,
+                    stride_q_tok, stride_q_head, stride_out_tok, stride_out_head,
+                    stride_table, stride_block, stride_slot, stride_kv_head,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
+                    TILE: tl.constexpr, PRECISION: tl.constexpr):
+    program = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_sequence(query_start_loc_ptr, program, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_block = program - (q_start // BLOCK_Q + seq)
+    if q_block * BLOCK_Q >= q_len:  # a spare program
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len  # positions of the cached prefix, before the chunk
+
+    offs_m = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, DIM)
+    d_mask = offs_d < head_dim
+    token = q_block * BLOCK_Q + offs_m // group  # index within the chunk
+    heads = kv_head * group + offs_m % group
+    row_mask = (offs_m < BLOCK_Q * group) & (token < q_len)
+    q_pos = context_len + token
+    q_rows = (q_start + token).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(k_ptr.dtype.element_ty)
+
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, DIM], tl.float32)
+    # Keys that any row of the block may see: from the first row's window start to the last row's position.
+    lo = tl.maximum(context_len + q_block * BLOCK_Q - window + 1, 0)
+    hi = context_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len)
+    table_row_ptr = table_ptr + seq.to(tl.int64) * stride_table
+    k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_kv_head
+    v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_kv_head
+    for tile_start in range(lo, hi, TILE):
+        k_pos = tile_start + tl.arange(0, TILE)
+        valid = k_pos < hi
+        rows = paged_offsets(table_row_ptr, k_pos, valid, BLOCK_SIZE, stride_block, stride_slot)
+        visible = ((k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
+                   & row_mask[:, None])
+        acc, m, l = attend_tile(acc, m, l, q, k_head_ptr, v_head_ptr, rows, valid, visible,
+                                offs_d, d_mask, qk_scale, PRECISION)
+
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # l is 0 only on masked rows, which are not stored
+    tl.store(out_ptr + q_rows[:, None] * stride_out_tok + heads[:, None] * stride_out_head + offs_d[None, :],
+             out, mask=row_mask[:, None] & d_mask[None, :])
+
+
+def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                      query_start_loc: torch.Tensor, scale: float, max_seq_len: int,
+                      sliding_window: int | None = None) -> torch.Tensor:
+    """Variable-length query chunks [num_tokens, num_heads, head_dim]: sequence i owns query rows
+    query_start_loc[i]:query_start_loc[i+1], which are its last tokens (positions seq_len - q_len .. seq_len - 1),
+    causal within the chunk and attending to the whole cached prefix. Their K/V are already in the cache."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    check_attention_args(query, kv_cache, sliding_window)
+    num_seqs = seq_lens.shape[0]
+    group = num_heads // num_kv_heads
+    rows = max(BLOCK_M, triton.next_power_of_2(group))
+    block_q = rows // group
+    out = torch.empty_like(query)
+    _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
+        query, kv_cache[0], kv_cache[1], out, block_tables, seq_lens, query_start_loc,
+        scale * LOG2E, window_arg(sliding_window), num_seqs, group, head_dim,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        block_tables.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        BLOCK_SIZE=block_size, BLOCK_Q=block_q, ROWS=rows, DIM=triton.next_power_of_2(head_dim),
+        TILE=TILE_N, PRECISION=dot_precision(kv_cache.dtype))
+    return out
