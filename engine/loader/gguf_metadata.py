@@ -1,0 +1,81 @@
+"""Reading a GGUF file's metadata into Hugging Face config.json and generation_config.json."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gguf import GGUFReader
+
+_MISSING = object()
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    """A reader over `path`, or a ValueError that says the file is not a usable GGUF."""
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise ValueError(f"{path} is not a valid GGUF file ({type(e).__name__}: {e}); "
+                         f"the file may be truncated or corrupt") from e
+    architecture = field(reader, "general.architecture")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    return reader
+
+
+def field(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
+    """A metadata value as a Python value; a missing key without a default is a corrupt file."""
+    f = reader.get_field(key)
+    if f is None:
+        if default is _MISSING:
+            raise ValueError(f"GGUF metadata lacks the required key {key!r}")
+        return default
+    return f.contents()
+
+
+def hf_config(reader: GGUFReader) -> dict[str, Any]:
+    """config.json of a LlamaForCausalLM, with the values transformers' own GGUF loader derives."""
+    arch = field(reader, "general.architecture")
+    num_heads = field(reader, f"{arch}.attention.head_count")
+    hidden_size = field(reader, f"{arch}.embedding_length")
+    tensor_names = {t.name for t in reader.tensors}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden_size,
+        "intermediate_size": field(reader, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": field(reader, f"{arch}.block_count"),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": field(reader, f"{arch}.attention.head_count_kv", num_heads),
+        "head_dim": field(reader, f"{arch}.attention.key_length", hidden_size // num_heads),
+        "hidden_act": "silu",
+        # float32 in the file: keep the value it rounds to, as transformers does.
+        "rms_norm_eps": float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": field(reader, f"{arch}.context_length"),
+        "vocab_size": field(reader, f"{arch}.vocab_size", None) or len(field(reader, "tokenizer.ggml.tokens")),
+        # llama.cpp drops output.weight when the head shares the embedding.
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+    for key in ("bos", "eos", "padding"):
+        token_id = field(reader, f"tokenizer.ggml.{key}_token_id", None)
+        if token_id is not None:
+            config[f"{key.replace('padding', 'pad')}_token_id"] = token_id
+    return config
+
+
+def hf_generation_config(reader: GGUFReader) -> dict[str, Any]:
+    """generation_config.json: every end-of-generation id the GGUF declares (eos, end of turn, end of message)."""
+    eos = [field(reader, f"tokenizer.ggml.{key}_token_id", None) for key in ("eos", "eot", "eom")]
+    eos = sorted({i for i in eos if i is not None})
+    generation = {"bos_token_id": field(reader, "tokenizer.ggml.bos_token_id", None),
+                  "eos_token_id": eos[0] if len(eos) == 1 else eos}
+    return {k: v for k, v in generation.items() if v not in (None, [])}
+
+
+def chat_template(reader: GGUFReader) -> str | None:
+    return field(reader, "tokenizer.chat_template", None)

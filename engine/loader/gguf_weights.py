@@ -1,0 +1,59 @@
+"""GGUF tensors as Hugging Face Llama parameters: dequantized, renamed, Q/K rows restored."""
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tqdm import tqdm
+
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)")
+
+
+def hf_name(gguf_name: str) -> str:
+    """The HF Llama parameter name of a llama.cpp tensor name."""
+    base = gguf_name.removesuffix(".weight")
+    if base != gguf_name:
+        if base in _GLOBAL_NAMES:
+            return f"{_GLOBAL_NAMES[base]}.weight"
+        match = _LAYER_TENSOR.fullmatch(base)
+        if match and match.group(2) in _LAYER_NAMES:
+            return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
+    # rope_freqs (Llama 3.1 scaling) lands here too: HF needs it as config.rope_scaling, which
+    # GGUF does not record, so loading without it would silently change the model.
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama equivalent")
+
+
+def hf_tensors(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the file as (HF name, float32 tensor), with a progress bar on stderr."""
+    for tensor in tqdm(reader.tensors, desc="converting GGUF tensors", unit="tensor", file=sys.stderr):
+        name = hf_name(tensor.name)
+        # dequantize() gives numpy order (GGUF dims reversed), which is HF's [out, in].
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        if ".q_proj." in name:
+            weights = unpermute_rows(weights, config["num_attention_heads"])
+        elif ".k_proj." in name:
+            weights = unpermute_rows(weights, config["num_key_value_heads"])
+        # np.array copies: F32 tensors come back as views of the read-only file mapping.
+        yield name, torch.from_numpy(np.array(weights, dtype=np.float32))
+
+
+def unpermute_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo convert_hf_to_gguf's `permute`, which interleaves each head's two rotary halves.
+
+    llama.cpp stores rows as reshape(heads, 2, d/2).swapaxes(1, 2) for its rotary layout;
+    swapping the same axes of reshape(heads, d/2, 2) restores HF's order (as transformers does).
+    """
+    head_pairs = weights.shape[0] // num_heads // 2
+    return weights.reshape(num_heads, head_pairs, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
