@@ -1,0 +1,71 @@
+"""POST /v1/completions (the legacy text API): several prompts, token-id prompts, echo."""
+from __future__ import annotations
+
+import uuid
+
+from aiohttp import web
+
+from engine.outputs import CompletionOutput
+from server.choices import Choice
+from server.errors import bad_request
+from server.generation import generate_many
+from server.logprobs import completion_logprobs
+from server.protocol import (COMPLETION_FIELDS, check_model, check_types, completion_prompts, read_json,
+                             require_tokenizer, sampling_params, stream_options)
+from server.serving import Completion
+
+from server.state import STATE
+
+_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
+
+
+class TextCompletion(Completion):
+    object_name = "text_completion"
+    chunk_object_name = "text_completion"
+
+    def __init__(self, *args, echoed: list[str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.echoed = echoed  # per prompt: the prompt text when echo is on, else ""
+
+    def chunk_choice(self, index: int, delta: CompletionOutput, first: bool) -> dict | None:
+        if not (first or delta.text or delta.finish_reason or delta.token_ids):
+            return None
+        echo = self.echoed[index // self.collector.n] if first else ""
+        # Offsets count from the start of the choice's text, which already holds this delta.
+        offset = len(echo) + len(self.collector.choices[index].text) - len(delta.text)
+        return {"index": index, "text": echo + delta.text, "finish_reason": delta.finish_reason,
+                "logprobs": self._logprobs(delta.token_ids, delta.logprobs, offset)}
+
+    def final_choice(self, index: int, choice: Choice) -> dict:
+        echo = self.echoed[index // self.collector.n]
+        return {"index": index, "text": echo + choice.text, "finish_reason": choice.finish_reason,
+                "logprobs": self._logprobs(choice.token_ids, choice.logprobs, len(echo))}
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None, offset: int) -> dict | None:
+        if self.top_logprobs is None or not logprobs:
+            return None
+        return completion_logprobs(self.tokenizer, token_ids, logprobs, self.top_logprobs, offset)
+
+
+async def create_completion(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    llm = state.llm
+    body = await read_json(request)
+    check_types(body, COMPLETION_FIELDS)
+    check_model(body, llm.model_name)
+    options = stream_options(body)
+    max_tokens = body.get("max_tokens", _DEFAULT_MAX_TOKENS)
+    params = sampling_params(body, max_tokens, body.get("logprobs"))
+    prompts = completion_prompts(body, len(llm.tokenizer) if llm.tokenizer is not None else None)
+    if any(isinstance(p, str) for p in prompts) or body.get("echo") or params.logprobs is not None:
+        require_tokenizer(llm)
+    if body.get("echo") and params.logprobs is not None:
+        raise bad_request("echo with logprobs would need the prompt's logprobs, which are not computed", param="echo")
+    echoed = [_prompt_text(llm.tokenizer, p) if body.get("echo") else "" for p in prompts]
+    completion = TextCompletion(f"cmpl-{uuid.uuid4().hex}", llm.model_name, params.n, options, params.logprobs,
+                                llm.tokenizer, echoed=echoed)
+    return await completion.respond(request, generate_many(state, prompts, params, completion.id))
+
+
+def _prompt_text(tokenizer, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)

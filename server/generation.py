@@ -1,0 +1,72 @@
+"""The one path from a handler to the engine: admission, aborts on disconnect, metrics, and fan-in of prompts."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from server.errors import OpenAIError, bad_request
+from server.state import ServerState
+
+_RETRY_AFTER_S = "1"
+
+
+def admit(state: ServerState) -> None:
+    """Refuse work before it queues: while draining, or while the waiting queue is over its limit."""
+    if state.draining:
+        raise OpenAIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": _RETRY_AFTER_S})
+    if state.llm.num_waiting_requests >= state.max_waiting_requests:
+        raise OpenAIError(429, f"the server has {state.max_waiting_requests} requests waiting; retry later",
+                          code="queue_full", headers={"Retry-After": _RETRY_AFTER_S})
+
+
+async def generate(state: ServerState, prompt: str | list[int], params: SamplingParams,
+                   request_id: str) -> AsyncIterator[RequestOutput]:
+    """The engine's DELTA outputs for one prompt. Closing this generator (the handler's task cancelled on
+    disconnect, or an exception) closes the engine's, which aborts the request and frees its blocks."""
+    tracker = state.metrics.track()
+    async with aclosing(state.llm.generate(prompt, params, request_id)) as outputs:
+        try:
+            async for out in outputs:
+                tracker.observe(out)
+                if any(choice.finish_reason == "abort" for choice in out.outputs):
+                    raise OpenAIError(503, "the request was aborted by the server", code="aborted")
+                yield out
+        except ValueError as e:  # the engine refuses requests that can never run, before the first output
+            raise bad_request(str(e)) from None
+
+
+async def generate_many(state: ServerState, prompts: list[str | list[int]], params: SamplingParams,
+                        request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from all prompts as they come; one prompt needs no tasks."""
+    admit(state)
+    if len(prompts) == 1:
+        async with aclosing(generate(state, prompts[0], params, request_id)) as outputs:
+            async for out in outputs:
+                yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    pumps = [asyncio.create_task(_pump(queue, i, generate(state, p, params, f"{request_id}-{i}")))
+             for i, p in enumerate(prompts)]
+    try:
+        for _ in range(len(pumps)):
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+    finally:
+        for pump in pumps:
+            pump.cancel()  # closes the engine streams of the prompts still running
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def _pump(queue: asyncio.Queue, index: int, outputs: AsyncIterator[RequestOutput]) -> None:
+    try:
+        async with aclosing(outputs):
+            async for out in outputs:
+                queue.put_nowait((index, out))
+    except Exception as e:
+        queue.put_nowait(e)
+    queue.put_nowait(None)  # this prompt is done

@@ -1,0 +1,154 @@
+"""Request parsing and validation: JSON bodies to engine inputs, every mistake a 400 naming its parameter."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from engine.sampling_params import RequestOutputKind, SamplingParams
+from server.errors import OpenAIError, bad_request
+
+# JSON types a field may take; None (JSON null) is always accepted and means "the default".
+_NUMBER = (int, float)
+_SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {
+    "model": (str,), "n": (int,), "temperature": _NUMBER, "top_p": _NUMBER, "top_k": (int,), "min_p": _NUMBER,
+    "seed": (int,), "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER, "repetition_penalty": _NUMBER,
+    "logit_bias": (dict,), "max_tokens": (int,), "min_tokens": (int,), "stop": (str, list), "stop_token_ids": (list,),
+    "ignore_eos": (bool,), "skip_special_tokens": (bool,), "stream": (bool,), "stream_options": (dict,), "user": (str,),
+}
+CHAT_FIELDS = _SAMPLING_FIELDS | {"messages": (list,), "max_completion_tokens": (int,), "logprobs": (bool,),
+                                  "top_logprobs": (int,)}
+COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt": (str, list), "echo": (bool,), "logprobs": (int,)}
+# SamplingParams copies these request fields under the same name.
+_PASSTHROUGH = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+                "repetition_penalty", "min_tokens", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens")
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
+@dataclass
+class StreamOptions:
+    stream: bool
+    include_usage: bool
+
+
+async def read_json(request: web.Request) -> dict:
+    """The body as a JSON object; aiohttp raises 413 itself when it is over client_max_size."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    return body
+
+
+def check_types(body: dict, fields: dict[str, tuple[type, ...]]) -> None:
+    for name, types in fields.items():
+        value = body.get(name)
+        # bool is an int in Python but not in JSON: true is no valid max_tokens.
+        if value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            names = " or ".join(_JSON_NAMES[t] for t in types)
+            raise bad_request(f"{name} must be {names}, got {json.dumps(value)[:64]}", param=name)
+
+
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
+               dict: "an object"}
+
+
+def check_model(body: dict, served_name: str) -> None:
+    model = body.get("model")
+    if model is not None and model != served_name:
+        raise OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+def stream_options(body: dict) -> StreamOptions:
+    options = body.get("stream_options") or {}
+    stream = bool(body.get("stream"))
+    if options and not stream:
+        raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad_request("stream_options.include_usage must be a boolean", param="stream_options")
+    return StreamOptions(stream, include_usage)
+
+
+def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
+                    param_names: dict[str, str] | None = None) -> SamplingParams:
+    """SamplingParams from the request; its ValueError ('<field> must ...') becomes a 400 on that field,
+    renamed through param_names where the request calls it otherwise (chat's top_logprobs)."""
+    temperature = body.get("temperature")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise bad_request(f"temperature must be in [0, 2], got {temperature}", param="temperature")
+    kwargs = {name: body[name] for name in _PASSTHROUGH if body.get(name) is not None}
+    try:
+        return SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs, logit_bias=_logit_bias(body),
+                              output_kind=RequestOutputKind.DELTA)
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        param = (param_names or {}).get(field, field)
+        raise bad_request(str(e), param=param if param in body else None) from None
+
+
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    try:
+        # JSON object keys are strings; OpenAI's are token ids written as strings.
+        return {int(token): value for token, value in bias.items()}
+    except ValueError:
+        raise bad_request("logit_bias keys must be token ids", param="logit_bias") from None
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """Messages as {"role", "content": str}, text parts joined; developer is the template's system role."""
+    messages = body.get("messages")
+    if not messages:
+        raise bad_request("messages must be a non-empty array", param="messages")
+    return [_chat_message(message, i) for i, message in enumerate(messages)]
+
+
+def _chat_message(message: object, i: int) -> dict:
+    if not isinstance(message, dict) or message.get("role") not in _ROLES:
+        raise bad_request(f"messages[{i}] must be an object with a role among {sorted(_ROLES)}", param="messages")
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(_text_part(part, i) for part in content)
+    elif content is None and message["role"] == "assistant":
+        content = ""  # an assistant turn that only called tools
+    elif not isinstance(content, str):
+        raise bad_request(f"messages[{i}].content must be a string or an array of text parts", param="messages")
+    return {"role": _ROLES[message["role"]], "content": content}
+
+
+def _text_part(part: object, i: int) -> str:
+    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    raise bad_request(f"messages[{i}].content: only text parts are supported", param="messages")
+
+
+def completion_prompts(body: dict, vocab_size: int | None) -> list[str | list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of such lists, as a list of prompts."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and all(is_token_id(t) for t in prompt):
+        prompt = [prompt]
+    if not prompt or not all(isinstance(p, str) or (isinstance(p, list) and p and all(map(is_token_id, p)))
+                             for p in prompt):
+        raise bad_request("prompt must be a string, an array of strings, an array of token ids "
+                          "or an array of such arrays, none of them empty", param="prompt")
+    if vocab_size is not None and any(isinstance(p, list) and max(p) >= vocab_size for p in prompt):
+        raise bad_request(f"prompt token ids must be < the vocabulary size {vocab_size}", param="prompt")
+    return prompt
+
+
+def is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def require_tokenizer(llm) -> None:
+    if llm.tokenizer is None:
+        raise bad_request("this model has no tokenizer: send the prompt as token ids to /v1/completions")

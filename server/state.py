@@ -1,0 +1,20 @@
+"""What every handler needs from the running server, stored on the aiohttp app."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from server.metrics import ServerMetrics
+
+
+@dataclass
+class ServerState:
+    llm: object  # engine.async_llm.AsyncLLM; typed loosely so that tests can hand in the real one or another
+    metrics: ServerMetrics
+    api_key: str | None = None
+    max_waiting_requests: int = 1024
+    draining: bool = False  # set by SIGTERM: requests on kept-alive connections get 503 from then on
+
+
+STATE = web.AppKey("state", ServerState)

@@ -1,0 +1,34 @@
+"""Server-sent events as OpenAI streams them: `data: {json}` events, then `data: [DONE]`."""
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+
+from aiohttp import web
+
+from server.errors import OpenAIError, error_body
+
+
+def sse_event(data: dict) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def stream_events(request: web.Request, chunks: AsyncGenerator[list[dict], None]) -> web.StreamResponse:
+    """Streams each batch of chunks in one write. The first batch is awaited before the headers go out, so
+    that a request the engine refuses still gets its JSON error and status; later errors become an error event.
+    The chunk generator is closed on every exit (a disconnect included), which aborts the engine request."""
+    async with aclosing(chunks):
+        first = await anext(chunks, [])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            await response.write(b"".join(map(sse_event, first)))
+            async for batch in chunks:
+                if batch:
+                    await response.write(b"".join(map(sse_event, batch)))
+        except OpenAIError as e:
+            await response.write(sse_event(error_body(e.status, e.message, e.param, e.code)))
+        await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response

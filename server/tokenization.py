@@ -1,0 +1,40 @@
+"""POST /tokenize and /detokenize, with vLLM's request and response shapes."""
+from __future__ import annotations
+
+from aiohttp import web
+
+from server.errors import bad_request
+from server.protocol import chat_messages, check_model, check_types, is_token_id, read_json, require_tokenizer
+from server.state import STATE
+
+_FIELDS = {"model": (str,), "prompt": (str,), "messages": (list,), "add_special_tokens": (bool,), "tokens": (list,)}
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    llm = request.app[STATE].llm
+    body = await _body(request)
+    if "messages" in body:
+        tokens = llm.apply_chat_template(chat_messages(body))
+    elif isinstance(body.get("prompt"), str):
+        tokens = llm.tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
+    else:
+        raise bad_request("send a prompt string or a messages array", param="prompt")
+    return web.json_response({"count": len(tokens), "max_model_len": llm.max_model_len, "tokens": list(tokens)})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    llm = request.app[STATE].llm
+    body = await _body(request)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(is_token_id(t) and t < len(llm.tokenizer) for t in tokens):
+        raise bad_request(f"tokens must be an array of token ids below {len(llm.tokenizer)}", param="tokens")
+    return web.json_response({"prompt": llm.tokenizer.decode(tokens)})
+
+
+async def _body(request: web.Request) -> dict:
+    llm = request.app[STATE].llm
+    body = await read_json(request)
+    check_types(body, _FIELDS)
+    check_model(body, llm.model_name)
+    require_tokenizer(llm)
+    return body
