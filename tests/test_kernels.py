@@ -1,0 +1,217 @@
+"""Every Triton kernel against its PyTorch reference (kernels/reference.py).
+
+Without CUDA the kernels run in Triton's interpreter on small shapes in fp32 (tight tolerances; fp16 too for
+the elementwise kernels, whose rounding the interpreter reproduces exactly; it rounds bf16 by truncation, so
+bf16 is checked on GPUs only). With CUDA the same tests run with longer contexts in fp32, bf16 and fp16.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, NamedTuple
+
+import pytest
+import torch
+
+from kernels import KernelOps, get_ops
+from kernels import reference as ref
+from kernels import triton_ops
+from kernels.decode_attention import choose_num_splits, decode_with_splits
+
+if TYPE_CHECKING:
+    from _pytest.mark.structures import ParameterSet
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+class Target(NamedTuple):
+    device: str
+    dtype: torch.dtype
+    atol: float
+    rtol: float
+    scale: int  # contexts and chunks grow by this factor on a GPU
+
+
+def _target(device: str, dtype: torch.dtype, tol: float, scale: int) -> ParameterSet:
+    # With CUDA present Triton compiles for the GPU, so CPU tensors cannot reach a kernel (and vice versa).
+    reason = "needs CUDA" if device == "cuda" else "with CUDA present Triton runs on the GPU, not the interpreter"
+    skip = pytest.mark.skipif(HAS_CUDA != (device == "cuda"), reason=reason)
+    return pytest.param(Target(device, dtype, tol, tol, scale), id=f"{device}-{str(dtype)[6:]}", marks=skip)
+
+
+# Tolerances: fp32 differs from the reference only in summation order; 16-bit outputs may differ by a rounding
+# step of the output (bf16: 2^-8 relative, fp16: 2^-11) on top of the reference's own 16-bit softmax rounding.
+ATTENTION_TARGETS = [
+    _target("cpu", torch.float32, 1e-5, 1),
+    _target("cuda", torch.float32, 1e-4, 4),
+    _target("cuda", torch.bfloat16, 2e-2, 8),
+    _target("cuda", torch.float16, 4e-3, 8),
+]
+ELEMENTWISE_TARGETS = ATTENTION_TARGETS + [_target("cpu", torch.float16, 1e-3, 1)]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _grow(n: int, target: Target) -> int:
+    """Scale a length up for a GPU run, keeping 0 and 1 (empty prefixes, decodes) and off block multiples."""
+    return n if n <= 1 else n * target.scale + target.scale - 1
+
+
+class PagedCache(NamedTuple):
+    kv_cache: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+
+
+def _paged_cache(seq_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int,
+                 target: Target) -> PagedCache:
+    """A random cache whose sequences own blocks in shuffled order, with spare blocks no table points to."""
+    blocks_per_seq = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=target.device).to(target.dtype)
+    order = torch.randperm(num_blocks, device=target.device).to(torch.int32)
+    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32, device=target.device)
+    for i, table in enumerate(order[:sum(blocks_per_seq)].split(blocks_per_seq)):
+        block_tables[i, :len(table)] = table
+    return PagedCache(kv_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32, device=target.device))
+
+
+def _query(num_tokens: int, num_heads: int, head_dim: int, target: Target) -> torch.Tensor:
+    return torch.randn(num_tokens, num_heads, head_dim, device=target.device).to(target.dtype)
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, target: Target) -> None:
+    torch.testing.assert_close(actual, expected, atol=target.atol, rtol=target.rtol)
+
+
+class AttentionCase(NamedTuple):
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    sliding_window: int | None = None
+
+
+# Together the cases cover GQA ratios 1, 3, 4, 5, 7, 8, head dims 64, 80, 96, 128, 256 and block sizes 8..128.
+ATTENTION_CASES = {
+    "mha-d64-bs16": AttentionCase(4, 4, 64, 16),
+    "gqa3-d80-bs8": AttentionCase(6, 2, 80, 8),
+    "gqa4-d128-bs16-window": AttentionCase(8, 2, 128, 16, sliding_window=37),
+    "gqa5-d96-bs32": AttentionCase(5, 1, 96, 32),
+    "gqa7-d256-bs128": AttentionCase(7, 1, 256, 128),
+    "gqa8-d64-bs64-window": AttentionCase(16, 2, 64, 64, sliding_window=100),
+}
+
+# Decode contexts: a single token, under one block, block multiples +- 1 and a long context, in one batch.
+DECODE_CONTEXTS = [1, 7, 129, 300, 63]
+
+
+@pytest.mark.parametrize("target", ATTENTION_TARGETS)
+@pytest.mark.parametrize("case", ATTENTION_CASES.values(), ids=ATTENTION_CASES.keys())
+def test_decode_attention_matches_reference_on_mixed_contexts(case: AttentionCase, target: Target) -> None:
+    lens = [_grow(n, target) for n in DECODE_CONTEXTS]
+    cache = _paged_cache(lens, case.block_size, case.num_kv_heads, case.head_dim, target)
+    query = _query(len(lens), case.num_heads, case.head_dim, target)
+    args = (query, *cache, case.head_dim ** -0.5, max(lens), case.sliding_window)
+    _assert_close(triton_ops.paged_decode_attention(*args), ref.paged_decode_attention(*args), target)
+
+
+@pytest.mark.parametrize("target", ATTENTION_TARGETS)
+@pytest.mark.parametrize("num_splits", [1, 2, 7])
+def test_decode_attention_is_independent_of_the_split_count(num_splits: int, target: Target) -> None:
+    # 7 splits leave the 5- and 20-token contexts with empty splits, which must weigh nothing in the merge.
+    lens = [_grow(n, target) for n in (5, 20, 333)]
+    cache = _paged_cache(lens, 16, 2, 64, target)
+    query = _query(len(lens), 8, 64, target)
+    expected = ref.paged_decode_attention(query, *cache, 0.125, max(lens))
+    _assert_close(decode_with_splits(query, *cache, 0.125, None, num_splits), expected, target)
+
+
+def test_long_contexts_of_a_small_batch_are_split_and_large_batches_are_not() -> None:
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    assert choose_num_splits(num_programs=2, max_seq_len=8192, device=device) > 1
+    assert choose_num_splits(num_programs=2, max_seq_len=100, device=device) == 1
+    assert choose_num_splits(num_programs=100_000, max_seq_len=8192, device=device) == 1
+
+
+# Prefill batches as (cached prefix length, chunk length): fresh prompts, prefixes ending mid-block and on a
+# block boundary, chunks longer than one program's query block, and decodes (chunk of 1) riding along.
+PREFILL_BATCHES = {
+    "fresh-prompts": [(0, 19), (0, 1), (0, 70)],
+    "cached-prefixes-and-decodes": [(45, 30), (200, 1), (16, 17), (0, 3), (7, 1)],
+    "long-chunk-after-long-prefix": [(130, 90)],
+}
+
+
+@pytest.mark.parametrize("target", ATTENTION_TARGETS)
+@pytest.mark.parametrize("case", ATTENTION_CASES.values(), ids=ATTENTION_CASES.keys())
+@pytest.mark.parametrize("batch", PREFILL_BATCHES.values(), ids=PREFILL_BATCHES.keys())
+def test_prefill_attention_matches_reference_with_cached_prefixes(batch: list[tuple[int, int]], case: AttentionCase,
+                                                                  target: Target) -> None:
+    chunks = [(_grow(prefix, target), _grow(q_len, target)) for prefix, q_len in batch]
+    lens = [prefix + q_len for prefix, q_len in chunks]
+    cache = _paged_cache(lens, case.block_size, case.num_kv_heads, case.head_dim, target)
+    q_lens = torch.tensor([0] + [q_len for _, q_len in chunks], device=target.device)
+    query_start_loc = q_lens.cumsum(0).to(torch.int32)
+    query = _query(int(q_lens.sum()), case.num_heads, case.head_dim, target)
+    args = (query, *cache, query_start_loc, case.head_dim ** -0.5, max(lens), case.sliding_window)
+    _assert_close(triton_ops.prefill_attention(*args), ref.prefill_attention(*args), target)
+
+
+@pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
+def test_kv_write_scatters_tokens_to_their_slots_and_skips_padding(target: Target) -> None:
+    num_blocks, block_size, num_kv_heads, head_dim = 6, 8, 3, 80
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=target.device).to(target.dtype)
+    expected = cache.clone()
+    slots = torch.randperm(num_blocks * block_size, device=target.device)[:10 * target.scale]
+    slots[::4] = -1
+    # fp32 inputs into a narrower cache: the kernel casts on the way in.
+    key, value = (torch.randn(len(slots), num_kv_heads, head_dim, device=target.device) for _ in range(2))
+    triton_ops.write_kv_cache(key, value, cache, slots)
+    ref.write_kv_cache(key, value, expected, slots)
+    assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_rms_norm_matches_reference(with_residual: bool, target: Target) -> None:
+    hidden = 96 * target.scale  # not a power of two: the tail of the row is masked
+    x = torch.randn(3, 5, hidden, device=target.device).to(target.dtype)
+    weight = torch.randn(hidden, device=target.device).to(target.dtype)
+    residual = torch.randn_like(x) if with_residual else None
+    actual = triton_ops.rms_norm(x, weight, 1e-6, residual)
+    expected = ref.rms_norm(x, weight, 1e-6, residual)
+    if with_residual:
+        _assert_close(actual[1], expected[1], target)
+        actual, expected = actual[0], expected[0]
+    _assert_close(actual, expected, target)
+
+
+@pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("rotary_dim", [128, 64], ids=["full", "partial"])
+def test_rotary_embedding_rotates_query_and_key_in_place(rotary_dim: int, is_neox: bool, target: Target) -> None:
+    num_tokens, num_heads, num_kv_heads, head_dim = 6 * target.scale, 8, 2, 128
+    # Query and key are views into one fused qkv projection, as the model hands them over.
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, device=target.device).to(target.dtype)
+    query, key = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads]
+    expected_qkv = qkv.clone()
+    cos_sin_cache = torch.randn(64, rotary_dim, device=target.device)
+    positions = torch.randint(0, 64, (num_tokens,), device=target.device)
+    triton_ops.rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    ref.rotary_embedding(positions, expected_qkv[:, :num_heads], expected_qkv[:, num_heads:num_heads + num_kv_heads],
+                         cos_sin_cache, is_neox)
+    _assert_close(qkv, expected_qkv, target)  # the value heads are untouched
+
+
+@pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
+def test_silu_and_mul_matches_reference(target: Target) -> None:
+    x = torch.randn(2, 3, 2 * 1100 * target.scale, device=target.device).to(target.dtype)  # d spans column blocks
+    _assert_close(triton_ops.silu_and_mul(x), ref.silu_and_mul(x), target)
+
+
+def test_triton_backend_serves_every_kernel_op() -> None:
+    ops = get_ops("triton")
+    assert all(getattr(ops, name) is getattr(triton_ops, name) for name in KernelOps._fields)
