@@ -41,12 +41,15 @@ def _key_mask(q_pos: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, sli
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """query [B, H, q, d], key/value [B, kvh, k, d]; fp32 softmax via SDPA's math on the input dtype."""
-    group = query.shape[1] // key.shape[1]
-    if group > 1:
-        key = key.repeat_interleave(group, dim=1)
-        value = value.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scale)
+    """query [B, H, q, d], key/value [B, kvh, k, d], mask [B, q, k]. The query heads sharing a KV head are
+    folded into the query length, so K/V are read once per KV head instead of being repeated."""
+    batch, num_heads, q_len, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    folded = query.reshape(batch, num_kv_heads, group * q_len, head_dim)
+    mask = mask[:, None, None].expand(batch, 1, group, q_len, mask.shape[-1]).reshape(batch, 1, group * q_len, -1)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
+    return out.reshape(batch, num_heads, q_len, head_dim)
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,

@@ -1,0 +1,7 @@
+"""TokModel's engine: paged KV cache, continuous batching, sampling; the offline LLM and AsyncLLM APIs."""
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import RequestOutputKind, SamplingParams
+
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestOutputKind"]

@@ -1,0 +1,27 @@
+"""What attention needs to know about one step's batch; built once per step by the model runner."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """The batch holds decodes first (one query token each), then prefill chunks."""
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot of each new token
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32: tokens in the cache after this step
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    num_decodes: int
+    num_prefill_tokens: int
+    max_decode_seq_len: int
+    max_prefill_seq_len: int
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
+
+    @property
+    def num_prefills(self) -> int:
+        return self.seq_lens.shape[0] - self.num_decodes

@@ -1,0 +1,48 @@
+"""Incremental detokenization and stop strings for one choice of a request."""
+from __future__ import annotations
+
+from tokenizers.decoders import DecodeStream
+
+# Prompt tokens fed to the decoder first, so the first output token decodes with the spacing it has in context.
+CONTEXT_TOKENS = 4
+
+
+class IncrementalDetokenizer:
+    """Turns tokens into text as they arrive, never emitting a broken UTF-8 character, and cuts the text
+    at the first stop string (which is not part of the text)."""
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool, stop: list[str]) -> None:
+        self.tokenizer = tokenizer.backend_tokenizer if tokenizer is not None else None
+        self.stream = DecodeStream(ids=prompt_token_ids[-CONTEXT_TOKENS:], skip_special_tokens=skip_special_tokens)
+        self.stop = stop
+        self.max_stop_len = max((len(s) for s in stop), default=0)
+        self.text = ""
+        self.stop_reason: str | None = None
+
+    def add_token(self, token_id: int) -> None:
+        if self.tokenizer is None or self.stop_reason is not None:
+            return
+        piece = self.stream.step(self.tokenizer, token_id)
+        if piece:
+            old_len = len(self.text)
+            self.text += piece
+            if self.stop:
+                self._check_stop(old_len)
+
+    def _check_stop(self, old_len: int) -> None:
+        """Search only where a stop string could end in the new text; it may begin in earlier tokens."""
+        start = max(0, old_len - self.max_stop_len + 1)
+        found = [(idx, s) for s in self.stop if (idx := self.text.find(s, start)) != -1]
+        if found:
+            idx, self.stop_reason = min(found)
+            self.text = self.text[:idx]
+
+    def stable_len(self, finished: bool) -> int:
+        """How much text can be shown now: a tail that might still grow into a stop string is held back."""
+        if finished or not self.stop:
+            return len(self.text)
+        for k in range(min(self.max_stop_len - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return len(self.text) - k
+        return len(self.text)

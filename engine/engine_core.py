@@ -1,0 +1,143 @@
+"""The step loop shared by the offline LLM and the server: schedule, run the model, sample, update, emit."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from engine.config import EngineConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.loader import end_token_ids, iter_weights, load_tokenizer, resolve_model
+from engine.metrics import EngineStats
+from engine.model_runner import ModelRunner
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+PromptType = str | list[int] | dict
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_dir = resolve_model(config.model, config.load_format)
+        hf_config = AutoConfig.from_pretrained(self.model_dir)
+        self.tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else self.model_dir)
+        self.vocab_size = hf_config.vocab_size
+        self.max_model_len = _max_model_len(config.max_model_len, hf_config)
+        self.eos_token_ids = frozenset(end_token_ids(self.model_dir, self.tokenizer))
+        torch.manual_seed(config.seed)
+        weights = None if config.load_format == "dummy" else iter_weights(self.model_dir)
+        self.runner = ModelRunner(dataclasses.replace(config, max_model_len=self.max_model_len), hf_config, weights)
+        self.num_blocks = self.runner.determine_num_blocks()
+        self.runner.allocate_kv_cache(self.num_blocks)
+        self.kv_cache_manager = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len)
+        self.sampler = Sampler()
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    def process_inputs(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int], int]:
+        """Tokenize and check a request without touching engine state (safe from any thread).
+        Returns (prompt text, prompt token ids, max_tokens); raises ValueError when it can never run."""
+        text, token_ids = self._tokenize(prompt)
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        if max(token_ids) >= self.vocab_size or min(token_ids) < 0:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        num_prompt, limit = len(token_ids), self.max_model_len
+        if params.max_tokens is not None and num_prompt + params.max_tokens > limit:
+            raise ValueError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                             f"{num_prompt + params.max_tokens} tokens ({num_prompt} in the prompt, "
+                             f"{params.max_tokens} for max_tokens). Please reduce the length of the prompt or max_tokens.")
+        if num_prompt >= limit:
+            raise ValueError(f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                             f"{num_prompt} tokens, which leaves no room for output.")
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt
+        blocks_needed = -(-(num_prompt + max_tokens) // self.config.block_size)
+        if blocks_needed > self.num_blocks:
+            raise ValueError(f"the request needs {blocks_needed} KV-cache blocks ({num_prompt} prompt + {max_tokens} "
+                             f"output tokens) but the cache has only {self.num_blocks}; lower max_tokens")
+        return text, token_ids, max_tokens
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.output_processor.states:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids, max_tokens = self.process_inputs(prompt, params)
+        params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
+        arrival_time = arrival_time or time.time()
+        sequences = []
+        for index in range(params.n):
+            seq = Request(request_id if params.n == 1 else f"{request_id}-{index}", request_id, index, token_ids,
+                          params, max_tokens, arrival_time)
+            if params.seed is not None:  # each choice its own stream, as vLLM: seed + index
+                seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed + index)
+            sequences.append(seq)
+        self.output_processor.add_request(request_id, text, token_ids, params, arrival_time)
+        self.scheduler.add_request(sequences[0], sequences[1:])
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request and all its choices; their blocks return to the pool at once."""
+        state = self.output_processor.states.get(request_id)
+        if state is None:
+            return
+        ids = [request_id] if state.params.n == 1 else [f"{request_id}-{i}" for i in range(state.params.n)]
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        self.output_processor.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        output = self.scheduler.schedule()
+        if not output.requests:
+            return []
+        self.output_processor.mark_scheduled(output.requests, time.time())
+        logits = self.runner.execute_model(output)
+        sampled = self.sampler(logits, output.sample_requests) if output.sample_requests else None
+        sequences = self.scheduler.update(output, sampled.token_ids if sampled else [])
+        outputs, stopped = self.output_processor.process(sequences, sampled.logprobs if sampled else [])
+        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self.num_generation_tokens += len(sequences)
+        self.num_prompt_tokens += sum(s.num_prompt_tokens for s in sequences if s.num_output_tokens == 1 and s.index == 0)
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        kv = self.kv_cache_manager
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), kv.usage,
+                           self.scheduler.num_preemptions, kv.prefix_cache_queries, kv.prefix_cache_hits,
+                           self.num_prompt_tokens, self.num_generation_tokens)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompt token ids")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+
+def _max_model_len(requested: int | None, hf_config) -> int:
+    derived = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if requested is None:
+        return derived
+    if requested > derived:
+        raise ValueError(f"max_model_len={requested} exceeds the model's context length {derived}")
+    return requested

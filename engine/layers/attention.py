@@ -1,0 +1,35 @@
+"""Paged attention for one layer: write the new K/V into the cache, then attend over it."""
+from __future__ import annotations
+
+import torch
+
+from engine.attention_metadata import AttentionMetadata
+from kernels import KernelOps
+
+
+class PagedAttention:
+    def __init__(self, ops: KernelOps, num_heads: int, num_kv_heads: int, head_dim: int,
+                 sliding_window: int | None = None) -> None:
+        self.ops = ops
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """query [num_tokens, num_heads, head_dim], key/value [num_tokens, num_kv_heads, head_dim]."""
+        self.ops.write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        nd = meta.num_decodes
+        if meta.num_prefills == 0:
+            return self.ops.paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
+                                                   meta.max_decode_seq_len, self.sliding_window)
+        out = torch.empty_like(query)
+        if nd:
+            out[:nd] = self.ops.paged_decode_attention(query[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                                                       self.scale, meta.max_decode_seq_len, self.sliding_window)
+        out[nd:] = self.ops.prefill_attention(query[nd:], kv_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
+                                              meta.query_start_loc[nd:] - nd, self.scale, meta.max_prefill_seq_len,
+                                              self.sliding_window)
+        return out

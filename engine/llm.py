@@ -1,0 +1,66 @@
+"""The offline API, shaped as vLLM's LLM: generate and chat over the same EngineCore as the server."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from tqdm.auto import tqdm
+
+from engine.config import EngineConfig
+from engine.engine_core import EngineCore, PromptType
+from engine.outputs import RequestOutput
+from engine.sampling_params import RequestOutputKind, SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
+                 kernel_backend: str | None = None, **engine_args) -> None:
+        self.engine = EngineCore(EngineConfig(model=model, device=device, dtype=dtype, kernel_backend=kernel_backend,
+                                              **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | list[PromptType], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Outputs in the order of the prompts. `sampling_params`: one for all prompts or one per prompt."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        request_ids = []
+        for prompt, p in zip(prompts, params):
+            request_ids.append(str(next(self._ids)))
+            self.engine.add_request(request_ids[-1], prompt, _final_only(p))
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, through the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.engine.tokenizer
+        prompts = [{"prompt_token_ids": tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
+                                                                      tokenize=True, return_dict=False)}
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
+            try:
+                while self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        if output.finished:
+                            finished[output.request_id] = output
+                            bar.update(1)
+            except BaseException:
+                for request_id in request_ids:  # leave no blocks behind if interrupted
+                    self.engine.abort_request(request_id)
+                raise
+        return [finished[i] for i in request_ids]
+
+
+def _final_only(params: SamplingParams) -> SamplingParams:
+    return dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)

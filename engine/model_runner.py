@@ -1,0 +1,159 @@
+"""Runs the model for one scheduled step: SchedulerOutput -> input tensors + AttentionMetadata -> logits
+of the rows that sample. Owns the weights and the KV cache."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.attention_metadata import AttentionMetadata
+from engine.config import EngineConfig
+from engine.models import get_model_class
+from engine.scheduler import SchedulerOutput
+from kernels import get_ops
+
+CPU_KV_CACHE_BYTES = 2 << 30
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config, weights) -> None:
+        """weights: an iterator of (name, tensor) in checkpoint names, or None for random (dummy) weights."""
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.block_size = config.block_size
+        self.model = _build_model(hf_config, config, weights, self.device, self.dtype)
+        attn = self.model.model.layers[0].self_attn
+        self.num_layers = hf_config.num_hidden_layers
+        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.kv_caches: list[torch.Tensor] = []
+
+    @property
+    def bytes_per_block(self) -> int:
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
+
+    def determine_num_blocks(self) -> int:
+        if self.config.num_gpu_blocks_override is not None:
+            return self.config.num_gpu_blocks_override
+        if self.device.type == "cuda":
+            budget = self._profile_cuda_kv_budget()
+        else:
+            budget = self.config.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
+        num_blocks = budget // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"no memory left for the KV cache (budget {budget / 2**20:.0f} MiB); "
+                             f"raise gpu_memory_utilization or kv_cache_memory_bytes")
+        return int(num_blocks)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        # Zeroed: masked-out slots are multiplied by zero weights, and uninitialised memory may hold NaNs.
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+
+    @torch.inference_mode()
+    def execute_model(self, output: SchedulerOutput) -> torch.Tensor:
+        """fp32 logits [num_sample_rows, vocab_size]."""
+        if output.blocks_to_copy:
+            self._copy_blocks(output.blocks_to_copy)
+        input_ids, positions, meta, order = self._prepare_inputs(output)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        last_token = meta.query_start_loc[1:].long() - 1  # per scheduled row, in batch order
+        rows = torch.as_tensor(order[output.sample_rows], device=self.device)
+        return self.model.compute_logits(hidden[last_token[rows]]).float()
+
+    def _prepare_inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
+        """Decodes first, then prefill chunks. Returns `order`: scheduled row -> batch position."""
+        requests, num_new = output.requests, np.asarray(output.num_scheduled_tokens, dtype=np.int64)
+        decode_first = np.argsort(num_new != 1, kind="stable")
+        order = np.empty_like(decode_first)
+        order[decode_first] = np.arange(len(decode_first))
+        num_new = num_new[decode_first]
+        starts = np.array([requests[i].num_computed_tokens for i in decode_first], dtype=np.int64)
+        seq_lens = starts + num_new
+        query_start_loc = np.zeros(len(num_new) + 1, dtype=np.int64)
+        np.cumsum(num_new, out=query_start_loc[1:])
+        token_ids = np.concatenate([requests[i].all_token_ids[s:e] for i, s, e in zip(decode_first, starts, seq_lens)])
+        row_of_token = np.repeat(np.arange(len(num_new)), num_new)
+        positions = np.arange(query_start_loc[-1]) - query_start_loc[row_of_token] + starts[row_of_token]
+        block_tables = _block_table([requests[i].block_ids for i in decode_first])
+        slot_mapping = block_tables[row_of_token, positions // self.block_size] * self.block_size + positions % self.block_size
+        num_decodes = int(np.searchsorted(num_new != 1, True))
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slot_mapping, torch.int64),
+            block_tables=self._to_device(block_tables, torch.int32),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            query_start_loc=self._to_device(query_start_loc, torch.int32),
+            num_decodes=num_decodes,
+            num_prefill_tokens=int(query_start_loc[-1] - num_decodes),
+            max_decode_seq_len=int(seq_lens[:num_decodes].max(initial=0)),
+            max_prefill_seq_len=int(seq_lens[num_decodes:].max(initial=0)),
+        )
+        return self._to_device(token_ids, torch.int64), self._to_device(positions, torch.int64), meta, order
+
+    def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def _copy_blocks(self, blocks_to_copy: list[tuple[int, int]]) -> None:
+        src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*blocks_to_copy))
+        for kv_cache in self.kv_caches:
+            kv_cache[:, dst] = kv_cache[:, src]
+
+    def _profile_cuda_kv_budget(self) -> int:
+        """Run the largest step (max_num_batched_tokens of prefill) once and give the KV cache what is
+        left of gpu_memory_utilization after weights and peak activations."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        num_tokens = self.config.max_num_batched_tokens
+        seq_len = min(num_tokens, self.config.max_model_len)
+        num_seqs = -(-num_tokens // seq_len)
+        blocks_per_seq = -(-seq_len // self.block_size)
+        self.allocate_kv_cache(num_seqs * blocks_per_seq)
+        from engine.request import Request  # a throwaway batch of dummy prompts
+        from engine.sampling_params import SamplingParams
+        dummies = []
+        for i in range(num_seqs):
+            req = Request(f"profile-{i}", f"profile-{i}", 0, [0] * seq_len, SamplingParams(), 1)
+            req.block_ids = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+            dummies.append(req)
+        self.execute_model(SchedulerOutput(dummies, [seq_len] * num_seqs, [], [], [], 0))
+        torch.cuda.synchronize()
+        peak_activation = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        return int(total * self.config.gpu_memory_utilization - used - peak_activation)
+
+
+def _block_table(block_ids: list[list[int]]) -> np.ndarray:
+    width = max(len(ids) for ids in block_ids)
+    table = np.zeros((len(block_ids), width), dtype=np.int64)
+    for row, ids in enumerate(block_ids):
+        table[row, :len(ids)] = ids
+    return table
+
+
+def _build_model(hf_config, config: EngineConfig, weights, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Build on the meta device (no init cost), then materialise and fill with the checkpoint or random weights."""
+    model_class = get_model_class(getattr(hf_config, "architectures", None))
+    ops = get_ops(config.kernel_backend)
+    with torch.device("meta"):
+        model = model_class(hf_config, ops)
+    model = model.to_empty(device=device).to(dtype)
+    if hf_config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope_cache = model.make_rope_cache().to(device)
+    if weights is None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+        for name, param in model.named_parameters():  # as vLLM's dummy format: small uniform values, norms at one
+            if name.endswith("norm.weight"):
+                param.data.fill_(1.0)
+            else:
+                param.data.uniform_(-1e-3, 1e-3, generator=generator)
+    else:
+        model.load_weights(weights)
+    return model.eval()

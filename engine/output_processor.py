@@ -1,0 +1,124 @@
+"""From sampled tokens to RequestOutputs: per-choice text, stop strings, n choices gathered per request."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.outputs import CompletionOutput, RequestOutput, SampleLogprobs
+from engine.request import Request
+from engine.sampling_params import RequestOutputKind, SamplingParams
+
+
+@dataclass
+class ChoiceState:
+    index: int
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: SampleLogprobs = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_sent_tokens: int = 0  # for DELTA outputs: what the caller has already been given
+    num_sent_chars: int = 0
+    final_sent: bool = False
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    choices: list[ChoiceState]
+    arrival_time: float
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, arrival_time: float) -> None:
+        choices = [ChoiceState(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
+                                                         params.stop)) for i in range(params.n)]
+        self.states[request_id] = RequestState(request_id, prompt, prompt_token_ids, params, choices, arrival_time)
+
+    def mark_scheduled(self, requests: list[Request], now: float) -> None:
+        for request in requests:
+            state = self.states.get(request.parent_id)
+            if state is not None and state.first_scheduled_time is None:
+                state.first_scheduled_time = now
+                state.num_cached_tokens = max(request.num_cached_tokens, 0)
+
+    def process(self, sequences: list[Request], logprobs: SampleLogprobs) -> tuple[list[RequestOutput], list[str]]:
+        """Take one new token per sequence. Returns the outputs to hand out and the ids of sequences that
+        a stop string ended (the scheduler must free them)."""
+        now = time.time()
+        touched: dict[str, RequestState] = {}
+        stopped: list[str] = []
+        for seq, token_logprobs in zip(sequences, logprobs):
+            state = self.states[seq.parent_id]
+            choice = state.choices[seq.index]
+            token_id = seq.all_token_ids[-1]
+            choice.token_ids.append(token_id)
+            if state.params.logprobs is not None:
+                choice.logprobs.append(token_logprobs)
+            choice.detokenizer.add_token(token_id)
+            if choice.detokenizer.stop_reason is not None:
+                choice.finish_reason, choice.stop_reason = "stop", choice.detokenizer.stop_reason
+                if not seq.is_finished:
+                    stopped.append(seq.request_id)
+            elif seq.is_finished:
+                choice.finish_reason, choice.stop_reason = seq.status.finish_reason, seq.stop_reason
+            state.first_token_time = state.first_token_time or now
+            touched[state.request_id] = state
+        outputs = [out for state in touched.values() if (out := self._make_output(state, now)) is not None]
+        for state in touched.values():
+            if state.finished:
+                del self.states[state.request_id]
+        return outputs, stopped
+
+    def abort(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+
+    def _make_output(self, state: RequestState, now: float) -> RequestOutput | None:
+        kind, finished = state.params.output_kind, state.finished
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        completions = []
+        for choice in state.choices:
+            completion = self._completion(choice, kind is RequestOutputKind.DELTA)
+            if completion is not None:
+                completions.append(completion)
+        if not completions:
+            return None
+        metrics = {"arrival_time": state.arrival_time, "first_scheduled_time": state.first_scheduled_time,
+                   "first_token_time": state.first_token_time}
+        if finished:
+            metrics["finished_time"] = now
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions, finished,
+                             state.num_cached_tokens, metrics)
+
+    def _completion(self, choice: ChoiceState, delta: bool) -> CompletionOutput | None:
+        detok, finished = choice.detokenizer, choice.finish_reason is not None
+        text_end = detok.stable_len(finished)
+        if not delta:
+            return CompletionOutput(choice.index, detok.text[:text_end], list(choice.token_ids), choice.finish_reason,
+                                    choice.stop_reason, list(choice.logprobs) if choice.logprobs else None)
+        nothing_new = choice.num_sent_tokens == len(choice.token_ids) and choice.num_sent_chars == text_end
+        if choice.final_sent or (nothing_new and not finished):
+            return None
+        out = CompletionOutput(choice.index, detok.text[choice.num_sent_chars:text_end],
+                               choice.token_ids[choice.num_sent_tokens:], choice.finish_reason, choice.stop_reason,
+                               choice.logprobs[choice.num_sent_tokens:] if choice.logprobs else None)
+        choice.num_sent_tokens, choice.num_sent_chars = len(choice.token_ids), text_end
+        choice.final_sent = finished
+        return out

@@ -1,0 +1,75 @@
+"""One sequence inside the engine: its tokens, its progress and its KV blocks."""
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
+                RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
+
+
+class Request:
+    """A sequence the scheduler runs. A request with n > 1 choices is n of these (index 0..n-1) sharing
+    parent_id; the first prefills the prompt and the others fork from it, sharing its blocks."""
+
+    def __init__(self, request_id: str, parent_id: str, index: int, prompt_token_ids: list[int],
+                 sampling_params: SamplingParams, max_tokens: int, arrival_time: float | None = None) -> None:
+        self.request_id = request_id
+        self.parent_id = parent_id
+        self.index = index
+        self.prompt_token_ids = prompt_token_ids
+        self.all_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.max_tokens = max_tokens
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.num_computed_tokens = 0  # one counter for prefill, chunks and decode (as vLLM v1)
+        self.num_cached_tokens = -1  # prompt tokens served from the prefix cache, set when first scheduled
+        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []  # of the full blocks of all_token_ids, filled as blocks fill
+        self.num_cached_blocks = 0  # leading blocks already offered to the prefix cache
+        self.pending_forks: list[Request] = []  # sibling choices that fork from this one once its prompt is prefilled
+        self.arrival_time = arrival_time if arrival_time is not None else time.time()
+        self.generator: torch.Generator | None = None  # per-request RNG when a seed is given
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)

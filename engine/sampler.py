@@ -1,0 +1,120 @@
+"""Batched sampling on the model's device: one pass over the step's logits for every request's settings."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from engine.outputs import SampleLogprobs
+from engine.request import Request
+
+
+class SamplerOutput(NamedTuple):
+    token_ids: list[int]
+    logprobs: SampleLogprobs  # per row: {token_id: logprob} of the sampled token and the top-k; {} if not asked
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits: fp32 [num_rows, vocab], one row per request (forks repeat their parent's row)."""
+        params = [r.sampling_params for r in requests]
+        want_logprobs = [p.logprobs for p in params]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_logprobs) else None
+        logits = self._process(logits.clone(), requests)
+        greedy = logits.argmax(dim=-1)
+        if all(p.greedy for p in params):
+            token_ids = greedy
+        else:
+            token_ids = torch.where(self._tensor([p.greedy for p in params], logits.device, torch.bool),
+                                    greedy, self._random_sample(logits, requests))
+        return SamplerOutput(token_ids.tolist(), _gather_logprobs(raw_logprobs, token_ids, want_logprobs))
+
+    def _process(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Logit bias, min_tokens and penalties: everything that changes the distribution before temperature."""
+        for row, request in enumerate(requests):
+            params = request.sampling_params
+            if params.logit_bias:
+                ids = torch.tensor(list(params.logit_bias), device=logits.device)
+                logits[row, ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device)
+            if request.num_output_tokens < params.min_tokens:
+                banned = [*params.stop_token_ids, *([] if params.ignore_eos else params.eos_token_ids)]
+                logits[row, banned] = float("-inf")
+        if any(r.sampling_params.uses_penalties for r in requests):
+            logits = _apply_penalties(logits, requests)
+        return logits
+
+    def _random_sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        params = [r.sampling_params for r in requests]
+        device = logits.device
+        temperature = self._tensor([p.temperature if not p.greedy else 1.0 for p in params], device)
+        logits = logits / temperature[:, None]
+        if any(p.top_k or p.top_p < 1 for p in params):
+            logits = _top_k_top_p(logits, self._tensor([p.top_k for p in params], device, torch.int64),
+                                  self._tensor([p.top_p for p in params], device))
+        probs = logits.softmax(dim=-1)
+        if any(p.min_p for p in params):
+            min_p = self._tensor([p.min_p for p in params], device)
+            probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+        # Gumbel-max by exponential race: argmax(p / q), q ~ Exp(1). Seeded rows draw q from their own
+        # generator, so their tokens do not depend on what else is in the batch.
+        q = torch.empty_like(probs).exponential_()
+        for row, request in enumerate(requests):
+            if request.generator is not None and not params[row].greedy:
+                q[row].exponential_(generator=request.generator)
+        return (probs / q).argmax(dim=-1)
+
+    @staticmethod
+    def _tensor(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """vLLM's semantics: repetition over prompt and output tokens, presence and frequency over output only."""
+    num_rows, vocab = logits.shape
+    device = logits.device
+    counts = _token_counts([r.output_token_ids for r in requests], vocab, device)
+    seen = (counts > 0) | (_token_counts([r.prompt_token_ids for r in requests], vocab, device) > 0)
+    params = [r.sampling_params for r in requests]
+    repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, penalised, logits)
+    frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+    return logits - frequency * counts - presence * (counts > 0)
+
+
+def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    rows = torch.repeat_interleave(torch.arange(len(token_lists)), torch.tensor([len(t) for t in token_lists]))
+    flat = torch.tensor([t for tokens in token_lists for t in tokens], dtype=torch.int64)
+    counts = torch.bincount(rows * vocab + flat, minlength=len(token_lists) * vocab)
+    return counts.view(len(token_lists), vocab).to(device=device, dtype=torch.float32)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask all but the top_k largest logits (0: keep all) and the smallest set whose mass reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None]
+    cut = (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # keep a token while the mass before it is below top_p
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p[:, None], float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def _gather_logprobs(logprobs: torch.Tensor | None, token_ids: torch.Tensor, want: list[int | None]) -> SampleLogprobs:
+    if logprobs is None:
+        return [{} for _ in want]
+    k = max(w or 0 for w in want)
+    sampled = logprobs.gather(-1, token_ids[:, None])[:, 0].tolist()
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], token_ids[:, None][:, :0])
+    top_values, top_ids, ids = top_values.tolist(), top_ids.tolist(), token_ids.tolist()
+    out = []
+    for row, n in enumerate(want):
+        if n is None:
+            out.append({})
+            continue
+        entry = dict(zip(top_ids[row][:n], top_values[row][:n]))
+        entry[ids[row]] = sampled[row]
+        out.append(entry)
+    return out
