@@ -1,0 +1,151 @@
+"""A real `tokmodel serve` in a subprocess on a free port, raw HTTP helpers, and OpenAI schema validation."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMAS = REPO.parent / "shared" / "openai-chat-schemas.json"  # CI lays shared/ beside the clone
+STARTUP_TIMEOUT_S = 600  # the first start may fetch and convert the default model
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+    api_key: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def connection(self, timeout: float = 120) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def headers(self, auth: bool = True) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if auth and self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def request(self, method: str, path: str, body: dict | bytes | None = None,
+                headers: dict[str, str] | None = None) -> Response:
+        conn = self.connection()
+        try:
+            data = json.dumps(body).encode() if isinstance(body, dict) else body
+            conn.request(method, path, body=data, headers=self.headers() if headers is None else headers)
+            response = conn.getresponse()
+            return Response(response.status, dict(response.headers), response.read())
+        finally:
+            conn.close()
+
+    def post(self, path: str, body: dict | bytes) -> Response:
+        return self.request("POST", path, body)
+
+    def stream(self, path: str, body: dict) -> Iterator[dict | str]:
+        """The SSE events of a streaming request, parsed; "[DONE]" as the string. Closing the iterator
+        closes the connection, which is how a client disconnects."""
+        conn = self.connection()
+        try:
+            conn.request("POST", path, body=json.dumps(body).encode(), headers=self.headers())
+            response = conn.getresponse()
+            assert response.status == 200, response.read()
+            for line in response:
+                if line.startswith(b"data: "):
+                    data = line[len(b"data: "):].strip()
+                    yield data.decode() if data == b"[DONE]" else json.loads(data)
+        finally:
+            conn.close()
+
+    def metrics(self) -> dict[str, list]:
+        """Samples of /metrics by sample name (counters keep their _total suffix)."""
+        text = self.request("GET", "/metrics").body.decode()
+        samples: dict[str, list] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples.setdefault(sample.name, []).append(sample)
+        return samples
+
+    def gauge(self, name: str) -> float:
+        return self.metrics()[name][0].value
+
+    def wait_until_idle(self, timeout: float = 10) -> None:
+        """Until no request runs and no KV block is held, as the engine reports it."""
+        deadline = time.monotonic() + timeout
+        while (running := self.gauge("tokmodel:num_requests_running"), self.gauge("tokmodel:kv_cache_usage_perc")) != (0, 0):
+            assert time.monotonic() < deadline, f"still busy after {timeout}s: running, kv usage = {running}"
+            time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(*args: str, api_key: str | None = None) -> Iterator[Server]:
+    """`tokmodel serve` with the given flags, ready (GET /health is 200) when this yields; SIGTERM afterwards."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="tokmodel-serve-", suffix=".log", delete=False)
+    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    if api_key:
+        command += ["--api-key", api_key]
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(process, port, Path(log.name), api_key)
+    try:
+        _wait_healthy(server)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=60)
+        log.close()
+
+
+def _wait_healthy(server: Server) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert server.process.poll() is None, f"server exited:\n{server.log_path.read_text()[-4000:]}"
+        try:
+            if server.request("GET", "/health").status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{server.log_path.read_text()[-4000:]}")
+
+
+@cache
+def _components() -> dict:
+    return json.loads(SCHEMAS.read_text())["components"]
+
+
+def validate(instance: dict, schema_name: str) -> None:
+    """Raises unless instance is valid against components.schemas[schema_name] of OpenAI's spec."""
+    schema = {"$ref": f"#/components/schemas/{schema_name}", "components": _components()}
+    jsonschema.Draft202012Validator(schema).validate(instance)
