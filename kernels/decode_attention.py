@@ -108,7 +108,7 @@ def _merge_splits_kernel(mid_out_ptr, mid_lse_ptr, out_ptr, num_splits, head_dim
     mid = (seq * tl.num_programs(1) + head) * num_splits + offs_s
     s_mask = offs_s < num_splits
     lse = tl.load(mid_lse_ptr + mid, mask=s_mask, other=float("-inf"))
-    # Split 0 always holds the query's own key, so the max is finite and every weight well defined.
+    # The split holding the query's own key is never empty, so the max is finite and every weight well defined.
     weights = tl.exp2(lse - tl.max(lse, axis=0))
     d_mask = offs_d < head_dim
     parts = tl.load(mid_out_ptr + mid[:, None] * DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
@@ -160,9 +160,9 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 caches get exact fp32 dots (tf32 would miss the reference by ~1e-3); 16-bit inputs ignore this."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """fp32 caches get exact fp32 dots (tf32 would miss the reference by ~1e-3); 16-bit inputs keep the default."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def window_arg(sliding_window: int | None) -> int:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import pytest
 import torch
 
+from benchmarks import kernels as bench
 from kernels import KernelOps, get_ops
 from kernels import reference as ref
 from kernels import triton_ops
@@ -215,3 +216,25 @@ def test_silu_and_mul_matches_reference(target: Target) -> None:
 def test_triton_backend_serves_every_kernel_op() -> None:
     ops = get_ops("triton")
     assert all(getattr(ops, name) is getattr(triton_ops, name) for name in KernelOps._fields)
+
+
+def test_benchmark_counts_compulsory_bytes_and_causal_flops() -> None:
+    # 2 sequences of 10 tokens, 4 query heads over 2 KV heads of dim 8, blocks of 4 tokens, 2-byte elements.
+    kv, q_and_out, seq_lens, tables = 2 * 2 * 10 * 2 * 8 * 2, 2 * 2 * 4 * 8 * 2, 2 * 4, 2 * 3 * 4
+    assert bench.decode_traffic(2, 10, 4, 2, 8, 4, 2) == (kv + q_and_out + seq_lens + tables, 2 * 4 * 10 * 8 * 4)
+    # A 3-token chunk after 5 cached tokens: its queries see 6, 7 and 8 keys.
+    kv, q_and_out, metadata = 2 * 8 * 2 * 8 * 2, 2 * 3 * 4 * 8 * 2, 2 * 4 + 3 * 4
+    assert bench.prefill_traffic(5, 3, 4, 2, 8, 4, 2) == (kv + q_and_out + metadata, 4 * 4 * 8 * (6 + 7 + 8))
+    # A decode is a one-token chunk: both count the same FLOPs.
+    assert bench.prefill_traffic(9, 1, 4, 2, 8, 4, 2).flops == bench.decode_traffic(1, 10, 4, 2, 8, 4, 2).flops
+    assert bench.rms_norm_traffic(3, 16, 2).bytes == (4 * 3 * 16 + 16) * 2
+    assert bench.rotary_traffic(3, 4, 2, 8, 2).bytes == 2 * 3 * 6 * 8 * 2 + 3 * (8 * 4 + 8)
+    assert bench.silu_and_mul_traffic(3, 16, 2).bytes == (3 * 32 + 3 * 16) * 2
+    assert bench.kv_write_traffic(3, 2, 8, 2).bytes == 2 * (2 * 3 * 2 * 8 * 2) + 3 * 8
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with CUDA present the benchmark runs")
+def test_kernel_benchmark_refuses_to_run_without_cuda() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([])
+    assert "CUDA" in str(exit_info.value.code)
