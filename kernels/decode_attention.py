@@ -120,7 +120,9 @@ def _merge_splits_kernel(mid_out_ptr, mid_lse_ptr, out_ptr, num_splits, head_dim
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            scale: float, max_seq_len: int, sliding_window: int | None = None) -> torch.Tensor:
     """One query token per sequence, [num_seqs, num_heads, head_dim], attending to its seq_len cached tokens."""
-    num_splits = choose_num_splits(query.shape[0] * kv_cache.shape[3], max_seq_len, query.device)
+    # A sliding window bounds the keys any query sees, and so the work there is to split.
+    max_keys = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
+    num_splits = choose_num_splits(query.shape[0] * kv_cache.shape[3], max_keys, query.device)
     return decode_with_splits(query, kv_cache, block_tables, seq_lens, scale, sliding_window, num_splits)
 
 
