@@ -132,17 +132,18 @@ def _text_part(part: object, i: int) -> str:
 def completion_prompts(body: dict, vocab_size: int | None) -> list[str | list[int]]:
     """A string, a list of strings, a list of token ids, or a list of such lists, as a list of prompts."""
     prompt = body.get("prompt")
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) or (prompt and all(map(is_token_id, prompt))):
         prompt = [prompt]
-    elif prompt and all(is_token_id(t) for t in prompt):
-        prompt = [prompt]
-    if not prompt or not all(isinstance(p, str) or (isinstance(p, list) and p and all(map(is_token_id, p)))
-                             for p in prompt):
+    if not prompt or not (all(isinstance(p, str) for p in prompt) or all(_is_token_list(p) for p in prompt)):
         raise bad_request("prompt must be a string, an array of strings, an array of token ids "
-                          "or an array of such arrays, none of them empty", param="prompt")
+                          "or an array of such arrays", param="prompt")
     if vocab_size is not None and any(isinstance(p, list) and max(p) >= vocab_size for p in prompt):
         raise bad_request(f"prompt token ids must be < the vocabulary size {vocab_size}", param="prompt")
     return prompt
+
+
+def _is_token_list(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(map(is_token_id, value))
 
 
 def is_token_id(value: object) -> bool:
