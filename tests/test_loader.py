@@ -133,6 +133,18 @@ def test_local_hf_dir_and_dummy_config(tmp_path: Path):
     assert resolve_model(str(tmp_path)) == tmp_path
 
 
+@pytest.mark.parametrize("name, architecture, layers, vocab", [("llama-3-8b", "LlamaForCausalLM", 32, 128256),
+                                                               ("qwen3-8b", "Qwen3ForCausalLM", 36, 151936)])
+def test_benchmark_config_resolves_for_dummy_weights(tmp_path: Path, monkeypatch, name: str, architecture: str,
+                                                     layers: int, vocab: int):
+    monkeypatch.setenv("TOKMODEL_CACHE", str(tmp_path))
+    config_file = Path(__file__).parents[1] / "benchmarks" / "configs" / f"{name}.json"
+    config = AutoConfig.from_pretrained(resolve_model(str(config_file), load_format="dummy"))
+    assert config.architectures == [architecture] and config.num_hidden_layers == layers
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (4096, 32, 8)
+    assert config.vocab_size == vocab
+
+
 def test_dir_with_one_gguf_is_converted(tmp_path: Path, monkeypatch):
     converted = []
     monkeypatch.setattr(loader, "converted_gguf", lambda path: converted.append(path) or tmp_path / "out")

@@ -6,9 +6,11 @@ resulting directory.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from engine.loader.default_model import GGUF_SHA256, DEFAULT_MODEL_NAME, default_model_gguf
+from engine.loader.cache import atomic_path, cache_root
+from engine.loader.default_model import DEFAULT_MODEL_NAME, GGUF_SHA256, default_model_gguf
 from engine.loader.gguf_convert import converted_gguf
 from engine.loader.hf import download_hub_model, iter_weights
 from engine.loader.tokenizer import end_token_ids, load_tokenizer
@@ -27,7 +29,7 @@ def resolve_model(model: str | None, load_format: str = "auto") -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return converted_gguf(path)
     if path.is_file() and path.suffix == ".json":
-        path = path.parent
+        path = config_file_dir(path)
     if path.is_dir():
         return _local_dir(path, load_format)
     if path.is_absolute() or model.startswith((".", "~")) or path.suffix in (".gguf", ".json"):
@@ -38,6 +40,19 @@ def resolve_model(model: str | None, load_format: str = "auto") -> Path:
 def default_model_dir() -> Path:
     """The converted default model; keyed by its known sha256 so a warm start hashes nothing."""
     return converted_gguf(default_model_gguf(), key=f"{DEFAULT_MODEL_NAME}-{GGUF_SHA256[:16]}")
+
+
+def config_file_dir(path: Path) -> Path:
+    """A directory whose config.json is `path`: its own for a config.json, else a cached copy, so
+    that named shape files (benchmarks/configs/llama-3-8b.json) load like any HF directory."""
+    if path.name == "config.json":
+        return path.parent
+    data = path.read_bytes()
+    final = cache_root() / "configs" / f"{path.stem}-{hashlib.sha256(data).hexdigest()[:16]}"
+    if not final.is_dir():
+        with atomic_path(final, is_dir=True) as scratch:
+            (scratch / "config.json").write_bytes(data)
+    return final
 
 
 def _local_dir(path: Path, load_format: str) -> Path:
