@@ -121,7 +121,8 @@ def _paged_cache(batch: int, context_len: int, dtype: torch.dtype) -> tuple[torc
     return kv_cache, block_tables
 
 
-def _dense_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor,
+              context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same keys and values as SDPA wants them: [batch, num_kv_heads, context_len, head_dim]."""
     kv = kv_cache[:, block_tables.long()].flatten(2, 3)[:, :, :context_len].transpose(2, 3).contiguous()
     return kv[0], kv[1]
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     ops = get_ops("triton")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     limits = measure_limits()
-    records = bench_decode(ops, dtype, limits) + bench_prefill(ops, dtype, limits) + bench_elementwise(ops, dtype, limits)
+    records = [record for bench in (bench_decode, bench_prefill, bench_elementwise)
+               for record in bench(ops, dtype, limits)]
     date = datetime.date.today().isoformat()
     report = {"device": torch.cuda.get_device_name(), "date": date,
               "command": " ".join([Path(sys.executable).name, *sys.argv]),

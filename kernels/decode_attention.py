@@ -141,7 +141,8 @@ def decode_with_splits(query: torch.Tensor, kv_cache: torch.Tensor, block_tables
         scale * LOG2E, window_arg(sliding_window), num_splits, group, head_dim,
         query.stride(0), query.stride(1), block_tables.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         kv_cache.stride(3), BLOCK_SIZE=block_size, GROUP=max(16, triton.next_power_of_2(group)), DIM=dim,
-        TILE=TILE_N, PRECISION=dot_precision(kv_cache.dtype))
+        TILE=TILE_N, PRECISION=dot_precision(kv_cache.dtype),
+        num_stages=2 if wide_rows(dim, kv_cache.element_size()) else 3)
     out = torch.empty_like(query)
     _merge_splits_kernel[(num_seqs, num_heads)](
         mid_out, mid_lse, out, num_splits, head_dim, out.stride(0), out.stride(1),
@@ -165,6 +166,11 @@ def _num_sms(device: torch.device) -> int:
 def dot_precision(dtype: torch.dtype) -> str | None:
     """fp32 caches get exact fp32 dots (tf32 would miss the reference by ~1e-3); 16-bit inputs keep the default."""
     return "ieee" if dtype == torch.float32 else None
+
+
+def wide_rows(dim: int, elem: int) -> bool:
+    """Key rows over 256 bytes (head dim 256, or fp32 from 128): then fewer K/V tiles fit in shared memory."""
+    return dim * elem > 256
 
 
 def window_arg(sliding_window: int | None) -> int:

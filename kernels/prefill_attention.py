@@ -14,10 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import LOG2E, attend_tile, check_attention_args, dot_precision, paged_offsets, window_arg
+from kernels.decode_attention import (LOG2E, attend_tile, check_attention_args, dot_precision, paged_offsets,
+                                      window_arg, wide_rows)
 
 BLOCK_M = 64  # query rows (token, head) per program
-TILE_N = 64  # keys per tile
+TILE_N = 64  # keys per tile, halved for wide key rows to fit shared memory
 
 
 @triton.jit
@@ -99,12 +100,15 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables:
     group = num_heads // num_kv_heads
     rows = max(BLOCK_M, triton.next_power_of_2(group))
     block_q = rows // group
+    dim = triton.next_power_of_2(head_dim)
+    wide = wide_rows(dim, kv_cache.element_size())
     out = torch.empty_like(query)
     _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
         query, kv_cache[0], kv_cache[1], out, block_tables, seq_lens, query_start_loc,
         scale * LOG2E, window_arg(sliding_window), num_seqs, group, head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        BLOCK_SIZE=block_size, BLOCK_Q=block_q, ROWS=rows, DIM=triton.next_power_of_2(head_dim),
-        TILE=TILE_N, PRECISION=dot_precision(kv_cache.dtype))
+        BLOCK_SIZE=block_size, BLOCK_Q=block_q, ROWS=rows, DIM=dim, TILE=TILE_N // 2 if wide else TILE_N,
+        PRECISION=dot_precision(kv_cache.dtype), num_stages=2 if wide else 3,
+        num_warps=8 if wide else 4)  # wide rows: spread the [ROWS, DIM] accumulator over more registers
     return out

@@ -9,7 +9,7 @@ import triton.language as tl
 @triton.jit
 def _rotate_heads(x_ptr, stride_tok, stride_head, tok, num_heads, cos, sin, offs_h, offs_i, half,
                   IS_NEOX: tl.constexpr):
-    """Rotate the first 2 * half dims of every head of one token: pairs (i, i + half) for neox, (2i, 2i + 1) for GPT-J."""
+    """Rotate the first 2 * half dims of each head of one token: pairs (i, i + half) if neox, else (2i, 2i + 1)."""
     if IS_NEOX:
         first, second = offs_i, offs_i + half
     else:
@@ -41,7 +41,7 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     """Rotate query [num_tokens, num_heads, head_dim] and key [num_tokens, num_kv_heads, head_dim] in place.
     cos_sin_cache [max_position, rotary_dim]: cos in the first half, sin in the second; rotary_dim may be < head_dim.
     neox rotates (x[:half], x[half:]) pairs; GPT-J rotates interleaved (x[0::2], x[1::2]) pairs."""
-    assert query.stride(-1) == 1 and key.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1, "head_dim must be contiguous"
+    assert query.stride(-1) == key.stride(-1) == cos_sin_cache.stride(-1) == 1, "head_dim must be contiguous"
     half = cos_sin_cache.shape[-1] // 2
     num_tokens, num_heads = query.shape[:2]
     _rotary_kernel[(num_tokens,)](
