@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from triton.testing import do_bench
 
 from kernels import KernelOps, get_ops
 
@@ -98,7 +99,6 @@ def measure_limits() -> Limits:
 
 def _bench(fn: Callable[[], object]) -> float:
     """Seconds per call (median of do_bench's runs, L2 flushed between them)."""
-    from triton.testing import do_bench
     return do_bench(fn, warmup=25, rep=100) / 1e3
 
 
