@@ -48,6 +48,7 @@ def save_tokenizer(gguf: Path, template: str | None, out_dir: Path) -> None:
     """transformers' fast tokenizer built from the GGUF vocabulary, saved with the file's chat template."""
     from transformers import AutoTokenizer
 
+    print("tokmodel: building the tokenizer from the GGUF vocabulary", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if template and not tokenizer.chat_template:
         tokenizer.chat_template = template
