@@ -51,6 +51,18 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
 
 
 @web.middleware
+async def track_in_flight(request: web.Request, handler) -> web.StreamResponse:
+    """Remembers each handler's task, so that a drain past its grace period can cancel (and abort) it."""
+    in_flight = request.app[STATE].in_flight
+    task = asyncio.current_task()
+    in_flight.add(task)
+    try:
+        return await handler(request)
+    finally:
+        in_flight.discard(task)
+
+
+@web.middleware
 async def check_api_key(request: web.Request, handler) -> web.StreamResponse:
     api_key = request.app[STATE].api_key
     if api_key and request.path not in _OPEN_PATHS:
@@ -61,7 +73,7 @@ async def check_api_key(request: web.Request, handler) -> web.StreamResponse:
 
 
 def build_app(llm, api_key: str | None = None, max_waiting_requests: int = 1024) -> web.Application:
-    app = web.Application(middlewares=[openai_errors, check_api_key], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[track_in_flight, openai_errors, check_api_key], client_max_size=MAX_BODY_BYTES)
     app[STATE] = ServerState(llm, ServerMetrics(llm, llm.model_name), api_key, max_waiting_requests)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
     app.router.add_post("/v1/completions", create_completion)
@@ -79,7 +91,8 @@ async def serve(llm, options: ServerOptions) -> None:
     the grace period, cancel (and so abort) the rest."""
     app = build_app(llm, options.api_key, options.max_waiting_requests)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its engine request.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=options.shutdown_grace_s,
+    # aiohttp's own shutdown waits up to twice its timeout; the grace period is kept by cancel_in_flight below.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=options.shutdown_grace_s + 1,
                            access_log=None)
     await runner.setup()
     await web.TCPSite(runner, options.host, options.port).start()
@@ -92,5 +105,14 @@ async def serve(llm, options: ServerOptions) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     print("TokModel draining: no new requests; waiting for those in flight", flush=True)
-    app[STATE].draining = True
+    state = app[STATE]
+    state.draining = True
+    loop.call_later(options.shutdown_grace_s, cancel_in_flight, state)
     await runner.cleanup()
+
+
+def cancel_in_flight(state: ServerState) -> None:
+    if state.in_flight:
+        print(f"TokModel aborting {len(state.in_flight)} requests still in flight after the grace period", flush=True)
+    for task in state.in_flight:
+        task.cancel()

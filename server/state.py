@@ -1,7 +1,8 @@
 """What every handler needs from the running server, stored on the aiohttp app."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -15,6 +16,7 @@ class ServerState:
     api_key: str | None = None
     max_waiting_requests: int = 1024
     draining: bool = False  # set by SIGTERM: requests on kept-alive connections get 503 from then on
+    in_flight: set[asyncio.Task] = field(default_factory=set)  # handler tasks, cancelled when a drain runs out
 
 
 STATE = web.AppKey("state", ServerState)
