@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from aiohttp import web
 
 from server.errors import OpenAIError, error_body
+
+logger = logging.getLogger("tokmodel.server")
 
 
 def sse_event(data: dict) -> bytes:
@@ -29,6 +32,11 @@ async def stream_events(request: web.Request, chunks: AsyncGenerator[list[dict],
                     await response.write(b"".join(map(sse_event, batch)))
         except OpenAIError as e:
             await response.write(sse_event(error_body(e.status, e.message, e.param, e.code)))
+        except ConnectionResetError:
+            raise  # the client is gone: nothing more to send
+        except Exception:  # the headers are out: the client learns of the failure from an error event
+            logger.exception("stream %s failed", request.path)
+            await response.write(sse_event(error_body(500, "internal server error")))
         await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

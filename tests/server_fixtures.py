@@ -81,6 +81,20 @@ class Server:
         finally:
             conn.close()
 
+    def send(self, path: str, body: dict) -> socket.socket:
+        """Sends a POST and returns its socket unread: closing it is a client that disconnects."""
+        data = json.dumps(body).encode()
+        head = "".join(f"{k}: {v}\r\n" for k, v in self.headers().items())
+        sock = socket.create_connection(("127.0.0.1", self.port))
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        return sock
+
+    def wait_for(self, gauge: str, at_least: float, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.gauge(gauge) < at_least:
+            assert time.monotonic() < deadline, f"{gauge} never reached {at_least}"
+            time.sleep(0.05)
+
     def metrics(self) -> dict[str, list]:
         """Samples of /metrics by sample name (counters keep their _total suffix)."""
         text = self.request("GET", "/metrics").body.decode()
