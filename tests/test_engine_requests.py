@@ -1,0 +1,169 @@
+"""What a user of the engine sees per request: n choices sharing the prompt's blocks, seeds, stop strings,
+max_tokens, logprobs, aborts and rejections."""
+from __future__ import annotations
+
+import pytest
+
+from engine import EngineConfig, RequestOutputKind, SamplingParams
+from engine.engine_core import EngineCore
+from tests.reference import hf_greedy, hf_logprobs
+
+PROMPT = "The history of the printing press begins in the fifteenth century, when a goldsmith named"
+
+
+@pytest.fixture(scope="module")
+def engine() -> EngineCore:
+    return EngineCore(EngineConfig(device="cpu", dtype="float32", kernel_backend="torch", block_size=16))
+
+
+def run(engine: EngineCore, prompts: dict[str, object], params: SamplingParams) -> dict:
+    """Add the requests, step to completion, return {request_id: final cumulative RequestOutput}."""
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, params)
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.kv_cache_manager.usage == 0, "finished requests must return every block"
+    engine.kv_cache_manager.pool.check_integrity()
+    return final
+
+
+def test_n_choices_share_the_prompt_blocks_and_copy_only_the_partial_one(engine, tokenizer):
+    prompt_ids = tokenizer.encode(PROMPT * 3)
+    num_full, partial = divmod(len(prompt_ids), 16)
+    assert partial, "the prompt must end in a partial block for this test"
+    free_before = engine.kv_cache_manager.pool.num_free_blocks
+    engine.add_request("fan", prompt_ids, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=3))
+    engine.step()  # prefill once, then fork
+    seqs = [engine.scheduler.requests[f"fan-{i}"] for i in range(4)]
+    assert all(s.block_ids == seqs[0].block_ids for s in seqs), "after the fork all choices share every block"
+    assert free_before - engine.kv_cache_manager.pool.num_free_blocks == num_full + 1
+    engine.step()  # each choice writes its second token: the shared partial block is copied for 3 of them
+    assert len({s.block_ids[num_full] for s in seqs}) == 4
+    assert all(s.block_ids[:num_full] == seqs[0].block_ids[:num_full] for s in seqs)
+    assert free_before - engine.kv_cache_manager.pool.num_free_blocks == num_full + 4
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv_cache_manager.usage == 0
+
+
+def test_seeded_choices_differ_and_the_whole_set_reproduces(engine):
+    params = SamplingParams(n=3, temperature=1.0, seed=1234, max_tokens=8, ignore_eos=True)
+    first = run(engine, {"a": PROMPT}, params)["a"]
+    other_traffic = {"noise-1": "Tell me a joke", "noise-2": "List three colors:"}
+    second = run(engine, {"b": PROMPT, **other_traffic}, params)["b"]
+    texts = [c.text for c in first.outputs]
+    assert len(set(texts)) > 1, "choices of one request must not all be equal"
+    assert [c.token_ids for c in second.outputs] == [c.token_ids for c in first.outputs]
+
+
+def test_unseeded_sampling_varies(engine):
+    params = SamplingParams(n=4, temperature=1.5, max_tokens=8, ignore_eos=True)
+    out = run(engine, {"u": PROMPT}, params)["u"]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+def test_stop_string_spanning_tokens_ends_the_text_before_it(engine, tokenizer):
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = run(engine, {"full": PROMPT}, greedy)["full"].outputs[0]
+    pieces = [tokenizer.decode(full.token_ids[:i]) for i in range(len(full.token_ids) + 1)]
+    # a stop string that starts inside token 5 and ends inside a later token
+    start, end = len(pieces[5]) - 1, len(pieces[7]) + 1
+    stop = full.text[start:end]
+    assert len(stop) >= 3 and stop not in full.text[:start]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], output_kind=RequestOutputKind.DELTA)
+    engine.add_request("stop", PROMPT, params)
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas += [o.outputs[0] for o in engine.step()]
+    streamed = "".join(d.text for d in deltas)
+    assert streamed == full.text[:start], "no part of the stop string may leak, streamed or final"
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].stop_reason == stop
+    assert engine.kv_cache_manager.usage == 0
+
+
+def test_max_tokens_is_exact_and_finishes_with_length(engine):
+    out = run(engine, {"m": PROMPT}, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))["m"].outputs[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_eos_stops_with_reason_stop(engine, tokenizer):
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    out = run(engine, {"eos": chat}, SamplingParams(temperature=0, max_tokens=64))["eos"].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] in engine.eos_token_ids
+    assert "<|im_end|>" not in out.text
+
+
+def test_stop_token_ids_end_the_choice(engine, hf_model, tokenizer):
+    ids = tokenizer.encode(PROMPT)
+    expected = hf_greedy(hf_model, ids, 10)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop_token_ids=[expected[3]])
+    out = run(engine, {"st": ids}, params)["st"].outputs[0]
+    cut = expected.index(expected[3]) + 1
+    assert out.token_ids == expected[:cut] and out.finish_reason == "stop" and out.stop_reason == expected[3]
+
+
+def test_logprobs_match_transformers(engine, hf_model, tokenizer):
+    ids = tokenizer.encode(PROMPT)
+    out = run(engine, {"lp": ids}, SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True))["lp"].outputs[0]
+    reference = hf_logprobs(hf_model, ids, out.token_ids)
+    for token_id, entry, ref in zip(out.token_ids, out.logprobs, reference):
+        top_ids = ref.topk(3).indices.tolist()
+        assert set(top_ids) | {token_id} == set(entry)
+        for tid, value in entry.items():
+            assert value == pytest.approx(ref[tid].item(), abs=1e-4)
+
+
+def test_logit_bias_and_top_k_shape_the_distribution(engine, tokenizer):
+    forced = tokenizer.encode(" banana")[0]
+    out = run(engine, {"b": PROMPT}, SamplingParams(temperature=1.0, max_tokens=3, logit_bias={forced: 100}, ignore_eos=True))
+    assert out["b"].outputs[0].token_ids == [forced] * 3
+    greedy = run(engine, {"g": PROMPT}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))["g"]
+    top1 = run(engine, {"k": PROMPT}, SamplingParams(temperature=1.0, top_k=1, max_tokens=6, ignore_eos=True))["k"]
+    assert top1.outputs[0].token_ids == greedy.outputs[0].token_ids
+
+
+def test_abort_returns_blocks_at_once(engine):
+    engine.add_request("gone", PROMPT * 4, SamplingParams(n=2, max_tokens=50, ignore_eos=True))
+    engine.add_request("stays", PROMPT, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    held = engine.kv_cache_manager.pool.num_blocks - engine.kv_cache_manager.pool.num_free_blocks
+    engine.abort_request("gone")
+    assert engine.kv_cache_manager.pool.num_blocks - engine.kv_cache_manager.pool.num_free_blocks < held
+    assert not any(r.startswith("gone") for r in engine.scheduler.requests)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in finished] == ["stays"] and len(finished[0].outputs[0].token_ids) == 6
+    assert engine.kv_cache_manager.usage == 0
+
+
+def test_over_long_request_is_rejected_with_both_numbers(engine):
+    with pytest.raises(ValueError, match=r"maximum context length is 8192 tokens.*\b8200\b"):
+        engine.add_request("long", [1] * 200, SamplingParams(max_tokens=8000))
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        engine.add_request("empty", [], SamplingParams())
+    assert not engine.has_unfinished_requests()
+
+
+def test_request_larger_than_the_whole_cache_is_rejected():
+    small = EngineCore(EngineConfig(device="cpu", dtype="float32", num_gpu_blocks_override=4, block_size=16))
+    with pytest.raises(ValueError, match="KV-cache blocks"):
+        small.add_request("big", [1] * 60, SamplingParams(max_tokens=10))
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 0), ("n", 0), ("max_tokens", 0),
+                                         ("logprobs", 50), ("presence_penalty", 3), ("min_p", 2), ("stop", [""])])
+def test_invalid_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field} "):
+        SamplingParams(**{field: value})
+
+
+def test_penalties_change_greedy_output_away_from_repeats(engine):
+    plain = run(engine, {"p0": "1, 1, 1, 1, 1,"}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))["p0"]
+    penalised = run(engine, {"p1": "1, 1, 1, 1, 1,"},
+                    SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=2.0,
+                                   frequency_penalty=1.5))["p1"]
+    assert plain.outputs[0].token_ids != penalised.outputs[0].token_ids
