@@ -30,7 +30,7 @@ def read_all(events, into: list) -> None:
 
 def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_zero(server):
     short = server.stream(CHAT, {"messages": MESSAGES, "max_tokens": 6, "ignore_eos": True, "stream": True})
-    long = server.stream(CHAT, {"messages": MESSAGES, "max_tokens": 1000, "ignore_eos": True, "stream": True})
+    long = server.stream(CHAT, {"messages": MESSAGES, "max_tokens": 900, "ignore_eos": True, "stream": True})
     started = [next(short), next(long)]
     results: dict[str, list] = {}
     readers = [threading.Thread(target=read_all, args=(events, results.setdefault(name, [])))
