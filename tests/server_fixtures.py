@@ -108,10 +108,11 @@ class Server:
         return self.metrics()[name][0].value
 
     def wait_until_idle(self, timeout: float = 10) -> None:
-        """Until no request runs and no KV block is held, as the engine reports it."""
+        """Until no request runs or waits and no KV block is held, as the engine reports it."""
+        names = ("tokmodel:num_requests_running", "tokmodel:num_requests_waiting", "tokmodel:kv_cache_usage_perc")
         deadline = time.monotonic() + timeout
-        while (running := self.gauge("tokmodel:num_requests_running"), self.gauge("tokmodel:kv_cache_usage_perc")) != (0, 0):
-            assert time.monotonic() < deadline, f"still busy after {timeout}s: running, kv usage = {running}"
+        while any(values := [self.gauge(name) for name in names]):
+            assert time.monotonic() < deadline, f"still busy after {timeout}s: {dict(zip(names, values))}"
             time.sleep(0.05)
 
 
