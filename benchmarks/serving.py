@@ -125,6 +125,7 @@ def launched(kind: str, args: argparse.Namespace) -> Iterator[str]:
         if args.model:
             command += ["--model", args.model]
     else:
+        sys.path.insert(0, str(REPO))  # run as a script from a checkout that may not be installed
         from engine.loader import resolve_model  # the same converted weights TokModel loads
 
         model_dir = str(resolve_model(args.model))
