@@ -6,6 +6,7 @@ import hmac
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -15,6 +16,9 @@ from server.completions import create_completion
 from server.errors import OpenAIError, error_response
 from server.metrics import ServerMetrics
 from server.state import STATE, ServerState
+
+if TYPE_CHECKING:
+    from engine.async_llm import AsyncLLM
 
 logger = logging.getLogger("tokmodel.server")
 MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any prompt that fits a context; a larger body is a 413
@@ -72,7 +76,7 @@ async def check_api_key(request: web.Request, handler) -> web.StreamResponse:
     return await handler(request)
 
 
-def build_app(llm, api_key: str | None = None, max_waiting_requests: int = 1024) -> web.Application:
+def build_app(llm: AsyncLLM, api_key: str | None = None, max_waiting_requests: int = 1024) -> web.Application:
     app = web.Application(middlewares=[track_in_flight, openai_errors, check_api_key], client_max_size=MAX_BODY_BYTES)
     app[STATE] = ServerState(llm, ServerMetrics(llm, llm.model_name), api_key, max_waiting_requests)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
@@ -86,7 +90,7 @@ def build_app(llm, api_key: str | None = None, max_waiting_requests: int = 1024)
     return app
 
 
-async def serve(llm, options: ServerOptions) -> None:
+async def serve(llm: AsyncLLM, options: ServerOptions) -> None:
     """Serves until SIGTERM or SIGINT, then drains: stop listening, let in-flight requests finish within
     the grace period, cancel (and so abort) the rest."""
     app = build_app(llm, options.api_key, options.max_waiting_requests)

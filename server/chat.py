@@ -7,13 +7,13 @@ from aiohttp import web
 
 from engine.outputs import CompletionOutput
 from server.choices import Choice
+from server.errors import bad_request
 from server.generation import generate_many
 from server.logprobs import chat_logprobs
 from server.protocol import (CHAT_FIELDS, chat_messages, check_model, check_types, read_json, require_tokenizer,
                              sampling_params, stream_options)
 from server.serving import Completion
 from server.state import STATE
-from server.errors import bad_request
 
 
 class ChatCompletion(Completion):

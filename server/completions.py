@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -13,8 +14,10 @@ from server.logprobs import completion_logprobs
 from server.protocol import (COMPLETION_FIELDS, check_model, check_types, completion_prompts, read_json,
                              require_tokenizer, sampling_params, stream_options)
 from server.serving import Completion
-
 from server.state import STATE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
@@ -67,5 +70,5 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     return await completion.respond(request, generate_many(state, prompts, params, completion.id))
 
 
-def _prompt_text(tokenizer, prompt: str | list[int]) -> str:
+def _prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str | list[int]) -> str:
     return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)

@@ -5,11 +5,15 @@ latency histograms and request outcomes are observed here as requests finish."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engine.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from engine.async_llm import AsyncLLM
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0, 160.0, 640.0)
@@ -26,7 +30,7 @@ _ENGINE_COUNTERS = {"num_preemptions": ("num_preemptions", "Preemptions of runni
 
 
 class _EngineStatsCollector:
-    def __init__(self, llm, model_name: str) -> None:
+    def __init__(self, llm: AsyncLLM, model_name: str) -> None:
         self.llm = llm
         self.model_name = model_name
 
@@ -45,7 +49,7 @@ class _EngineStatsCollector:
 class ServerMetrics:
     """One registry per server, so that several apps in one process (tests) never collide."""
 
-    def __init__(self, llm, model_name: str) -> None:
+    def __init__(self, llm: AsyncLLM, model_name: str) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStatsCollector(llm, model_name))
 

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from server.errors import OpenAIError, bad_request
+
+if TYPE_CHECKING:
+    from engine.async_llm import AsyncLLM
 
 # JSON types a field may take; None (JSON null) is always accepted and means "the default".
 _NUMBER = (int, float)
@@ -150,6 +154,6 @@ def is_token_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def require_tokenizer(llm) -> None:
+def require_tokenizer(llm: AsyncLLM) -> None:
     if llm.tokenizer is None:
         raise bad_request("this model has no tokenizer: send the prompt as token ids to /v1/completions")

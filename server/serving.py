@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -11,6 +12,9 @@ from engine.outputs import CompletionOutput, RequestOutput
 from server.choices import Choice, Collector
 from server.protocol import StreamOptions
 from server.streaming import stream_events
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class Completion:
@@ -20,7 +24,7 @@ class Completion:
     chunk_object_name: str
 
     def __init__(self, request_id: str, model: str, n: int, options: StreamOptions, top_logprobs: int | None,
-                 tokenizer) -> None:
+                 tokenizer: PreTrainedTokenizerBase | None) -> None:
         self.id = request_id
         self.model = model
         self.created = int(time.time())

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from server.metrics import ServerMetrics
 
+if TYPE_CHECKING:
+    from engine.async_llm import AsyncLLM
+
 
 @dataclass
 class ServerState:
-    llm: object  # engine.async_llm.AsyncLLM; typed loosely so that tests can hand in the real one or another
+    llm: AsyncLLM
     metrics: ServerMetrics
     api_key: str | None = None
     max_waiting_requests: int = 1024
