@@ -22,13 +22,14 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
 
 
 def _gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense [num_seqs, num_kv_heads, max_seq_len, head_dim] copies of K and V for the sequences' blocks."""
-    block_size = kv_cache.shape[2]
+    """[num_seqs, num_kv_heads, max_seq_len, head_dim] views of K and V gathered from the sequences' blocks.
+    index_select over a flat block list: several times faster on CPU than advanced indexing with the table."""
+    num_seqs, block_size = block_tables.shape[0], kv_cache.shape[2]
     num_blocks = (max_seq_len + block_size - 1) // block_size
-    table = block_tables[:, :num_blocks].long()
-    kv = kv_cache[:, table]  # [2, num_seqs, num_blocks, block_size, kvh, d]
-    kv = kv.flatten(2, 3)[:, :, :max_seq_len]  # [2, num_seqs, max_seq_len, kvh, d]
-    return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+    table = block_tables[:, :num_blocks].reshape(-1).long()
+    kv = kv_cache.index_select(1, table).view(2, num_seqs, num_blocks * block_size, *kv_cache.shape[-2:])
+    kv = kv[:, :, :max_seq_len].transpose(2, 3)
+    return kv[0], kv[1]
 
 
 def _key_mask(q_pos: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, sliding_window: int | None) -> torch.Tensor:
