@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with a paged KV cache and an OpenAI-compatible server.")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     add_serve_command(commands)
+    add_generate_command(commands)
     return parser
 
 
@@ -91,6 +92,54 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             llm.shutdown()
 
     asyncio.run(run())
+
+
+def add_generate_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("generate", help="stream one completion to the terminal and print tokens/s",
+                                 description="Generate a completion for PROMPT offline (no server), streaming the "
+                                 "text as it comes; the prompt goes through the model's chat template unless --no-chat.")
+    parser.add_argument("prompt", help="the prompt text")
+    parser.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                        help="apply the model's chat template to the prompt (default: on)")
+    add_engine_args(parser)
+    parser.set_defaults(run=generate)
+
+
+def generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    import time
+
+    from engine.engine_core import EngineCore
+    from engine.sampling_params import RequestOutputKind, SamplingParams
+
+    try:
+        config = engine_config_from_args(args)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                output_kind=RequestOutputKind.DELTA)
+    except ValueError as e:
+        parser.error(str(e))
+    core = EngineCore(config)
+    prompt = args.prompt
+    if args.chat and core.tokenizer is not None and core.tokenizer.chat_template:
+        prompt = {"prompt_token_ids": core.tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True, return_dict=False)}
+    try:
+        core.add_request("generate", prompt, params)
+    except ValueError as e:
+        parser.error(str(e))
+    start, first_token_time, num_tokens = time.perf_counter(), None, 0
+    while core.has_unfinished_requests():
+        for output in core.step():
+            delta = output.outputs[0]
+            first_token_time = first_token_time or time.perf_counter()
+            num_tokens += len(delta.token_ids)
+            print(delta.text, end="", flush=True)
+    elapsed = time.perf_counter() - start
+    decode_rate = (num_tokens - 1) / (time.perf_counter() - first_token_time) if num_tokens > 1 else 0.0
+    print(f"\n\n[{num_tokens} tokens in {elapsed:.2f} s: {num_tokens / elapsed:.1f} tokens/s overall, "
+          f"{decode_rate:.1f} tokens/s after the first; time to first token {first_token_time - start:.2f} s]")
 
 
 if __name__ == "__main__":
