@@ -39,7 +39,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--block-size", type=int, help="tokens per KV-cache block, a power of two (default: 16)")
     group.add_argument("--gpu-memory-utilization", type=float,
                        help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
-    group.add_argument("--kv-cache-memory-bytes", type=int, help="KV-cache budget on CPU in bytes (default: 4 GiB)")
+    group.add_argument("--kv-cache-memory-bytes", type=int, help="KV-cache budget on CPU in bytes (default: 2 GiB)")
     group.add_argument("--num-gpu-blocks-override", type=int, help="exact number of KV-cache blocks, ignoring the budget")
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        help="reuse KV blocks of identical prompt prefixes across requests (default: on)")
