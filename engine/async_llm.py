@@ -77,17 +77,16 @@ class AsyncLLM:
 
     def _run(self) -> None:
         while self._running:
-            self._take_commands(block=not self.core.has_unfinished_requests())
-            if not self.core.has_unfinished_requests():
-                continue
             try:
+                self._take_commands(block=not self.core.has_unfinished_requests())
+                if not self.core.has_unfinished_requests():
+                    continue
                 outputs = self.core.step()
-            except Exception as error:  # a failed step fails the requests in it, not the server
+                self._stats = self.core.get_stats()
+                for output in outputs:
+                    self._deliver(output.request_id, output)
+            except Exception as error:  # a failed step fails the requests in flight, never the engine thread
                 self._fail_all(error)
-                continue
-            self._stats = self.core.get_stats()
-            for output in outputs:
-                self._deliver(output.request_id, output)
 
     def _take_commands(self, block: bool) -> None:
         while True:
@@ -117,4 +116,7 @@ class AsyncLLM:
         if target is None:  # the consumer is gone; its abort is already queued
             return
         loop, stream = target
-        loop.call_soon_threadsafe(stream.put_nowait, item)
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop closed under it
+            self._streams.pop(request_id, None)

@@ -16,6 +16,7 @@ class IncrementalDetokenizer:
         self.stream = DecodeStream(ids=prompt_token_ids[-CONTEXT_TOKENS:], skip_special_tokens=skip_special_tokens)
         self.stop = stop
         self.max_stop_len = max((len(s) for s in stop), default=0)
+        self.stop_first_chars = {s[0] for s in stop}
         self.text = ""
         self.stop_reason: str | None = None
 
@@ -41,8 +42,8 @@ class IncrementalDetokenizer:
         """How much text can be shown now: a tail that might still grow into a stop string is held back."""
         if finished or not self.stop:
             return len(self.text)
-        for k in range(min(self.max_stop_len - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return len(self.text) - k
+        text = self.text
+        for start in range(max(0, len(text) - self.max_stop_len + 1), len(text)):
+            if text[start] in self.stop_first_chars and any(s.startswith(text[start:]) for s in self.stop):
+                return start
         return len(self.text)

@@ -51,8 +51,12 @@ class EngineCore:
         text, token_ids = self._tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt must not be empty")
-        if max(token_ids) >= self.vocab_size or min(token_ids) < 0:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        for name, ids in (("prompt", token_ids), ("logit_bias", list(params.logit_bias or ())),
+                          ("stop_token_ids", params.stop_token_ids)):
+            if ids and (max(ids) >= self.vocab_size or min(ids) < 0):
+                raise ValueError(f"{name} token ids must be in [0, {self.vocab_size})")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n must be <= max_num_seqs ({self.config.max_num_seqs}), got {params.n}")
         num_prompt, limit = len(token_ids), self.max_model_len
         if params.max_tokens is not None and num_prompt + params.max_tokens > limit:
             raise ValueError(f"This model's maximum context length is {limit} tokens. However, you requested "

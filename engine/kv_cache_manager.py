@@ -71,7 +71,6 @@ class KVCacheManager:
             self._copy_on_write(request, write_index)
         if num_needed > 0:
             request.block_ids.extend(b.block_id for b in self.pool.allocate(num_needed))
-        self._cache_full_blocks(request, num_total)
         return True
 
     def fork(self, parent: Request, child: Request) -> None:
@@ -105,12 +104,12 @@ class KVCacheManager:
             parent = hashes[i - 1] if i else b""
             hashes.append(hash_block(parent, request.all_token_ids[i * size:(i + 1) * size]))
 
-    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
-        """Blocks that this step fills become findable now, as vLLM does: the step either runs or the
-        request is freed, and freed blocks stay valid until evicted."""
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Make the request's full, computed blocks findable by later requests. Called once a step has run,
+        never at allocation: a step that fails must not leave hashes on blocks that were never written."""
         if not self.enable_caching:
             return
-        num_full = num_tokens // self.block_size
+        num_full = request.num_computed_tokens // self.block_size
         self._update_hashes(request, num_full)
         for i in range(request.num_cached_blocks, num_full):
             self.pool.cache(self.pool.blocks[request.block_ids[i]], request.block_hashes[i])

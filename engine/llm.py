@@ -30,10 +30,13 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
-        request_ids = []
-        for prompt, p in zip(prompts, params):
-            request_ids.append(str(next(self._ids)))
-            self.engine.add_request(request_ids[-1], prompt, _final_only(p))
+        request_ids = [str(next(self._ids)) for _ in prompts]
+        try:
+            for request_id, prompt, p in zip(request_ids, prompts, params):
+                self.engine.add_request(request_id, prompt, _final_only(p))
+        except ValueError:
+            self._abort(request_ids)  # one bad prompt: none of the batch stays behind
+            raise
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -56,10 +59,13 @@ class LLM:
                             finished[output.request_id] = output
                             bar.update(1)
             except BaseException:
-                for request_id in request_ids:  # leave no blocks behind if interrupted
-                    self.engine.abort_request(request_id)
+                self._abort(request_ids)  # leave no blocks behind if interrupted
                 raise
         return [finished[i] for i in request_ids]
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.abort_request(request_id)
 
 
 def _final_only(params: SamplingParams) -> SamplingParams:

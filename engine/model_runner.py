@@ -59,14 +59,13 @@ class ModelRunner:
         """fp32 logits [num_sample_rows, vocab_size]."""
         if output.blocks_to_copy:
             self._copy_blocks(output.blocks_to_copy)
-        input_ids, positions, meta, order = self._prepare_inputs(output)
+        input_ids, positions, meta, sample_tokens = self._prepare_inputs(output)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        last_token = meta.query_start_loc[1:].long() - 1  # per scheduled row, in batch order
-        rows = torch.as_tensor(order[output.sample_rows], device=self.device)
-        return self.model.compute_logits(hidden[last_token[rows]]).float()
+        return self.model.compute_logits(hidden[sample_tokens]).float()
 
-    def _prepare_inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
-        """Decodes first, then prefill chunks. Returns `order`: scheduled row -> batch position."""
+    def _prepare_inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Decodes first, then prefill chunks. The last tensor indexes the token whose hidden state each
+        sample row reads (the last scheduled token of its request)."""
         requests, num_new = output.requests, np.asarray(output.num_scheduled_tokens, dtype=np.int64)
         decode_first = np.argsort(num_new != 1, kind="stable")
         order = np.empty_like(decode_first)
@@ -92,7 +91,9 @@ class ModelRunner:
             max_decode_seq_len=int(seq_lens[:num_decodes].max(initial=0)),
             max_prefill_seq_len=int(seq_lens[num_decodes:].max(initial=0)),
         )
-        return self._to_device(token_ids, torch.int64), self._to_device(positions, torch.int64), meta, order
+        sample_tokens = query_start_loc[1:][order[output.sample_rows]] - 1
+        return (self._to_device(token_ids, torch.int64), self._to_device(positions, torch.int64), meta,
+                self._to_device(sample_tokens, torch.int64))
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)

@@ -63,8 +63,13 @@ class Scheduler:
                 index += 1
                 continue
             break
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not num_preempted:
+        # Choices still to fork from a running prompt count against max_num_seqs already.
+        num_seqs = len(self.running) + sum(len(r.pending_forks) for r in self.running)
+        while self.waiting and budget > 0 and not num_preempted:
             request = self.waiting[0]
+            if num_seqs + 1 + len(request.pending_forks) > self.max_num_seqs:
+                break
+            num_seqs += 1 + len(request.pending_forks)
             computed = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - len(computed) * self.kv.block_size, budget)
             if not self.kv.allocate_slots(request, num_new, computed):
@@ -87,6 +92,7 @@ class Scheduler:
         hit max_tokens, EOS or a stop token. Returns the sequences that got a token this step."""
         for request, num_new in zip(output.requests, output.num_scheduled_tokens):
             request.num_computed_tokens += num_new
+            self.kv.cache_computed_blocks(request)
         for request, row in zip(output.sample_requests, output.sample_rows):
             if request is not output.requests[row]:
                 self._fork(output.requests[row], request)

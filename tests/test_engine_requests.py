@@ -167,3 +167,23 @@ def test_penalties_change_greedy_output_away_from_repeats(engine):
                     SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=2.0,
                                    frequency_penalty=1.5))["p1"]
     assert plain.outputs[0].token_ids != penalised.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("params,field", [(SamplingParams(logit_bias={10**6: 1.0}), "logit_bias"),
+                                          (SamplingParams(stop_token_ids=[10**6]), "stop_token_ids"),
+                                          (SamplingParams(n=10**5), "n")])
+def test_token_ids_outside_the_vocabulary_and_huge_n_are_rejected_up_front(engine, params, field):
+    with pytest.raises(ValueError, match=f"^{field} "):
+        engine.add_request("bad", PROMPT, params)
+    assert not engine.has_unfinished_requests()
+
+
+def test_forks_count_against_max_num_seqs(tokenizer):
+    small = EngineCore(EngineConfig(device="cpu", dtype="float32", max_num_seqs=4))
+    small.add_request("a", PROMPT, SamplingParams(n=3, max_tokens=4, ignore_eos=True))
+    small.add_request("b", PROMPT, SamplingParams(n=3, max_tokens=4, ignore_eos=True))
+    peak = 0
+    while small.has_unfinished_requests():
+        small.step()
+        peak = max(peak, len(small.scheduler.running))
+    assert peak == 3

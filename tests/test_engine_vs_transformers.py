@@ -92,3 +92,12 @@ def test_preempted_requests_resume_with_identical_tokens(prompt_ids, expected):
     assert engine.scheduler.num_preemptions > 0
     engine.kv_cache_manager.pool.check_integrity()
     assert engine.kv_cache_manager.usage == 0
+
+
+def test_llm_generate_with_one_bad_prompt_leaves_nothing_behind():
+    from engine import LLM
+    llm = LLM(device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        llm.generate(["fine", ""], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.kv_cache_manager.usage == 0
