@@ -16,6 +16,7 @@ from engine.scheduler import SchedulerOutput
 from kernels import get_ops
 
 CPU_KV_CACHE_BYTES = 2 << 30
+DECODE_GROUPS = 3  # measured: 32 decodes of 100-380 tokens, 3 groups halve the PyTorch decode attention time
 
 
 class ModelRunner:
@@ -66,19 +67,20 @@ class ModelRunner:
     def _prepare_inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Decodes first, then prefill chunks. The last tensor indexes the token whose hidden state each
         sample row reads (the last scheduled token of its request)."""
-        requests, num_new = output.requests, np.asarray(output.num_scheduled_tokens, dtype=np.int64)
-        decode_first = np.argsort(num_new != 1, kind="stable")
-        order = np.empty_like(decode_first)
-        order[decode_first] = np.arange(len(decode_first))
-        num_new = num_new[decode_first]
-        starts = np.array([requests[i].num_computed_tokens for i in decode_first], dtype=np.int64)
-        seq_lens = starts + num_new
+        requests = output.requests
+        num_new = np.asarray(output.num_scheduled_tokens, dtype=np.int64)
+        seq_lens = np.array([r.num_computed_tokens for r in requests], dtype=np.int64) + num_new
+        batch_order = np.lexsort((-seq_lens, num_new != 1))  # decodes first, longest first
+        order = np.empty_like(batch_order)
+        order[batch_order] = np.arange(len(batch_order))
+        num_new, seq_lens = num_new[batch_order], seq_lens[batch_order]
+        starts = seq_lens - num_new
         query_start_loc = np.zeros(len(num_new) + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start_loc[1:])
-        token_ids = np.concatenate([requests[i].all_token_ids[s:e] for i, s, e in zip(decode_first, starts, seq_lens)])
+        token_ids = np.concatenate([requests[i].all_token_ids[s:e] for i, s, e in zip(batch_order, starts, seq_lens)])
         row_of_token = np.repeat(np.arange(len(num_new)), num_new)
         positions = np.arange(query_start_loc[-1]) - query_start_loc[row_of_token] + starts[row_of_token]
-        block_tables = _block_table([requests[i].block_ids for i in decode_first])
+        block_tables = _block_table([requests[i].block_ids for i in batch_order])
         slot_mapping = block_tables[row_of_token, positions // self.block_size] * self.block_size + positions % self.block_size
         num_decodes = int(np.searchsorted(num_new != 1, True))
         meta = AttentionMetadata(
@@ -88,12 +90,18 @@ class ModelRunner:
             query_start_loc=self._to_device(query_start_loc, torch.int32),
             num_decodes=num_decodes,
             num_prefill_tokens=int(query_start_loc[-1] - num_decodes),
-            max_decode_seq_len=int(seq_lens[:num_decodes].max(initial=0)),
+            decode_groups=self._decode_groups(seq_lens[:num_decodes]),
             max_prefill_seq_len=int(seq_lens[num_decodes:].max(initial=0)),
         )
         sample_tokens = query_start_loc[1:][order[output.sample_rows]] - 1
         return (self._to_device(token_ids, torch.int64), self._to_device(positions, torch.int64), meta,
                 self._to_device(sample_tokens, torch.int64))
+
+    def _decode_groups(self, decode_seq_lens: np.ndarray) -> list[tuple[int, int, int]]:
+        """Split the (longest first) decodes into equal-count groups; each pads only to its own longest."""
+        num_groups = DECODE_GROUPS if self.config.kernel_backend == "torch" else 1
+        bounds = np.linspace(0, len(decode_seq_lens), min(num_groups, len(decode_seq_lens)) + 1).astype(int)
+        return [(int(s), int(e), int(decode_seq_lens[s])) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)

@@ -21,15 +21,14 @@ class PagedAttention:
                  meta: AttentionMetadata) -> torch.Tensor:
         """query [num_tokens, num_heads, head_dim], key/value [num_tokens, num_kv_heads, head_dim]."""
         self.ops.write_kv_cache(key, value, kv_cache, meta.slot_mapping)
-        nd = meta.num_decodes
-        if meta.num_prefills == 0:
-            return self.ops.paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                                   meta.max_decode_seq_len, self.sliding_window)
         out = torch.empty_like(query)
-        if nd:
-            out[:nd] = self.ops.paged_decode_attention(query[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
-                                                       self.scale, meta.max_decode_seq_len, self.sliding_window)
-        out[nd:] = self.ops.prefill_attention(query[nd:], kv_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
-                                              meta.query_start_loc[nd:] - nd, self.scale, meta.max_prefill_seq_len,
-                                              self.sliding_window)
+        for start, end, max_seq_len in meta.decode_groups:
+            out[start:end] = self.ops.paged_decode_attention(
+                query[start:end], kv_cache, meta.block_tables[start:end], meta.seq_lens[start:end], self.scale,
+                max_seq_len, self.sliding_window)
+        if meta.num_prefills:
+            nd = meta.num_decodes
+            out[nd:] = self.ops.prefill_attention(query[nd:], kv_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
+                                                  meta.query_start_loc[nd:] - nd, self.scale, meta.max_prefill_seq_len,
+                                                  self.sliding_window)
         return out
