@@ -20,7 +20,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema"],
-        "bench": ["matplotlib", "accelerate"],
+        "bench": ["matplotlib", "accelerate", "transformers[serving]"],
     },
     entry_points={"console_scripts": ["tokmodel=server.cli:main"]},
 )
