@@ -25,7 +25,7 @@ class Sampler:
         if all(p.greedy for p in params):
             token_ids = greedy
         else:
-            token_ids = torch.where(self._tensor([p.greedy for p in params], logits.device, torch.bool),
+            token_ids = torch.where(_to_device([p.greedy for p in params], logits.device, torch.bool),
                                     greedy, self._random_sample(logits, requests))
         return SamplerOutput(token_ids.tolist(), _gather_logprobs(raw_logprobs, token_ids, want_logprobs))
 
@@ -34,8 +34,8 @@ class Sampler:
         for row, request in enumerate(requests):
             params = request.sampling_params
             if params.logit_bias:
-                ids = torch.tensor(list(params.logit_bias), device=logits.device)
-                logits[row, ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device)
+                ids = _to_device(list(params.logit_bias), logits.device, torch.int64)
+                logits[row, ids] += _to_device(list(params.logit_bias.values()), logits.device)
             if request.num_output_tokens < params.min_tokens:
                 banned = [*params.stop_token_ids, *([] if params.ignore_eos else params.eos_token_ids)]
                 logits[row, banned] = float("-inf")
@@ -46,14 +46,14 @@ class Sampler:
     def _random_sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
         device = logits.device
-        temperature = self._tensor([p.temperature if not p.greedy else 1.0 for p in params], device)
+        temperature = _to_device([p.temperature if not p.greedy else 1.0 for p in params], device)
         logits = logits / temperature[:, None]
         if any(p.top_k or p.top_p < 1 for p in params):
-            logits = _top_k_top_p(logits, self._tensor([p.top_k for p in params], device, torch.int64),
-                                  self._tensor([p.top_p for p in params], device))
+            logits = _top_k_top_p(logits, _to_device([p.top_k for p in params], device, torch.int64),
+                                  _to_device([p.top_p for p in params], device))
         probs = logits.softmax(dim=-1)
         if any(p.min_p for p in params):
-            min_p = self._tensor([p.min_p for p in params], device)
+            min_p = _to_device([p.min_p for p in params], device)
             probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
         # Gumbel-max by exponential race: argmax(p / q), q ~ Exp(1). Seeded rows draw q from their own
         # generator, so their tokens do not depend on what else is in the batch.
@@ -63,9 +63,13 @@ class Sampler:
                 q[row].exponential_(generator=request.generator)
         return (probs / q).argmax(dim=-1)
 
-    @staticmethod
-    def _tensor(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
+
+def _to_device(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-row settings to the device without a sync: a plain copy from pageable memory waits for the GPU."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -75,11 +79,11 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
     counts = _token_counts([r.output_token_ids for r in requests], vocab, device)
     seen = (counts > 0) | (_token_counts([r.prompt_token_ids for r in requests], vocab, device) > 0)
     params = [r.sampling_params for r in requests]
-    repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+    repetition = _to_device([p.repetition_penalty for p in params], device)[:, None]
     penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
     logits = torch.where(seen, penalised, logits)
-    frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+    frequency = _to_device([p.frequency_penalty for p in params], device)[:, None]
+    presence = _to_device([p.presence_penalty for p in params], device)[:, None]
     return logits - frequency * counts - presence * (counts > 0)
 
 
