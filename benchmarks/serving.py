@@ -79,8 +79,7 @@ async def run_load(base_url: str, args: argparse.Namespace, extra_body: dict) ->
         url = f"{base_url}/v1/chat/completions"
 
         def payload(i: int) -> dict:
-            prompt = f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}. Story number {i}."
-            return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
+            return {"model": model, "messages": conversation(i), "max_tokens": args.max_tokens,
                     "temperature": 0, "stream": True, "stream_options": {"include_usage": True}} | extra_body
 
         for i in range(args.warmup):  # lazy initialisation (kernels, the peer's batching manager) stays out of the figures
@@ -94,6 +93,27 @@ async def run_load(base_url: str, args: argparse.Namespace, extra_body: dict) ->
         start = time.perf_counter()
         results = await asyncio.gather(*(limited(i) for i in range(args.num_requests)))
         return summarize(results, time.perf_counter() - start) | {"model": model}
+
+
+def conversation(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}. Story number {i}."}]
+
+
+def run_offline(args: argparse.Namespace) -> dict:
+    """The same requests through TokModel's offline LLM.chat in this process, all at once: the ceiling the
+    server's own overhead is measured against."""
+    sys.path.insert(0, str(REPO))
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model=args.model, dtype=args.dtype)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+    llm.chat([conversation(-1 - i) for i in range(args.warmup)], params, use_tqdm=False)
+    start = time.perf_counter()
+    outputs = llm.chat([conversation(i) for i in range(args.num_requests)], params, use_tqdm=False)
+    duration = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"completed": len(outputs), "duration_s": round(duration, 3), "output_tokens": tokens,
+            "output_tok_s": round(tokens / duration, 2)}
 
 
 def summarize(results: list[Result], duration: float) -> dict:
@@ -171,19 +191,27 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2, help="requests sent before measuring")
+    parser.add_argument("--offline", action="store_true",
+                        help="also run the same requests through the offline LLM in-process; with --launch tokmodel "
+                        "the report adds the server's overhead: 1 - served tok/s / offline tok/s")
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="ask for exactly --max-tokens tokens (an extension: not sent to a launched transformers serve)")
     args = parser.parse_args()
-    if not args.base_url and not args.launch:
-        parser.error("give --base-url or --launch")
+    if not args.base_url and not args.launch and not args.offline:
+        parser.error("give --base-url, --launch or --offline")
     config = {k: getattr(args, k) for k in ("num_requests", "concurrency", "max_tokens")}
     reports = []
+    if args.offline:
+        reports.append({"server": "offline", **config, "dtype": args.dtype, **run_offline(args)})
     for base_url in args.base_url:
         reports.append({"server": base_url, **config, **asyncio.run(run_load(base_url, args, _extra(args, "tokmodel")))})
     for kind in args.launch:
         with launched(kind, args) as base_url:
             report = asyncio.run(run_load(base_url, args, _extra(args, kind)))
             reports.append({"server": kind, **config, "dtype": args.dtype, **report})
+    rates = {r["server"]: r["output_tok_s"] for r in reports}
+    if "offline" in rates and "tokmodel" in rates:
+        reports.append({"server_overhead": round(1 - rates["tokmodel"] / rates["offline"], 4)})
     print(json.dumps(reports, indent=2))
 
 
