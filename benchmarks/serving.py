@@ -73,7 +73,8 @@ async def stream_chat(session: aiohttp.ClientSession, url: str, payload: dict) -
 async def run_load(base_url: str, args: argparse.Namespace, extra_body: dict) -> dict:
     timeout = aiohttp.ClientTimeout(total=3600)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+    connector = aiohttp.TCPConnector(limit=args.concurrency)  # aiohttp's default caps a session at 100 connections
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers, connector=connector) as session:
         async with session.get(f"{base_url}/v1/models") as response:
             model = (await response.json())["data"][0]["id"]
         url = f"{base_url}/v1/chat/completions"
