@@ -42,11 +42,19 @@ class Scheduler:
         return len(self.requests)
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
+        """Running requests first (decodes and prefill chunks), then waiting ones while budget, blocks and
+        max_num_seqs allow; new requests wait while this step had to preempt."""
         scheduled: list[Request] = []
         num_tokens: list[int] = []
-        num_preempted = 0
-        index = 0
+        budget, num_preempted = self._schedule_running(scheduled, num_tokens)
+        if not num_preempted:
+            self._schedule_waiting(scheduled, num_tokens, budget)
+        sample_requests, sample_rows = self._sample_rows(scheduled, num_tokens)
+        return SchedulerOutput(scheduled, num_tokens, sample_requests, sample_rows,
+                               self.kv.take_blocks_to_copy(), num_preempted)
+
+    def _schedule_running(self, scheduled: list[Request], num_tokens: list[int]) -> tuple[int, int]:
+        budget, num_preempted, index = self.max_num_batched_tokens, 0, 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -55,27 +63,27 @@ class Scheduler:
                 self._preempt(victim)
                 num_preempted += 1
                 if victim is request:
-                    break
-            else:
-                scheduled.append(request)
-                num_tokens.append(num_new)
-                budget -= num_new
-                index += 1
-                continue
-            break
+                    return budget, num_preempted
+            scheduled.append(request)
+            num_tokens.append(num_new)
+            budget -= num_new
+            index += 1
+        return budget, num_preempted
+
+    def _schedule_waiting(self, scheduled: list[Request], num_tokens: list[int], budget: int) -> None:
         # Choices still to fork from a running prompt count against max_num_seqs already.
         num_seqs = len(self.running) + sum(len(r.pending_forks) for r in self.running)
-        while self.waiting and budget > 0 and not num_preempted:
+        while self.waiting and budget > 0:
             request = self.waiting[0]
-            if num_seqs + 1 + len(request.pending_forks) > self.max_num_seqs:
-                break
             num_seqs += 1 + len(request.pending_forks)
+            if num_seqs > self.max_num_seqs:
+                return
             computed = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - len(computed) * self.kv.block_size, budget)
             if not self.kv.allocate_slots(request, num_new, computed):
-                break
+                return
             self.waiting.popleft()
-            if request.num_cached_tokens < 0:
+            if request.num_cached_tokens < 0:  # first admission, not a resumption after preemption
                 request.num_cached_tokens = len(computed) * self.kv.block_size
                 self.kv.record_prefix_lookup(request.num_tokens, request.num_cached_tokens)
             request.status = RequestStatus.RUNNING
@@ -83,9 +91,6 @@ class Scheduler:
             scheduled.append(request)
             num_tokens.append(num_new)
             budget -= num_new
-        sample_requests, sample_rows = self._sample_rows(scheduled, num_tokens)
-        return SchedulerOutput(scheduled, num_tokens, sample_requests, sample_rows,
-                               self.kv.take_blocks_to_copy(), num_preempted)
 
     def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Request]:
         """Advance the scheduled requests, append sampled tokens, fork new choices and finish those that
