@@ -72,12 +72,41 @@ def _to_device(values: list, device: torch.device, dtype: torch.dtype = torch.fl
     return tensor
 
 
+class PenaltyState:
+    """One request's output-token counts and mask of seen tokens (prompt and output), on the device. Kept on
+    the request and advanced by its new tokens each step, never rebuilt from the whole history."""
+
+    def __init__(self, request: Request, vocab: int, device: torch.device) -> None:
+        self.counts = torch.zeros(vocab, device=device)
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.seen[_to_device(request.prompt_token_ids, device, torch.int64)] = True
+        self.num_counted = 0  # output tokens already in counts
+
+    def advance(self, request: Request) -> None:
+        new = request.all_token_ids[request.num_prompt_tokens + self.num_counted:]  # usually one token
+        if new:
+            ids = _to_device(new, self.counts.device, torch.int64)
+            self.counts.index_add_(0, ids, torch.ones(len(new), device=self.counts.device))
+            self.seen[ids] = True
+            self.num_counted += len(new)
+
+
 def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """vLLM's semantics: repetition over prompt and output tokens, presence and frequency over output only."""
-    num_rows, vocab = logits.shape
-    device = logits.device
-    counts = _token_counts([r.output_token_ids for r in requests], vocab, device)
-    seen = (counts > 0) | (_token_counts([r.prompt_token_ids for r in requests], vocab, device) > 0)
+    """vLLM's semantics: repetition over prompt and output tokens, presence and frequency over output only.
+    Rows without penalties read a zero state: their neutral settings leave the logits as they are."""
+    vocab, device = logits.shape[1], logits.device
+    neutral = (torch.zeros(vocab, device=device), torch.zeros(vocab, dtype=torch.bool, device=device))
+    rows = []
+    for request in requests:
+        if not request.sampling_params.uses_penalties:
+            rows.append(neutral)
+            continue
+        if request.penalty_state is None:
+            request.penalty_state = PenaltyState(request, vocab, device)
+        request.penalty_state.advance(request)
+        rows.append((request.penalty_state.counts, request.penalty_state.seen))
+    counts = torch.stack([c for c, _ in rows])
+    seen = torch.stack([m for _, m in rows])
     params = [r.sampling_params for r in requests]
     repetition = _to_device([p.repetition_penalty for p in params], device)[:, None]
     penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
@@ -85,13 +114,6 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
     frequency = _to_device([p.frequency_penalty for p in params], device)[:, None]
     presence = _to_device([p.presence_penalty for p in params], device)[:, None]
     return logits - frequency * counts - presence * (counts > 0)
-
-
-def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    rows = torch.repeat_interleave(torch.arange(len(token_lists)), torch.tensor([len(t) for t in token_lists]))
-    flat = torch.tensor([t for tokens in token_lists for t in tokens], dtype=torch.int64)
-    counts = torch.bincount(rows * vocab + flat, minlength=len(token_lists) * vocab)
-    return counts.view(len(token_lists), vocab).to(device=device, dtype=torch.float32)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
