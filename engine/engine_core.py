@@ -74,15 +74,16 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     arrival_time: float | None = None) -> None:
-        if request_id in self.output_processor.states:
-            raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids, max_tokens = self.process_inputs(prompt, params)
+        seq_ids = _sequence_ids(request_id, params.n)
+        # Choices are named "<id>-<index>": they must not collide with another request's sequences either.
+        if request_id in self.output_processor.states or any(s in self.scheduler.requests for s in seq_ids):
+            raise ValueError(f"request_id {request_id!r} is already in use")
         params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
         arrival_time = arrival_time or time.time()
         sequences = []
-        for index in range(params.n):
-            seq = Request(request_id if params.n == 1 else f"{request_id}-{index}", request_id, index, token_ids,
-                          params, max_tokens, arrival_time)
+        for index, seq_id in enumerate(seq_ids):
+            seq = Request(seq_id, request_id, index, token_ids, params, max_tokens, arrival_time)
             if params.seed is not None:  # each choice its own stream, as vLLM: seed + index
                 seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed + index)
             sequences.append(seq)
@@ -94,8 +95,7 @@ class EngineCore:
         state = self.output_processor.states.get(request_id)
         if state is None:
             return
-        ids = [request_id] if state.params.n == 1 else [f"{request_id}-{i}" for i in range(state.params.n)]
-        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        self.scheduler.finish_requests(_sequence_ids(request_id, state.params.n), RequestStatus.FINISHED_ABORTED)
         self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -136,6 +136,10 @@ class EngineCore:
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return None, list(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+
+def _sequence_ids(request_id: str, n: int) -> list[str]:
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
 
 
 def _max_model_len(requested: int | None, hf_config) -> int:

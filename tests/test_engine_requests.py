@@ -187,3 +187,15 @@ def test_forks_count_against_max_num_seqs(tokenizer):
         small.step()
         peak = max(peak, len(small.scheduler.running))
     assert peak == 3
+
+
+def test_a_request_id_that_collides_with_another_requests_choices_is_rejected(engine):
+    engine.add_request("A", PROMPT, SamplingParams(n=2, max_tokens=2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("A-0", PROMPT, SamplingParams(max_tokens=2))
+    engine.abort_request("A")
+    engine.add_request("B-1", PROMPT, SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("B", PROMPT, SamplingParams(n=2, max_tokens=2))
+    engine.abort_request("B-1")
+    assert not engine.has_unfinished_requests() and engine.kv_cache_manager.usage == 0
