@@ -430,8 +430,8 @@ def write_outputs(report: dict, args: argparse.Namespace, config: EngineConfig) 
     log(f"wrote {path}")
     if report["results"]:
         machine = report["machine"]
-        title = (f"{report['model']}, {config.dtype}, {config.device}: {args.num_prompts} requests, in "
-                 f"{args.input_len_min}-{args.input_len_max}, out {args.output_len_min}-{args.output_len_max}\n"
+        title = (f"{report['model']}, {config.dtype}, {config.device}\n{args.num_prompts} requests, prompts "
+                 f"{args.input_len_min}-{args.input_len_max}, outputs {args.output_len_min}-{args.output_len_max} tokens\n"
                  f"{machine['cpu'] if config.device == 'cpu' else machine.get('gpu', '')}, "
                  f"{machine['torch_threads']} torch thread(s), load average {machine['load_average_1m']}")
         save_bar_chart({k: v["output_tokens_per_s"] for k, v in report["results"].items()}, path.with_suffix(".png"),
