@@ -48,12 +48,14 @@ class AsyncLLM:
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Raises ValueError before the first output if the request can never run. Closing the generator
         early (a disconnected client) aborts the request and frees its KV blocks."""
-        self.core.process_inputs(prompt, sampling_params)
+        text, token_ids, _ = self.core.process_inputs(prompt, sampling_params)
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", request_id, prompt, sampling_params, time.time()))
+        # Already tokenized: the engine thread only re-checks the ids, it does not tokenize again.
+        tokenized = {"prompt": text, "prompt_token_ids": token_ids}
+        self._commands.put(("add", request_id, tokenized, sampling_params, time.time()))
         finished = False
         try:
             while not finished:
