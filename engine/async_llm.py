@@ -10,6 +10,7 @@ from typing import AsyncIterator
 
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType
+from engine.errors import EngineDeadError
 from engine.metrics import EngineStats
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -30,8 +31,14 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.core.get_stats()
         self._running = True
+        self.dead_error: BaseException | None = None  # set once the engine cannot go on
         self._thread = threading.Thread(target=self._run, name="tokmodel-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def errored(self) -> bool:
+        """True once the engine died: every request fails with EngineDeadError from then on."""
+        return self.dead_error is not None
 
     @property
     def num_waiting_requests(self) -> int:
