@@ -6,14 +6,12 @@ import torch
 
 @torch.inference_mode()
 def hf_greedy(model, prompt_token_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy decoding with transformers' own KV cache, ignoring EOS (as ignore_eos=True)."""
-    input_ids = torch.tensor([prompt_token_ids])
-    out = model(input_ids, use_cache=True)
-    tokens = []
+    """Greedy decoding, ignoring EOS (as ignore_eos=True). Each step reruns the whole sequence without a
+    cache: slower, but it needs no KV-cache argument, whose name differs between transformers versions."""
+    tokens: list[int] = []
     for _ in range(max_new_tokens):
-        next_id = int(out.logits[0, -1].argmax())
-        tokens.append(next_id)
-        out = model(torch.tensor([[next_id]]), past_key_values=out.past_key_values, use_cache=True)
+        logits = model(torch.tensor([prompt_token_ids + tokens]), use_cache=False).logits
+        tokens.append(int(logits[0, -1].argmax()))
     return tokens
 
 

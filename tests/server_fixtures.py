@@ -15,10 +15,11 @@ from functools import cache
 from pathlib import Path
 
 import jsonschema
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMAS = REPO.parent / "shared" / "openai-chat-schemas.json"  # CI lays shared/ beside the clone
+SCHEMAS = REPO / "tests" / "openai-chat-schemas.json"  # a subset of OpenAI's published OpenAPI spec
 STARTUP_TIMEOUT_S = 600  # the first start may fetch and convert the default model
 
 
@@ -114,6 +115,14 @@ class Server:
         while any(values := [self.gauge(name) for name in names]):
             assert time.monotonic() < deadline, f"still busy after {timeout}s: {dict(zip(names, values))}"
             time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def leaves_server_idle(server: Server) -> Iterator[None]:
+    """Imported by a test module, every test there must leave its module's shared server idle (nothing running,
+    waiting or holding KV blocks), so that one failing test cannot break the tests after it."""
+    yield
+    server.wait_until_idle(timeout=30)
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from server_fixtures import Server, running_server, validate
+from server_fixtures import Server, leaves_server_idle, running_server, validate  # noqa: F401 (autouse fixture)
 
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512
@@ -96,13 +96,14 @@ def test_oversized_body_is_a_413(server):
 
 def test_full_waiting_queue_answers_429_with_retry_after(server):
     clients = [server.send(CHAT, LONG) for _ in range(5)]
-    server.wait_for("tokmodel:num_requests_waiting", 2)  # two run (--max-num-seqs 2), the rest wait
-    response = server.post(CHAT, {"messages": MESSAGES, "max_tokens": 2})
+    try:
+        server.wait_for("tokmodel:num_requests_waiting", 2)  # two run (--max-num-seqs 2), the rest wait
+        response = server.post(CHAT, {"messages": MESSAGES, "max_tokens": 2})
+    finally:  # pass or fail, the clients leave and take their requests with them
+        for client in clients:
+            client.close()
     assert_error(response, 429)
     assert int(response.headers["Retry-After"]) >= 1
-    for client in clients:
-        client.close()
-    server.wait_until_idle()
 
 
 def test_bad_requests_do_not_disturb_one_in_flight(server):

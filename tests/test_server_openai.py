@@ -4,7 +4,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from server_fixtures import Server, running_server, validate
+from server_fixtures import Server, leaves_server_idle, running_server, validate  # noqa: F401 (autouse fixture)
 
 API_KEY = "test-key"
 MODEL = "tokmodel-test"
