@@ -1,12 +1,21 @@
 """The engine for an asyncio front end: EngineCore steps in a background thread, so the event loop never
-waits on the model; each request's outputs come back through its own asyncio queue."""
+waits on the model; each request's outputs come back through its own asyncio queue. Tokenization and chat
+templating run in a third thread, so a long prompt never stalls the event loop either.
+
+Tokenizers are not safe to share between threads, so each thread has its own: the engine thread the core's
+(detokenization), the tokenizer thread a copy (prompts, templates), and the event loop `self.tokenizer`
+(decoding logprobs, /detokenize)."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, TypeVar
 
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType
@@ -15,12 +24,17 @@ from engine.metrics import EngineStats
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
+logger = logging.getLogger("tokmodel.engine")
+T = TypeVar("T")
+
 
 class AsyncLLM:
     def __init__(self, config: EngineConfig) -> None:
         self.core = EngineCore(config)
         self.config = config
-        self.tokenizer = self.core.tokenizer
+        self.tokenizer = copy.deepcopy(self.core.tokenizer)  # the event loop's
+        self._prompt_tokenizer = copy.deepcopy(self.core.tokenizer)  # the tokenizer thread's
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokmodel-tokenizer")
         self.max_model_len = self.core.max_model_len
         self.model_name = config.served_model_name or (config.model or "SmolLM2-135M-Instruct").rstrip("/").split("/")[-1]
         self.num_kv_blocks = self.core.num_blocks
@@ -31,7 +45,7 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.core.get_stats()
         self._running = True
-        self.dead_error: BaseException | None = None  # set once the engine cannot go on
+        self.dead_error: EngineDeadError | None = None  # set once the engine cannot go on
         self._thread = threading.Thread(target=self._run, name="tokmodel-engine", daemon=True)
         self._thread.start()
 
@@ -48,26 +62,40 @@ class AsyncLLM:
         """A snapshot taken after the last step (the engine thread owns the live counters)."""
         return self._stats
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    async def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        return await self._in_tokenizer_thread(lambda tokenizer: tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self._in_tokenizer_thread(lambda tokenizer: tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    async def _in_tokenizer_thread(self, work: Callable[..., T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, work, self._prompt_tokenizer)
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        """Raises ValueError before the first output if the request can never run. Closing the generator
-        early (a disconnected client) aborts the request and frees its KV blocks."""
-        text, token_ids, _ = self.core.process_inputs(prompt, sampling_params)
+        """Raises ValueError before the first output if the request can never run, EngineDeadError once the
+        engine has died. Closing the generator early (a disconnected client) aborts the request and frees its
+        KV blocks."""
+        if self.dead_error is not None:
+            raise self.dead_error
+        text, token_ids, _ = await self._in_tokenizer_thread(
+            lambda tokenizer: self.core.process_inputs(prompt, sampling_params, tokenizer))
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        # Already tokenized: the engine thread only re-checks the ids, it does not tokenize again.
-        tokenized = {"prompt": text, "prompt_token_ids": token_ids}
-        self._commands.put(("add", request_id, tokenized, sampling_params, time.time()))
         finished = False
         try:
+            if self.dead_error is not None:  # died while we tokenized: its farewell missed this stream
+                raise self.dead_error
+            # Already tokenized: the engine thread only re-checks the ids, it does not tokenize again.
+            tokenized = {"prompt": text, "prompt_token_ids": token_ids}
+            self._commands.put(("add", request_id, tokenized, sampling_params, time.time()))
             while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
+                    finished = True  # the engine has already dropped it
                     raise item
                 finished = item.finished
                 yield item
@@ -77,25 +105,31 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        """Abort a request; a stream still open gets its last output, with finish_reason "abort"."""
         self._commands.put(("abort", request_id))
+
+    def abort_all(self) -> None:
+        """Abort every request in the engine, as abort() does each."""
+        self._commands.put(("abort_all",))
 
     def shutdown(self) -> None:
         self._running = False
         self._commands.put(("stop",))
         self._thread.join(timeout=30)
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
-        while self._running:
-            try:
+        """The engine thread. A request that fails a step fails alone (the core sees to that); anything that
+        escapes the core is an error the engine cannot survive."""
+        try:
+            while self._running:
                 self._take_commands(block=not self.core.has_unfinished_requests())
-                if not self.core.has_unfinished_requests():
-                    continue
-                outputs = self.core.step()
+                if self.core.has_unfinished_requests():
+                    for output in self.core.step():
+                        self._deliver(output.request_id, output)
                 self._stats = self.core.get_stats()
-                for output in outputs:
-                    self._deliver(output.request_id, output)
-            except Exception as error:  # a failed step fails the requests in flight, never the engine thread
-                self._fail_all(error)
+        except Exception as error:
+            self._die(error)
 
     def _take_commands(self, block: bool) -> None:
         while True:
@@ -105,20 +139,35 @@ class AsyncLLM:
                 return
             block = False
             if command[0] == "add":
-                _, request_id, prompt, params, arrival_time = command
-                try:
-                    self.core.add_request(request_id, prompt, params, arrival_time)
-                except ValueError as error:
-                    self._deliver(request_id, error)
+                self._add_request(*command[1:])
             elif command[0] == "abort":
-                self.core.abort_request(command[1])
+                self._abort(command[1])
+            elif command[0] == "abort_all":
+                for request_id in list(self.core.output_processor.states):
+                    self._abort(request_id)
             self._stats = self.core.get_stats()
 
-    def _fail_all(self, error: Exception) -> None:
-        for request_id in list(self.core.output_processor.states):
-            self.core.abort_request(request_id)
-            self._deliver(request_id, RuntimeError(f"engine step failed: {error}"))
+    def _add_request(self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_time: float) -> None:
+        try:
+            self.core.add_request(request_id, prompt, params, arrival_time)
+        except ValueError as error:
+            self._deliver(request_id, error)
+        except Exception as error:  # a bug on this request's path: it fails, the engine goes on
+            logger.exception("adding request %s failed", request_id)
+            self.core.abort_request(request_id)  # whatever part of it got in
+            self._deliver(request_id, RuntimeError(f"adding the request failed: {type(error).__name__}"))
+
+    def _abort(self, request_id: str) -> None:
+        output = self.core.abort_request(request_id)
+        if output is not None:
+            self._deliver(request_id, output)
+
+    def _die(self, error: Exception) -> None:
+        logger.critical("the engine cannot go on: %s", error, exc_info=error)
+        self.dead_error = error if isinstance(error, EngineDeadError) else EngineDeadError(f"engine failed: {error}")
         self._stats = self.core.get_stats()
+        for request_id in list(self._streams):
+            self._deliver(request_id, self.dead_error)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         target = self._streams.get(request_id)

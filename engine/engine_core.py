@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig
+from engine.errors import EngineDeadError
+from engine.failure_isolation import find_failing_rows, is_fatal
 from engine.kv_cache_manager import KVCacheManager
 from engine.loader import end_token_ids, iter_weights, load_tokenizer, resolve_model
 from engine.metrics import EngineStats
@@ -16,11 +19,12 @@ from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampler import Sampler
+from engine.sampler import Sampler, SamplerOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 
 PromptType = str | list[int] | dict
+logger = logging.getLogger("tokmodel.engine")
 
 
 class EngineCore:
@@ -45,10 +49,12 @@ class EngineCore:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
-    def process_inputs(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int], int]:
-        """Tokenize and check a request without touching engine state (safe from any thread).
-        Returns (prompt text, prompt token ids, max_tokens); raises ValueError when it can never run."""
-        text, token_ids = self._tokenize(prompt)
+    def process_inputs(self, prompt: PromptType, params: SamplingParams,
+                       tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[str | None, list[int], int]:
+        """Tokenize and check a request without touching engine state: safe from any thread that brings its
+        own tokenizer (one instance must not serve two threads). Returns (prompt text, prompt token ids,
+        max_tokens); raises ValueError when it can never run."""
+        text, token_ids = self._tokenize(prompt, tokenizer or self.tokenizer)
         if not token_ids:
             raise ValueError("prompt must not be empty")
         for name, ids in (("prompt", token_ids), ("logit_bias", list(params.logit_bias or ())),
@@ -90,30 +96,55 @@ class EngineCore:
         self.output_processor.add_request(request_id, text, token_ids, params, arrival_time)
         self.scheduler.add_request(sequences[0], sequences[1:])
 
-    def abort_request(self, request_id: str) -> None:
-        """Drop a request and all its choices; their blocks return to the pool at once."""
-        state = self.output_processor.states.get(request_id)
-        if state is None:
-            return
-        self.scheduler.finish_requests(_sequence_ids(request_id, state.params.n), RequestStatus.FINISHED_ABORTED)
-        self.output_processor.abort(request_id)
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Drop a request and all its choices; their blocks return to the pool at once. Returns its last
+        output (unfinished choices with finish_reason "abort"), or None if it is not here."""
+        return self._finish_request(request_id, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
     def step(self) -> list[RequestOutput]:
+        """One step. A request that makes the step fail fails alone (finish_reason "error"), the others are
+        retried by the next step; an error the engine cannot survive raises EngineDeadError."""
         output = self.scheduler.schedule()
         if not output.requests:
             return []
         self.output_processor.mark_scheduled(output.requests, time.time())
-        logits = self.runner.execute_model(output)
-        sampled = self.sampler(logits, output.sample_requests) if output.sample_requests else None
+        try:
+            sampled = self._execute(output)
+        except Exception as error:
+            return self._fail_culprits(output, error)
         sequences = self.scheduler.update(output, sampled.token_ids if sampled else [])
-        outputs, stopped = self.output_processor.process(sequences, sampled.logprobs if sampled else [])
-        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        processed = self.output_processor.process(sequences, sampled.logprobs if sampled else [])
+        self.scheduler.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
         self.num_generation_tokens += len(sequences)
         self.num_prompt_tokens += sum(s.num_prompt_tokens for s in sequences if s.num_output_tokens == 1 and s.index == 0)
-        return outputs
+        return processed.outputs + self._fail_requests(processed.failed)
+
+    def _execute(self, output: SchedulerOutput) -> SamplerOutput | None:
+        logits = self.runner.execute_model(output)
+        return self.sampler(logits, output.sample_requests) if output.sample_requests else None
+
+    def _fail_culprits(self, output: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        if is_fatal(error):
+            raise EngineDeadError(f"the engine hit an unrecoverable error: {error}") from error
+        rows = find_failing_rows(self._execute, output) or range(len(output.requests))  # none alone: the batch
+        request_ids = list(dict.fromkeys(output.requests[row].parent_id for row in rows))
+        logger.error("step failed (%s: %s); failing the requests that cause it: %s", type(error).__name__, error,
+                     ", ".join(request_ids), exc_info=error)
+        return self._fail_requests(request_ids)
+
+    def _fail_requests(self, request_ids: list[str]) -> list[RequestOutput]:
+        outputs = (self._finish_request(request_id, RequestStatus.FINISHED_ERROR) for request_id in request_ids)
+        return [out for out in outputs if out is not None]
+
+    def _finish_request(self, request_id: str, status: RequestStatus) -> RequestOutput | None:
+        state = self.output_processor.states.get(request_id)
+        if state is None:
+            return None
+        self.scheduler.finish_requests(_sequence_ids(request_id, state.params.n), status)
+        return self.output_processor.finish(request_id, status.finish_reason)
 
     def get_stats(self) -> EngineStats:
         kv = self.kv_cache_manager
@@ -121,7 +152,7 @@ class EngineCore:
                            self.scheduler.num_preemptions, kv.prefix_cache_queries, kv.prefix_cache_hits,
                            self.num_prompt_tokens, self.num_generation_tokens)
 
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
@@ -130,9 +161,9 @@ class EngineCore:
             else:
                 raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
-            if self.tokenizer is None:
+            if tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompt token ids")
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+            return prompt, tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return None, list(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")

@@ -1,13 +1,23 @@
 """From sampled tokens to RequestOutputs: per-choice text, stop strings, n choices gathered per request."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import CompletionOutput, RequestOutput, SampleLogprobs
 from engine.request import Request
 from engine.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger("tokmodel.engine")
+
+
+class ProcessedOutputs(NamedTuple):
+    outputs: list[RequestOutput]  # to hand out
+    stopped: list[str]  # sequences a stop string ended: the scheduler must free them
+    failed: list[str]  # requests whose output could not be processed: the engine fails them alone
 
 
 @dataclass
@@ -58,36 +68,58 @@ class OutputProcessor:
                 state.first_scheduled_time = now
                 state.num_cached_tokens = max(request.num_cached_tokens, 0)
 
-    def process(self, sequences: list[Request], logprobs: SampleLogprobs) -> tuple[list[RequestOutput], list[str]]:
-        """Take one new token per sequence. Returns the outputs to hand out and the ids of sequences that
-        a stop string ended (the scheduler must free them)."""
+    def process(self, sequences: list[Request], logprobs: SampleLogprobs) -> ProcessedOutputs:
+        """Take one new token per sequence. A request whose token cannot be processed (its detokenizer
+        raised) is left out of the outputs and returned as failed; the others go on."""
         now = time.time()
         touched: dict[str, RequestState] = {}
         stopped: list[str] = []
+        failed: dict[str, None] = {}
         for seq, token_logprobs in zip(sequences, logprobs):
             state = self.states[seq.parent_id]
-            choice = state.choices[seq.index]
-            token_id = seq.all_token_ids[-1]
-            choice.token_ids.append(token_id)
-            if state.params.logprobs is not None:
-                choice.logprobs.append(token_logprobs)
-            choice.detokenizer.add_token(token_id)
-            if choice.detokenizer.stop_reason is not None:
-                choice.finish_reason, choice.stop_reason = "stop", choice.detokenizer.stop_reason
-                if not seq.is_finished:
+            if seq.parent_id in failed:
+                continue
+            try:
+                if self._take_token(state, seq, token_logprobs):
                     stopped.append(seq.request_id)
-            elif seq.is_finished:
-                choice.finish_reason, choice.stop_reason = seq.status.finish_reason, seq.stop_reason
+            except Exception:
+                logger.exception("processing the output of request %s failed", seq.parent_id)
+                failed[seq.parent_id] = None
+                touched.pop(seq.parent_id, None)
+                continue
             state.first_token_time = state.first_token_time or now
             touched[state.request_id] = state
         outputs = [out for state in touched.values() if (out := self._make_output(state, now)) is not None]
         for state in touched.values():
             if state.finished:
                 del self.states[state.request_id]
-        return outputs, stopped
+        return ProcessedOutputs(outputs, stopped, list(failed))
 
-    def abort(self, request_id: str) -> None:
-        self.states.pop(request_id, None)
+    def _take_token(self, state: RequestState, seq: Request, token_logprobs: dict[int, float]) -> bool:
+        """Appends the sequence's newest token to its choice; True when a stop string ended a sequence the
+        scheduler still runs."""
+        choice = state.choices[seq.index]
+        token_id = seq.all_token_ids[-1]
+        choice.token_ids.append(token_id)
+        if state.params.logprobs is not None:
+            choice.logprobs.append(token_logprobs)
+        choice.detokenizer.add_token(token_id)
+        if choice.detokenizer.stop_reason is not None:
+            choice.finish_reason, choice.stop_reason = "stop", choice.detokenizer.stop_reason
+            return not seq.is_finished
+        if seq.is_finished:
+            choice.finish_reason, choice.stop_reason = seq.status.finish_reason, seq.stop_reason
+        return False
+
+    def finish(self, request_id: str, finish_reason: str) -> RequestOutput | None:
+        """End a request now (aborted, or failed in the engine): its unfinished choices take finish_reason.
+        Returns its last output, or None if it is unknown or that output would be empty."""
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return None
+        for choice in state.choices:
+            choice.finish_reason = choice.finish_reason or finish_reason
+        return self._make_output(state, time.time())
 
     def _make_output(self, state: RequestState, now: float) -> RequestOutput | None:
         kind, finished = state.params.output_kind, state.finished

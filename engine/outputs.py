@@ -12,7 +12,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort", or "error" (it alone made a step fail)
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: SampleLogprobs | None = None
 

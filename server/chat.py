@@ -49,7 +49,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     params = sampling_params(body, body.get(max_name), top_logprobs, {"logprobs": "top_logprobs", "max_tokens": max_name})
     require_tokenizer(state.llm)
-    prompt = state.llm.apply_chat_template(chat_messages(body))
+    prompt = await state.llm.apply_chat_template(chat_messages(body))
     completion = ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", state.llm.model_name, params.n, options,
                                 top_logprobs, state.llm.tokenizer)
     return await completion.respond(request, generate_many(state, [prompt], params, completion.id))

@@ -31,11 +31,17 @@ async def generate(state: ServerState, prompt: str | list[int], params: Sampling
         try:
             async for out in outputs:
                 tracker.observe(out)
-                if any(choice.finish_reason == "abort" for choice in out.outputs):
+                reasons = {choice.finish_reason for choice in out.outputs}
+                if "abort" in reasons:
                     raise OpenAIError(503, "the request was aborted by the server", code="aborted")
+                if "error" in reasons:  # the engine logged why; the other requests went on
+                    raise OpenAIError(500, "the engine failed to process this request", code="internal_error")
                 yield out
         except ValueError as e:  # the engine refuses requests that can never run, before the first output
+            tracker.refused()
             raise bad_request(str(e)) from None
+        finally:
+            tracker.close()
 
 
 async def generate_many(state: ServerState, prompts: list[str | list[int]], params: SamplingParams,

@@ -63,7 +63,7 @@ class ServerMetrics:
                               _LATENCY_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.", _REQUEST_BUCKETS)
         self.queue = histogram("request_queue_time_seconds", "Arrival to first scheduled.", _REQUEST_BUCKETS)
-        self._success = Counter("tokmodel:request_success", "Choices finished, by reason.",
+        self.success = Counter("tokmodel:request_success", "Requests finished, by reason (abort: cut off).",
                                 ["model_name", "finished_reason"], registry=self.registry)
         self.model_name = model_name
 
@@ -73,18 +73,26 @@ class ServerMetrics:
     def track(self) -> RequestTracker:
         return RequestTracker(self)
 
-    def count_finished(self, finish_reason: str) -> None:
-        self._success.labels(self.model_name, finish_reason).inc()
-
 
 class RequestTracker:
     """Observes one engine request's outputs: ITL as the server sees the tokens arrive, the rest from
-    the engine's timestamps when the request finishes."""
+    the engine's timestamps when the request finishes. A request counts once, as the latency histograms
+    do, under the finish reason of its last choice to end; one that never finishes counts as "abort"."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
         self.last_token_time: dict[int, float] = {}
         self.num_tokens = 0
+        self.counted = False
+
+    def refused(self) -> None:
+        """The engine refused the request before it started: it never was one, it does not count."""
+        self.counted = True
+
+    def close(self) -> None:
+        """The request's stream is closed: if it never finished (its client went away), it was aborted."""
+        if not self.counted:
+            self._count("abort")
 
     def observe(self, out: RequestOutput) -> None:
         now = time.time()
@@ -98,10 +106,13 @@ class RequestTracker:
                     self.metrics.itl.observe(gap)
             if new_tokens:
                 self.last_token_time[choice.index] = now
-            if choice.finish_reason is not None:
-                self.metrics.count_finished(choice.finish_reason)
         if out.finished:
+            self._count([choice.finish_reason for choice in out.outputs if choice.finish_reason][-1])
             self._observe_request(out.metrics)
+
+    def _count(self, finish_reason: str) -> None:
+        self.counted = True
+        self.metrics.success.labels(self.metrics.model_name, finish_reason).inc()
 
     def _observe_request(self, times: dict[str, float]) -> None:
         arrival, first_token, finished = times.get("arrival_time"), times.get("first_token_time"), times.get("finished_time")

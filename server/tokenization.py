@@ -14,9 +14,9 @@ async def tokenize(request: web.Request) -> web.Response:
     llm = request.app[STATE].llm
     body = await _body(request)
     if "messages" in body:
-        tokens = llm.apply_chat_template(chat_messages(body))
+        tokens = await llm.apply_chat_template(chat_messages(body))
     elif isinstance(body.get("prompt"), str):
-        tokens = llm.tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
+        tokens = await llm.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
     else:
         raise bad_request("send a prompt string or a messages array", param="prompt")
     return web.json_response({"count": len(tokens), "max_model_len": llm.max_model_len, "tokens": list(tokens)})

@@ -1,0 +1,54 @@
+"""When a step fails: tell an error the engine cannot survive from one a request caused, and find that request.
+
+A step that raises is rerun on halves of its batch until the rows that fail on their own are found (a
+bisection: about 2 log2(batch) reruns for one bad row). Reruns change no engine state that matters: the
+scheduler advances requests only after a step succeeds, and the KV slots they write are written again, with
+the same values, when the step is retried."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from engine.errors import EngineDeadError
+from engine.scheduler import SchedulerOutput
+
+
+def is_fatal(error: BaseException) -> bool:
+    """A CUDA error leaves the device context unusable: nothing after it can be trusted, so the engine dies."""
+    return isinstance(error, torch.AcceleratorError) or "CUDA error" in str(error)
+
+
+def find_failing_rows(run: Callable[[SchedulerOutput], object], output: SchedulerOutput) -> list[int]:
+    """Rows of `output` (indexes into output.requests) whose run fails with only part of the batch around.
+    Raises EngineDeadError if a rerun hits a fatal error."""
+    return _bisect(run, output, list(range(len(output.requests))))
+
+
+def _bisect(run: Callable[[SchedulerOutput], object], output: SchedulerOutput, rows: list[int]) -> list[int]:
+    if not _fails(run, sub_output(output, rows)):
+        return []
+    if len(rows) == 1:
+        return rows
+    half = len(rows) // 2
+    return _bisect(run, output, rows[:half]) + _bisect(run, output, rows[half:])
+
+
+def _fails(run: Callable[[SchedulerOutput], object], output: SchedulerOutput) -> bool:
+    try:
+        run(output)
+    except Exception as error:
+        if is_fatal(error):
+            raise EngineDeadError(f"the engine hit an unrecoverable error: {error}") from error
+        return True
+    return False
+
+
+def sub_output(output: SchedulerOutput, rows: list[int]) -> SchedulerOutput:
+    """The step restricted to `rows`, with their sample rows. It keeps the step's copy-on-write pairs: copying a
+    block again is harmless (the source is unchanged), and skipping a copy that failed would not be."""
+    new_row = {row: i for i, row in enumerate(rows)}
+    samples = [(request, new_row[row]) for request, row in zip(output.sample_requests, output.sample_rows)
+               if row in new_row]
+    return SchedulerOutput([output.requests[row] for row in rows], [output.num_scheduled_tokens[row] for row in rows],
+                           [request for request, _ in samples], [row for _, row in samples], output.blocks_to_copy, 0)
