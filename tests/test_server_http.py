@@ -154,6 +154,24 @@ def test_metrics_use_vllm_names_with_the_tokmodel_prefix_and_model_label(server)
     assert finished["length"] >= 1
 
 
+def finished_requests(server: Server) -> dict[str, float]:
+    return {s.labels["finished_reason"]: s.value for s in server.metrics().get("tokmodel:request_success_total", [])}
+
+
+def test_request_success_counts_requests_not_choices_and_disconnects_as_aborts(server):
+    before = finished_requests(server)
+    assert server.post(CHAT, {"messages": MESSAGES, "n": 2, "max_tokens": 3, "ignore_eos": True}).status == 200
+    client = server.send(CHAT, LONG)
+    server.wait_for("tokmodel:num_requests_running", 1)
+    client.close()
+    server.wait_until_idle(timeout=5)
+    after = finished_requests(server)
+    assert after.get("length", 0) - before.get("length", 0) == 1, "one request of two choices counts once"
+    assert after.get("abort", 0) - before.get("abort", 0) == 1, "a client that went away counts as abort"
+    time_to_first_token = server.metrics()["tokmodel:time_to_first_token_seconds_count"][0].value
+    assert time_to_first_token == sum(after.values()) - after.get("abort", 0)
+
+
 def test_tokenize_and_detokenize_round_trip(server):
     tokenized = server.post("/tokenize", {"prompt": "Hello world"}).json()
     assert tokenized["count"] == len(tokenized["tokens"]) > 0 and tokenized["max_model_len"] == MAX_MODEL_LEN
