@@ -121,6 +121,7 @@ class AsyncLLM:
     def _run(self) -> None:
         """The engine thread. A request that fails a step fails alone (the core sees to that); anything that
         escapes the core is an error the engine cannot survive."""
+        self.core.runner.bind_device()
         try:
             while self._running:
                 self._take_commands(block=not self.core.has_unfinished_requests())

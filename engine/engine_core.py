@@ -39,12 +39,12 @@ class EngineCore:
         torch.manual_seed(config.seed)
         weights = None if config.load_format == "dummy" else iter_weights(self.model_dir)
         self.runner = ModelRunner(dataclasses.replace(config, max_model_len=self.max_model_len), hf_config, weights)
-        self.num_blocks = self.runner.determine_num_blocks()
+        self.sampler = Sampler()
+        self.num_blocks = self.runner.determine_num_blocks(self.sampler)
         self.runner.allocate_kv_cache(self.num_blocks)
         self.kv_cache_manager = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
-        self.sampler = Sampler()
         self.output_processor = OutputProcessor(self.tokenizer)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ from torch import nn
 from engine.attention_metadata import AttentionMetadata
 from engine.config import EngineConfig
 from engine.models import get_model_class
+from engine.request import Request
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from kernels import get_ops
 
@@ -23,7 +27,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, weights) -> None:
         """weights: an iterator of (name, tensor) in checkpoint names, or None for random (dummy) weights."""
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = _indexed(torch.device(config.device))
+        self.bind_device()
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
         self.model = _build_model(hf_config, config, weights, self.device, self.dtype)
@@ -32,16 +37,22 @@ class ModelRunner:
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.kv_caches: list[torch.Tensor] = []
 
+    def bind_device(self) -> None:
+        """Make this runner's GPU the current one of the calling thread (CUDA's current device is per thread):
+        Triton launches, memory statistics and new tensors follow it, so cuda:1 must not fall back to cuda:0."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     @property
     def bytes_per_block(self) -> int:
         element = torch.tensor([], dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
 
-    def determine_num_blocks(self) -> int:
+    def determine_num_blocks(self, sampler: Sampler) -> int:
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
         if self.device.type == "cuda":
-            budget = self._profile_cuda_kv_budget()
+            budget = self._profile_cuda_kv_budget(sampler)
         else:
             budget = self.config.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
         num_blocks = budget // self.bytes_per_block
@@ -114,24 +125,12 @@ class ModelRunner:
         for kv_cache in self.kv_caches:
             kv_cache[:, dst] = kv_cache[:, src]
 
-    def _profile_cuda_kv_budget(self) -> int:
-        """Run the largest step (max_num_batched_tokens of prefill) once and give the KV cache what is
-        left of gpu_memory_utilization after weights and peak activations."""
+    def _profile_cuda_kv_budget(self, sampler: Sampler) -> int:
+        """Run the largest step once and give the KV cache what is left of gpu_memory_utilization after
+        weights and peak activations."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        num_tokens = self.config.max_num_batched_tokens
-        seq_len = min(num_tokens, self.config.max_model_len)
-        num_seqs = -(-num_tokens // seq_len)
-        blocks_per_seq = -(-seq_len // self.block_size)
-        self.allocate_kv_cache(num_seqs * blocks_per_seq)
-        from engine.request import Request  # a throwaway batch of dummy prompts
-        from engine.sampling_params import SamplingParams
-        dummies = []
-        for i in range(num_seqs):
-            req = Request(f"profile-{i}", f"profile-{i}", 0, [0] * seq_len, SamplingParams(), 1)
-            req.block_ids = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
-            dummies.append(req)
-        self.execute_model(SchedulerOutput(dummies, [seq_len] * num_seqs, [], [], [], 0))
+        self.profile_run(sampler)
         torch.cuda.synchronize()
         peak_activation = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
         self.kv_caches = []
@@ -139,6 +138,36 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info()
         used = total - free
         return int(total * self.config.gpu_memory_utilization - used - peak_activation)
+
+    def profile_run(self, sampler: Sampler) -> None:
+        """The step that needs the most memory besides the KV cache: max_num_batched_tokens of prefill, then
+        max_num_seqs rows sampled with every costly setting (a top-k/top-p sort of the whole vocabulary,
+        penalty state, logprobs), all on a throwaway cache."""
+        num_tokens, max_num_seqs = self.config.max_num_batched_tokens, self.config.max_num_seqs
+        seq_len = min(num_tokens, self.config.max_model_len)
+        num_seqs = -(-num_tokens // seq_len)
+        blocks_per_seq = -(-seq_len // self.block_size)
+        self.allocate_kv_cache(num_seqs * blocks_per_seq)
+        heavy = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, min_p=0.05, repetition_penalty=1.1,
+                               frequency_penalty=0.1, logprobs=20)
+        prompts = [_dummy_request(i, seq_len, heavy, range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+                   for i in range(num_seqs)]
+        rows = [_dummy_request(num_seqs + i, seq_len, heavy, []) for i in range(max_num_seqs)]  # all read row 0
+        logits = self.execute_model(SchedulerOutput(prompts, [seq_len] * num_seqs, rows, [0] * max_num_seqs, [], 0))
+        sampler(logits, rows)
+
+
+def _dummy_request(index: int, num_tokens: int, params: SamplingParams, block_ids: Iterable[int]) -> Request:
+    request = Request(f"profile-{index}", f"profile-{index}", 0, [0] * num_tokens, params, 1)
+    request.block_ids = list(block_ids)
+    return request
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """"cuda" as the device it means now, "cuda:N", so that the engine thread can be bound to it."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -164,7 +193,9 @@ def _build_model(hf_config, config: EngineConfig, weights, device: torch.device,
     ops = get_ops(config.kernel_backend)
     with torch.device("meta"):
         model = model_class(hf_config, ops)
-    model = model.to_empty(device=device).to(dtype)
+    # Cast while still on meta (free), so that memory is allocated once, in the target dtype: materialising
+    # fp32 first would peak at twice a bf16 model's weights (32 GB for an 8B model).
+    model = model.to(dtype).to_empty(device=device)
     if hf_config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope_cache = model.make_rope_cache().to(device)
