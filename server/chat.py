@@ -8,6 +8,7 @@ from aiohttp import web
 from engine.outputs import CompletionOutput
 from server.choices import Choice
 from server.errors import bad_request
+from server.fields import CHAT_REFUSED, check_fields
 from server.generation import generate_many
 from server.logprobs import chat_logprobs
 from server.protocol import (CHAT_FIELDS, chat_messages, check_model, check_types, read_json, require_tokenizer,
@@ -41,6 +42,7 @@ class ChatCompletion(Completion):
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
+    check_fields(body, CHAT_FIELDS, CHAT_REFUSED)
     check_types(body, CHAT_FIELDS)
     check_model(body, state.llm.model_name)
     options = stream_options(body)

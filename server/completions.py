@@ -9,6 +9,7 @@ from aiohttp import web
 from engine.outputs import CompletionOutput
 from server.choices import Choice
 from server.errors import bad_request
+from server.fields import COMPLETION_REFUSED, check_fields
 from server.generation import generate_many
 from server.logprobs import completion_logprobs
 from server.protocol import (COMPLETION_FIELDS, check_model, check_types, completion_prompts, read_json,
@@ -54,6 +55,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     llm = state.llm
     body = await read_json(request)
+    check_fields(body, COMPLETION_FIELDS, COMPLETION_REFUSED)
     check_types(body, COMPLETION_FIELDS)
     check_model(body, llm.model_name)
     options = stream_options(body)
