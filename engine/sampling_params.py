@@ -106,7 +106,9 @@ def _logit_bias(bias: object) -> dict[int, float] | None:
         # Over 18 digits no id is in any vocabulary, and int() of thousands of digits raises its own error.
         is_id = _is_int(key) or (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 18)
         _check(is_id, "logit_bias", f"keys must be token ids, got {_show(key)}")
-        _check(_is_number(value) and abs(value) < math.inf, "logit_bias", f"values must be finite numbers, got {_show(value)}")
+        # Any finite value will do (it is clamped), an int past float's range included: no float() before clamping.
+        is_finite = _is_number(value) and abs(value) < math.inf
+        _check(is_finite, "logit_bias", f"values must be finite numbers, got {_show(value)}")
         clamped[int(key)] = float(min(max(value, -_LOGIT_BIAS_LIMIT), _LOGIT_BIAS_LIMIT))
     return clamped
 
