@@ -20,7 +20,7 @@ from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler, SamplerOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, check_token_ids
 from engine.scheduler import Scheduler, SchedulerOutput
 
 PromptType = str | list[int] | dict
@@ -57,10 +57,8 @@ class EngineCore:
         text, token_ids = self._tokenize(prompt, tokenizer or self.tokenizer)
         if not token_ids:
             raise ValueError("prompt must not be empty")
-        for name, ids in (("prompt", token_ids), ("logit_bias", list(params.logit_bias or ())),
-                          ("stop_token_ids", params.stop_token_ids)):
-            if ids and (max(ids) >= self.vocab_size or min(ids) < 0):
-                raise ValueError(f"{name} token ids must be in [0, {self.vocab_size})")
+        check_token_ids("prompt", token_ids, self.vocab_size)
+        params.check_vocab(self.vocab_size)
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n must be <= max_num_seqs ({self.config.max_num_seqs}), got {params.n}")
         num_prompt, limit = len(token_ids), self.max_model_len

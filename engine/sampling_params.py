@@ -2,7 +2,25 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
+
+# The sampler computes in float32: a larger Python float becomes inf there, and inf - inf or 0 * inf is NaN.
+_FLOAT32_MAX = 3.4028234663852886e38
+_INT64 = (-(2**63), 2**63 - 1)  # seed's range, as vLLM's
+_LOGIT_BIAS_LIMIT = 100.0  # OpenAI's documented range; a larger bias is clamped to it (as vLLM does)
+
+# Real-valued fields: (lowest, highest, whether lowest itself is excluded); each must also be finite in float32.
+_REAL_RANGES: dict[str, tuple[float, float, bool]] = {
+    "temperature": (0, math.inf, False), "top_p": (0, 1, True), "min_p": (0, 1, False),
+    "presence_penalty": (-2, 2, False), "frequency_penalty": (-2, 2, False), "repetition_penalty": (0, math.inf, True),
+}
+# Integer fields: (lowest, highest); those in _OPTIONAL may also be None. top_k: -1 and 0 both mean off.
+_INT_RANGES: dict[str, tuple[int, float]] = {
+    "n": (1, math.inf), "top_k": (-1, math.inf), "seed": _INT64, "max_tokens": (1, math.inf),
+    "min_tokens": (0, math.inf), "logprobs": (0, 20),
+}
+_OPTIONAL = frozenset({"seed", "max_tokens", "logprobs"})
 
 
 class RequestOutputKind(enum.Enum):
@@ -22,7 +40,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] | None = None
+    logit_bias: dict[int, float] | None = None  # values are clamped to [-100, 100]
     max_tokens: int | None = 16  # None: up to max_model_len
     min_tokens: int = 0
     stop: str | list[str] | None = None
@@ -35,37 +53,31 @@ class SamplingParams:
     eos_token_ids: frozenset[int] = field(default=frozenset(), repr=False)
 
     def __post_init__(self) -> None:
-        if self.stop is None:
-            self.stop = []
-        elif isinstance(self.stop, str):
-            self.stop = [self.stop]
-        else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = [self.stop] if isinstance(self.stop, str) else _as_list(self.stop, "stop")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids")
+        self._validate()
         if self.top_k == -1:
             self.top_k = 0
-        self._validate()
+        self.logit_bias = _logit_bias(self.logit_bias)
 
     def _validate(self) -> None:
-        _check(isinstance(self.n, int) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature!r}")
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
-        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p!r}")
-        _check(self.seed is None or isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
+        for name, (low, high, low_excluded) in _REAL_RANGES.items():
+            _check_real(name, getattr(self, name), low, high, low_excluded)
+        for name, (low, high) in _INT_RANGES.items():
             value = getattr(self, name)
-            _check(_is_number(value) and -2 <= value <= 2, name, f"must be in [-2, 2], got {value!r}")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1), "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
-        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+            if not (value is None and name in _OPTIONAL):
+                _check_int(name, value, low, high)
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+               f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be a non-empty string or a list of non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be a list of token ids")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20), "logprobs", f"must be an integer in [0, 20], got {self.logprobs!r}")
-        if self.logit_bias is not None:
-            _check(isinstance(self.logit_bias, dict) and all(_is_number(v) and -100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias", "must map token ids to values in [-100, 100]")
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        _check(all(map(_is_int, self.stop_token_ids)), "stop_token_ids", "must be a list of integer token ids")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """What only the model can bound: top_k and the token ids of logit_bias and stop_token_ids.
+        Raises ValueError naming the field and the offending value."""
+        _check(self.top_k <= vocab_size, "top_k", f"must be -1, 0 (off) or in [1, {vocab_size}], got {self.top_k}")
+        for name, ids in (("logit_bias", list(self.logit_bias or ())), ("stop_token_ids", self.stop_token_ids)):
+            check_token_ids(name, ids, vocab_size)
 
     @property
     def greedy(self) -> bool:
@@ -76,8 +88,66 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
+def check_token_ids(name: str, ids: list[int], vocab_size: int) -> None:
+    """Raises ValueError naming the field and its first id outside the vocabulary (max and min: C speed)."""
+    if not ids:
+        return
+    bad = max(ids) if max(ids) >= vocab_size else min(ids) if min(ids) < 0 else None
+    _check(bad is None, name, f"token id {bad} is out of range [0, {vocab_size})")
+
+
+def _logit_bias(bias: object) -> dict[int, float] | None:
+    """Token ids (ints, or decimal strings as JSON object keys are) to finite biases clamped to [-100, 100]."""
+    if bias is None:
+        return None
+    _check(isinstance(bias, dict), "logit_bias", f"must map token ids to numbers, got {_show(bias)}")
+    clamped = {}
+    for key, value in bias.items():
+        # Over 18 digits no id is in any vocabulary, and int() of thousands of digits raises its own error.
+        is_id = _is_int(key) or (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 18)
+        _check(is_id, "logit_bias", f"keys must be token ids, got {_show(key)}")
+        # Any finite value will do (it is clamped), an int past float's range included: no float() before clamping.
+        is_finite = _is_number(value) and abs(value) < math.inf
+        _check(is_finite, "logit_bias", f"values must be finite numbers, got {_show(value)}")
+        clamped[int(key)] = float(min(max(value, -_LOGIT_BIAS_LIMIT), _LOGIT_BIAS_LIMIT))
+    return clamped
+
+
+def _as_list(value: object, name: str) -> list:
+    _check(value is None or isinstance(value, (list, tuple)), name, f"must be a list, got {_show(value)}")
+    return list(value or [])
+
+
+def _check_real(name: str, value: object, low: float, high: float, low_excluded: bool) -> None:
+    in_range = _is_finite(value) and (value > low if low_excluded else value >= low) and value <= high
+    if high == math.inf:
+        wanted = f"a finite number {'>' if low_excluded else '>='} {low}"
+    else:
+        wanted = f"a number in {'(' if low_excluded else '['}{low}, {high}]"
+    _check(in_range, name, f"must be {wanted}, got {_show(value)}")
+
+
+def _check_int(name: str, value: object, low: int, high: float) -> None:
+    wanted = f"an integer >= {low}" if high == math.inf else f"an integer in [{low}, {high}]"
+    _check(_is_int(value) and low <= value <= high, name, f"must be {wanted}, got {_show(value)}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value: object) -> bool:
+    """A number that stays finite in float32 (NaN fails every comparison)."""
+    return _is_number(value) and abs(value) <= _FLOAT32_MAX
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def _check(ok: bool, name: str, message: str) -> None:

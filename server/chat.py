@@ -8,10 +8,11 @@ from aiohttp import web
 from engine.outputs import CompletionOutput
 from server.choices import Choice
 from server.errors import bad_request
+from server.fields import CHAT_REFUSED, check_fields
 from server.generation import generate_many
 from server.logprobs import chat_logprobs
 from server.protocol import (CHAT_FIELDS, chat_messages, check_model, check_types, read_json, require_tokenizer,
-                             sampling_params, stream_options)
+                             sampling_params, stream_options, vocab_size)
 from server.serving import Completion
 from server.state import STATE
 
@@ -41,13 +42,15 @@ class ChatCompletion(Completion):
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
+    check_fields(body, CHAT_FIELDS, CHAT_REFUSED)
     check_types(body, CHAT_FIELDS)
     check_model(body, state.llm.model_name)
     options = stream_options(body)
     top_logprobs = _top_logprobs(body)
     # max_completion_tokens replaced max_tokens in OpenAI's API; both are still sent by clients.
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    params = sampling_params(body, body.get(max_name), top_logprobs, {"logprobs": "top_logprobs", "max_tokens": max_name})
+    params = sampling_params(body, body.get(max_name), top_logprobs, vocab_size(state.llm),
+                             {"logprobs": "top_logprobs", "max_tokens": max_name})
     require_tokenizer(state.llm)
     prompt = await state.llm.apply_chat_template(chat_messages(body))
     completion = ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", state.llm.model_name, params.n, options,

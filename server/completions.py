@@ -9,10 +9,11 @@ from aiohttp import web
 from engine.outputs import CompletionOutput
 from server.choices import Choice
 from server.errors import bad_request
+from server.fields import COMPLETION_REFUSED, check_fields
 from server.generation import generate_many
 from server.logprobs import completion_logprobs
 from server.protocol import (COMPLETION_FIELDS, check_model, check_types, completion_prompts, read_json,
-                             require_tokenizer, sampling_params, stream_options)
+                             require_tokenizer, sampling_params, stream_options, vocab_size)
 from server.serving import Completion
 from server.state import STATE
 
@@ -54,12 +55,13 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     llm = state.llm
     body = await read_json(request)
+    check_fields(body, COMPLETION_FIELDS, COMPLETION_REFUSED)
     check_types(body, COMPLETION_FIELDS)
     check_model(body, llm.model_name)
     options = stream_options(body)
     max_tokens = body.get("max_tokens", _DEFAULT_MAX_TOKENS)
-    params = sampling_params(body, max_tokens, body.get("logprobs"))
-    prompts = completion_prompts(body, len(llm.tokenizer) if llm.tokenizer is not None else None)
+    params = sampling_params(body, max_tokens, body.get("logprobs"), vocab_size(llm))
+    prompts = completion_prompts(body, vocab_size(llm))
     if any(isinstance(p, str) for p in prompts) or body.get("echo") or params.logprobs is not None:
         require_tokenizer(llm)
     if body.get("echo") and params.logprobs is not None:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from server.errors import OpenAIError, bad_request
 
 if TYPE_CHECKING:
@@ -26,7 +27,13 @@ CHAT_FIELDS = _SAMPLING_FIELDS | {"messages": (list,), "max_completion_tokens": 
 COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt": (str, list), "echo": (bool,), "logprobs": (int,)}
 # SamplingParams copies these request fields under the same name.
 _PASSTHROUGH = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-                "repetition_penalty", "min_tokens", "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens")
+                "repetition_penalty", "logit_bias", "min_tokens", "stop", "stop_token_ids", "ignore_eos",
+                "skip_special_tokens")
+# Arrays and objects within each other: far more than any request needs (a tool's JSON schema included), few
+# enough that nothing after parsing (templates, schema checks) can recurse too deep.
+MAX_BODY_DEPTH = 64
+_TOO_DEEP = f"request body is nested too deeply (more than {MAX_BODY_DEPTH} levels of arrays and objects)"
+_CONTAINERS = (dict, list)  # exactly the types json.loads builds for objects and arrays
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
@@ -37,15 +44,48 @@ class StreamOptions:
 
 
 async def read_json(request: web.Request) -> dict:
-    """The body as a JSON object; aiohttp raises 413 itself when it is over client_max_size."""
+    """The body as a JSON object; aiohttp raises 413 itself when it is over client_max_size. NaN, Infinity and
+    numbers beyond a float (1e400) are refused, as is nesting deeper than MAX_BODY_DEPTH."""
     raw = await request.read()
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:  # deeper than the parser's own stack allows
+        raise bad_request(_TOO_DEEP) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"request body is not valid JSON: {e}") from None
+    except ValueError:  # an integer past Python's digit limit for int()
+        raise bad_request("request body holds a number with too many digits") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
+    if _nested_deeper_than(body, raw, MAX_BODY_DEPTH):
+        raise bad_request(_TOO_DEEP)
     return body
+
+
+def _refuse_constant(name: str) -> float:
+    raise bad_request(f"request body is not valid JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise bad_request(f"request body holds a number out of range: {text[:32]}")
+    return value
+
+
+def _nested_deeper_than(body: dict, raw: bytes, limit: int) -> bool:
+    """Level by level, without recursion. A body with no more brackets than the limit is not even walked, so a
+    big flat one (a long token-id prompt) costs one count of its bytes."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    level: list = [body]
+    for _ in range(limit):
+        level = [child for container in level
+                 for child in (container.values() if type(container) is dict else container)
+                 if type(child) in _CONTAINERS]
+        if not level:
+            return False
+    return True
 
 
 def check_types(body: dict, fields: dict[str, tuple[type, ...]]) -> None:
@@ -78,32 +118,30 @@ def stream_options(body: dict) -> StreamOptions:
     return StreamOptions(stream, include_usage)
 
 
-def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
+def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, vocab_size: int | None,
                     param_names: dict[str, str] | None = None) -> SamplingParams:
-    """SamplingParams from the request; its ValueError ('<field> must ...') becomes a 400 on that field,
-    renamed through param_names where the request calls it otherwise (chat's top_logprobs)."""
+    """SamplingParams from the request, its token ids and top_k checked against the vocabulary when there is a
+    tokenizer (the engine checks again, but only a check here gives the 400 its param). A ValueError
+    ('<field> must ...') becomes a 400 on that field, renamed through param_names where the request calls it
+    otherwise (chat's top_logprobs)."""
     temperature = body.get("temperature")
     if temperature is not None and not 0 <= temperature <= 2:
         raise bad_request(f"temperature must be in [0, 2], got {temperature}", param="temperature")
     kwargs = {name: body[name] for name in _PASSTHROUGH if body.get(name) is not None}
     try:
-        return SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs, logit_bias=_logit_bias(body),
-                              output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs, output_kind=RequestOutputKind.DELTA)
+        if vocab_size is not None:
+            params.check_vocab(vocab_size)
+        return params
     except ValueError as e:
-        field = str(e).split(" ", 1)[0]
+        field, rest = str(e).split(" ", 1)
         param = (param_names or {}).get(field, field)
-        raise bad_request(str(e), param=param if param in body else None) from None
+        raise bad_request(f"{param} {rest}", param=param if param in body else None) from None
 
 
-def _logit_bias(body: dict) -> dict[int, float] | None:
-    bias = body.get("logit_bias")
-    if bias is None:
-        return None
-    try:
-        # JSON object keys are strings; OpenAI's are token ids written as strings.
-        return {int(token): value for token, value in bias.items()}
-    except ValueError:
-        raise bad_request("logit_bias keys must be token ids", param="logit_bias") from None
+def vocab_size(llm: AsyncLLM) -> int | None:
+    """The ids a request may name, as the tokenizer knows them; None for a model served without one."""
+    return len(llm.tokenizer) if llm.tokenizer is not None else None
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -141,8 +179,12 @@ def completion_prompts(body: dict, vocab_size: int | None) -> list[str | list[in
     if not prompt or not (all(isinstance(p, str) for p in prompt) or all(_is_token_list(p) for p in prompt)):
         raise bad_request("prompt must be a string, an array of strings, an array of token ids "
                           "or an array of such arrays", param="prompt")
-    if vocab_size is not None and any(isinstance(p, list) and max(p) >= vocab_size for p in prompt):
-        raise bad_request(f"prompt token ids must be < the vocabulary size {vocab_size}", param="prompt")
+    try:
+        for ids in prompt:
+            if vocab_size is not None and isinstance(ids, list):
+                check_token_ids("prompt", ids, vocab_size)
+    except ValueError as e:
+        raise bad_request(str(e), param="prompt") from None
     return prompt
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 from aiohttp import web
 
 from server.errors import bad_request
+from server.fields import TOKENIZE_REFUSED, NoOp, check_fields
 from server.protocol import chat_messages, check_model, check_types, is_token_id, read_json, require_tokenizer
 from server.state import STATE
 
-_FIELDS = {"model": (str,), "prompt": (str,), "messages": (list,), "add_special_tokens": (bool,), "tokens": (list,)}
+_TOKENIZE_FIELDS = {"model": (str,), "prompt": (str,), "messages": (list,), "add_special_tokens": (bool,)}
+_DETOKENIZE_FIELDS = {"model": (str,), "tokens": (list,)}
 
 
 async def tokenize(request: web.Request) -> web.Response:
     llm = request.app[STATE].llm
-    body = await _body(request)
+    body = await _body(request, _TOKENIZE_FIELDS, TOKENIZE_REFUSED)
     if "messages" in body:
         tokens = await llm.apply_chat_template(chat_messages(body))
     elif isinstance(body.get("prompt"), str):
@@ -24,17 +26,18 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     llm = request.app[STATE].llm
-    body = await _body(request)
+    body = await _body(request, _DETOKENIZE_FIELDS, {})
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(is_token_id(t) and t < len(llm.tokenizer) for t in tokens):
         raise bad_request(f"tokens must be an array of token ids below {len(llm.tokenizer)}", param="tokens")
     return web.json_response({"prompt": llm.tokenizer.decode(tokens)})
 
 
-async def _body(request: web.Request) -> dict:
+async def _body(request: web.Request, fields: dict[str, tuple[type, ...]], refused: dict[str, NoOp]) -> dict:
     llm = request.app[STATE].llm
     body = await read_json(request)
-    check_types(body, _FIELDS)
+    check_fields(body, fields, refused)
+    check_types(body, fields)
     check_model(body, llm.model_name)
     require_tokenizer(llm)
     return body

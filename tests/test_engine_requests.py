@@ -171,8 +171,9 @@ def test_penalties_change_greedy_output_away_from_repeats(engine):
 
 @pytest.mark.parametrize("params,field", [(SamplingParams(logit_bias={10**6: 1.0}), "logit_bias"),
                                           (SamplingParams(stop_token_ids=[10**6]), "stop_token_ids"),
+                                          (SamplingParams(top_k=10**30), "top_k"),
                                           (SamplingParams(n=10**5), "n")])
-def test_token_ids_outside_the_vocabulary_and_huge_n_are_rejected_up_front(engine, params, field):
+def test_token_ids_outside_the_vocabulary_and_huge_top_k_or_n_are_rejected_up_front(engine, params, field):
     with pytest.raises(ValueError, match=f"^{field} "):
         engine.add_request("bad", PROMPT, params)
     assert not engine.has_unfinished_requests()
