@@ -11,7 +11,7 @@ from server.errors import bad_request
 from server.fields import CHAT_REFUSED, check_fields
 from server.generation import generate_many
 from server.logprobs import chat_logprobs
-from server.protocol import (CHAT_FIELDS, chat_messages, check_model, check_types, read_json, require_tokenizer,
+from server.protocol import (CHAT_FIELDS, chat_prompt, check_model, check_types, read_json, require_tokenizer,
                              sampling_params, stream_options, vocab_size)
 from server.serving import Completion
 from server.state import STATE
@@ -52,7 +52,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     params = sampling_params(body, body.get(max_name), top_logprobs, vocab_size(state.llm),
                              {"logprobs": "top_logprobs", "max_tokens": max_name})
     require_tokenizer(state.llm)
-    prompt = await state.llm.apply_chat_template(chat_messages(body))
+    prompt = await chat_prompt(state.llm, body)
     completion = ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", state.llm.model_name, params.n, options,
                                 top_logprobs, state.llm.tokenizer)
     return await completion.respond(request, generate_many(state, [prompt], params, completion.id))

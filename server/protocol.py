@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from jinja2 import TemplateError
 
 from engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from server.errors import OpenAIError, bad_request
@@ -142,6 +143,15 @@ def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, vo
 def vocab_size(llm: AsyncLLM) -> int | None:
     """The ids a request may name, as the tokenizer knows them; None for a model served without one."""
     return len(llm.tokenizer) if llm.tokenizer is not None else None
+
+
+async def chat_prompt(llm: AsyncLLM, body: dict) -> list[int]:
+    """The request's messages through the model's chat template, as token ids. A template that refuses the
+    messages (say, roles that do not alternate) raises with a message written for the user: a 400."""
+    try:
+        return await llm.apply_chat_template(chat_messages(body))
+    except TemplateError as e:
+        raise bad_request(f"the model's chat template refused the messages: {e}", param="messages") from None
 
 
 def chat_messages(body: dict) -> list[dict]:

@@ -5,7 +5,7 @@ from aiohttp import web
 
 from server.errors import bad_request
 from server.fields import TOKENIZE_REFUSED, NoOp, check_fields
-from server.protocol import chat_messages, check_model, check_types, is_token_id, read_json, require_tokenizer
+from server.protocol import chat_prompt, check_model, check_types, is_token_id, read_json, require_tokenizer
 from server.state import STATE
 
 _TOKENIZE_FIELDS = {"model": (str,), "prompt": (str,), "messages": (list,), "add_special_tokens": (bool,)}
@@ -16,7 +16,7 @@ async def tokenize(request: web.Request) -> web.Response:
     llm = request.app[STATE].llm
     body = await _body(request, _TOKENIZE_FIELDS, TOKENIZE_REFUSED)
     if "messages" in body:
-        tokens = await llm.apply_chat_template(chat_messages(body))
+        tokens = await chat_prompt(llm, body)
     elif isinstance(body.get("prompt"), str):
         tokens = await llm.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
     else:
