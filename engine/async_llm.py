@@ -12,7 +12,7 @@ from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType
 from engine.errors import EngineDeadError
 from engine.metrics import EngineStats
-from engine.outputs import RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 
 
@@ -79,6 +79,11 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def abort_all(self) -> None:
+        """Aborts every request in the engine: each generate() stream still open receives a final RequestOutput
+        (finished=True) whose unfinished choices have finish_reason "abort", and the KV blocks are freed."""
+        self._commands.put(("abort_all",))
+
     def shutdown(self) -> None:
         self._running = False
         self._commands.put(("stop",))
@@ -112,7 +117,16 @@ class AsyncLLM:
                     self._deliver(request_id, error)
             elif command[0] == "abort":
                 self.core.abort_request(command[1])
+            elif command[0] == "abort_all":
+                self._abort_all()
             self._stats = self.core.get_stats()
+
+    def _abort_all(self) -> None:
+        for request_id, state in list(self.core.output_processor.states.items()):
+            self.core.abort_request(request_id)
+            aborted = [CompletionOutput(c.index, "", [], "abort") for c in state.choices if c.finish_reason is None]
+            self._deliver(request_id, RequestOutput(request_id, state.prompt, state.prompt_token_ids, aborted,
+                                                    finished=True, num_cached_tokens=state.num_cached_tokens))
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.core.output_processor.states):
