@@ -79,15 +79,18 @@ class ServerMetrics:
 
 class RequestTracker:
     """Observes one engine request's outputs: ITL as the server sees the tokens arrive, the rest from
-    the engine's timestamps when the request finishes."""
+    the engine's timestamps when the request finishes; and its token counts and finish reasons, for its log line."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
         self.last_token_time: dict[int, float] = {}
+        self.num_prompt_tokens = 0
         self.num_tokens = 0
+        self.finish_reasons: dict[int, str] = {}  # by choice index
 
     def observe(self, out: RequestOutput) -> None:
         now = time.time()
+        self.num_prompt_tokens = len(out.prompt_token_ids)
         for choice in out.outputs:
             new_tokens = len(choice.token_ids)
             self.num_tokens += new_tokens
@@ -99,6 +102,7 @@ class RequestTracker:
             if new_tokens:
                 self.last_token_time[choice.index] = now
             if choice.finish_reason is not None:
+                self.finish_reasons[choice.index] = choice.finish_reason
                 self.metrics.count_finished(choice.finish_reason)
         if out.finished:
             self._observe_request(out.metrics)
