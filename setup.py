@@ -19,6 +19,7 @@ setup(
         "prometheus_client",
     ],
     extras_require={
+        "client": ["openai>=1.0"],  # examples/chat_client.py
         "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema"],
         "bench": ["matplotlib", "accelerate", "transformers[serving]"],
     },

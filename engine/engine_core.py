@@ -34,7 +34,7 @@ class EngineCore:
         hf_config = AutoConfig.from_pretrained(self.model_dir)
         self.tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else self.model_dir)
         self.vocab_size = hf_config.vocab_size
-        self.max_model_len = _max_model_len(config.max_model_len, hf_config)
+        self.max_model_len = derive_max_model_len(config.max_model_len, hf_config)
         self.eos_token_ids = frozenset(end_token_ids(self.model_dir, self.tokenizer))
         torch.manual_seed(config.seed)
         weights = None if config.load_format == "dummy" else iter_weights(self.model_dir)
@@ -171,7 +171,8 @@ def _sequence_ids(request_id: str, n: int) -> list[str]:
     return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
 
 
-def _max_model_len(requested: int | None, hf_config) -> int:
+def derive_max_model_len(requested: int | None, hf_config) -> int:
+    """The context length to serve: the requested one, which must fit the model's, or the model's own."""
     derived = getattr(hf_config, "max_position_embeddings", None) or 2048
     if requested is None:
         return derived

@@ -1,10 +1,9 @@
-"""The aiohttp application: routes, OpenAI-shaped errors, API-key check, body limit; and serving it until SIGTERM."""
+"""The aiohttp application: routes, OpenAI-shaped errors, API-key check, body limit. server/lifecycle.py serves it."""
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
-import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,11 +26,13 @@ _OPEN_PATHS = ("/health", "/version", "/metrics")  # probes and scrapers carry n
 
 @dataclass
 class ServerOptions:
-    host: str = "0.0.0.0"
-    port: int = 8000
+    """The server's settings, each from its `tokmodel serve` flag."""
     api_key: str | None = None
     max_waiting_requests: int = 1024
     shutdown_grace_s: float = 30.0
+    access_log: bool = True  # off with --disable-uvicorn-access-log
+    log_requests: bool = False  # --enable-log-requests
+    stats_interval_s: float = 10.0  # how often a busy server logs its stats line
 
 
 @web.middleware
@@ -56,7 +57,7 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
 
 @web.middleware
 async def track_in_flight(request: web.Request, handler) -> web.StreamResponse:
-    """Remembers each handler's task, so that a drain past its grace period can cancel (and abort) it."""
+    """Remembers each handler's task, so that a drain can wait for them (and, as a last resort, cancel them)."""
     in_flight = request.app[STATE].in_flight
     task = asyncio.current_task()
     in_flight.add(task)
@@ -76,9 +77,10 @@ async def check_api_key(request: web.Request, handler) -> web.StreamResponse:
     return await handler(request)
 
 
-def build_app(llm: AsyncLLM, api_key: str | None = None, max_waiting_requests: int = 1024) -> web.Application:
+def build_app(llm: AsyncLLM, options: ServerOptions) -> web.Application:
     app = web.Application(middlewares=[track_in_flight, openai_errors, check_api_key], client_max_size=MAX_BODY_BYTES)
-    app[STATE] = ServerState(llm, ServerMetrics(llm, llm.model_name), api_key, max_waiting_requests)
+    app[STATE] = ServerState(llm, ServerMetrics(llm, llm.model_name), options.api_key, options.max_waiting_requests,
+                             options.log_requests)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
     app.router.add_post("/v1/completions", create_completion)
     app.router.add_get("/v1/models", info.list_models)
@@ -88,35 +90,3 @@ def build_app(llm: AsyncLLM, api_key: str | None = None, max_waiting_requests: i
     app.router.add_post("/tokenize", tokenization.tokenize)
     app.router.add_post("/detokenize", tokenization.detokenize)
     return app
-
-
-async def serve(llm: AsyncLLM, options: ServerOptions) -> None:
-    """Serves until SIGTERM or SIGINT, then drains: stop listening, let in-flight requests finish within
-    the grace period, cancel (and so abort) the rest."""
-    app = build_app(llm, options.api_key, options.max_waiting_requests)
-    # handler_cancellation: a client that disconnects cancels its handler, which aborts its engine request.
-    # aiohttp's own shutdown waits up to twice its timeout; the grace period is kept by cancel_in_flight below.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=options.shutdown_grace_s + 1,
-                           access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, options.host, options.port).start()
-    print(f"TokModel serving {llm.model_name} on http://{options.host}:{options.port} (device {llm.device}, "
-          f"dtype {llm.dtype}, KV cache {llm.num_kv_blocks} blocks x {llm.block_size} tokens, "
-          f"max_model_len {llm.max_model_len})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("TokModel draining: no new requests; waiting for those in flight", flush=True)
-    state = app[STATE]
-    state.draining = True
-    loop.call_later(options.shutdown_grace_s, cancel_in_flight, state)
-    await runner.cleanup()
-
-
-def cancel_in_flight(state: ServerState) -> None:
-    if state.in_flight:
-        print(f"TokModel aborting {len(state.in_flight)} requests still in flight after the grace period", flush=True)
-    for task in state.in_flight:
-        task.cancel()

@@ -1,24 +1,64 @@
-"""The `tokmodel` command. Each subcommand is one add_*_command function; engine flags are shared by all."""
+"""The `tokmodel` command. Each subcommand is one add_*_command function; engine flags are shared by all.
+A bad argument prints one line and exits 2; any other failure one line and exits 1 (with its traceback in debug)."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import logging
 import os
+import socket
+import sys
+import traceback
+from typing import TYPE_CHECKING
+
+from server.logging_config import LOG_LEVEL_ENV, configure_logging
+from server.startup import UsageError, bind_socket, check_device, check_model
+from server.version import package_version
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
+    from server.app import ServerOptions
+
+logger = logging.getLogger("tokmodel.cli")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.run(args, parser)
+    if not hasattr(args, "run"):  # a bare `tokmodel`: say what it can do
+        parser.print_help()
+        return 0
+    debug = args.debug
+    try:
+        debug = configure_logging(args.debug) <= logging.DEBUG
+        return args.run(args)
+    except UsageError as e:
+        return _fail(str(e), 2, debug)
+    except KeyboardInterrupt:  # Ctrl-C before the server handles signals, e.g. while the model loads
+        return 130
+    except Exception as e:  # the model failed to load, the engine raised: one line, not a traceback
+        return _fail(f"{type(e).__name__}: {e}", 1, debug)
+
+
+def _fail(message: str, exit_code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    first_line = message.strip().splitlines()[0] if message.strip() else message
+    print(f"tokmodel: error: {first_line}", file=sys.stderr)
+    return exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokmodel", description="TokModel: a continuous-batching LLM engine "
                                      "with a paged KV cache and an OpenAI-compatible server.")
-    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    add_serve_command(commands)
-    add_generate_command(commands)
+    parser.add_argument("--version", action="version", version=f"tokmodel {package_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help=f"log at debug level and show tracebacks of errors (as {LOG_LEVEL_ENV}=debug)")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    add_serve_command(commands, common)
+    add_generate_command(commands, common)
     return parser
 
 
@@ -49,17 +89,31 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="attention and fused kernels (default: triton on cuda, torch on cpu)")
 
 
-def engine_config_from_args(args: argparse.Namespace):
+def checked_engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of the engine flags, its device and model checked without loading the model."""
     from engine.config import EngineConfig  # imports torch: only once a command runs, so --help stays fast
 
     names = {f.name for f in dataclasses.fields(EngineConfig)}
-    return EngineConfig(**{name: value for name, value in vars(args).items() if name in names and value is not None})
+    given = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    try:
+        config = EngineConfig(**given)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    check_device(config.device)
+    check_model(config)
+    return config
 
 
-def add_serve_command(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
-                                 description="Load the model, then serve /v1/chat/completions, /v1/completions, "
-                                 "/v1/models, /tokenize, /detokenize, /health, /version and /metrics.")
+def _log_loading(config: EngineConfig) -> None:
+    logger.info("TokModel loading %s on %s", config.model or "the default model", config.device)
+
+
+def add_serve_command(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser("serve", parents=[common], help="serve the OpenAI-compatible HTTP API",
+                                 description="Check the flags and bind the port, load the model, then serve "
+                                 "/v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health, "
+                                 "/version and /metrics. Exit codes: 0 after a drain, 1 when the engine dies or the "
+                                 "model fails to load, 2 for a bad flag or a busy port.")
     add_engine_args(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
@@ -69,33 +123,42 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
     group.add_argument("--max-waiting-requests", type=int, default=1024,
                        help="answer 429 with Retry-After while this many requests wait (default: 1024)")
     group.add_argument("--shutdown-grace-period", type=float, default=30.0,
-                       help="seconds in-flight requests get to finish after SIGTERM before they are aborted (default: 30)")
+                       help="seconds in-flight requests get to finish after the first SIGTERM or Ctrl-C, before "
+                       "they are aborted; a second signal aborts them at once (default: 30)")
+    group.add_argument("--disable-uvicorn-access-log", action="store_true",
+                       help="no access-log line per HTTP request (vLLM's name for it)")
+    group.add_argument("--enable-log-requests", action="store_true",
+                       help="log a line per request as it ends: id, token counts, finish reasons, sampling settings")
+    group.add_argument("--stats-log-interval", type=float, default=10.0, help=argparse.SUPPRESS)  # tests shorten it
     parser.set_defaults(run=serve)
 
 
-def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def serve(args: argparse.Namespace) -> int:
+    from server.app import ServerOptions
+
+    sock = bind_socket(args.host, args.port)
+    config = checked_engine_config(args)
+    options = ServerOptions(args.api_key, args.max_waiting_requests, args.shutdown_grace_period,
+                            access_log=not args.disable_uvicorn_access_log, log_requests=args.enable_log_requests,
+                            stats_interval_s=args.stats_log_interval)
+    return asyncio.run(_load_and_serve(config, options, sock))
+
+
+async def _load_and_serve(config: EngineConfig, options: ServerOptions, sock: socket.socket) -> int:
     from engine.async_llm import AsyncLLM
-    from server.app import ServerOptions, serve as serve_app
+    from server.lifecycle import serve
 
+    _log_loading(config)
+    llm = AsyncLLM(config)  # created inside the loop that will await its outputs
     try:
-        config = engine_config_from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    options = ServerOptions(args.host, args.port, args.api_key, args.max_waiting_requests, args.shutdown_grace_period)
-
-    async def run() -> None:
-        print(f"TokModel loading {config.model or 'the default model'} on {config.device}", flush=True)
-        llm = AsyncLLM(config)  # created inside the loop that will await its outputs
-        try:
-            await serve_app(llm, options)
-        finally:
-            llm.shutdown()
-
-    asyncio.run(run())
+        return await serve(llm, options, sock)
+    finally:
+        llm.shutdown()
 
 
-def add_generate_command(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("generate", help="stream one completion to the terminal and print tokens/s",
+def add_generate_command(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser("generate", parents=[common],
+                                 help="stream one completion to the terminal and print tokens/s",
                                  description="Generate a completion for PROMPT offline (no server), streaming the "
                                  "text as it comes; the prompt goes through the model's chat template unless --no-chat.")
     parser.add_argument("prompt", help="the prompt text")
@@ -108,18 +171,19 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=generate)
 
 
-def generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def generate(args: argparse.Namespace) -> int:
     import time
 
     from engine.engine_core import EngineCore
     from engine.sampling_params import RequestOutputKind, SamplingParams
 
+    config = checked_engine_config(args)
     try:
-        config = engine_config_from_args(args)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 output_kind=RequestOutputKind.DELTA)
     except ValueError as e:
-        parser.error(str(e))
+        raise UsageError(str(e)) from None
+    _log_loading(config)
     core = EngineCore(config)
     prompt = args.prompt
     if args.chat and core.tokenizer is not None and core.tokenizer.chat_template:
@@ -128,7 +192,7 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     try:
         core.add_request("generate", prompt, params)
     except ValueError as e:
-        parser.error(str(e))
+        raise UsageError(str(e)) from None
     start, first_token_time, num_tokens = time.perf_counter(), None, 0
     while core.has_unfinished_requests():
         for output in core.step():
@@ -140,7 +204,8 @@ def generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     decode_rate = (num_tokens - 1) / (time.perf_counter() - first_token_time) if num_tokens > 1 else 0.0
     print(f"\n\n[{num_tokens} tokens in {elapsed:.2f} s: {num_tokens / elapsed:.1f} tokens/s overall, "
           f"{decode_rate:.1f} tokens/s after the first; time to first token {first_token_time - start:.2f} s]")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,16 +5,26 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from server.errors import OpenAIError, bad_request
+from server.request_logs import log_request
 from server.state import ServerState
 
 _RETRY_AFTER_S = "1"
 
 
+def _engine_dead() -> OpenAIError:
+    return OpenAIError(503, "the engine stopped after an unrecoverable error; the server is exiting",
+                       code="engine_dead")
+
+
 def admit(state: ServerState) -> None:
-    """Refuse work before it queues: while draining, or while the waiting queue is over its limit."""
+    """Refuse work before it queues: once the engine died, while draining, or while the waiting queue is over
+    its limit."""
+    if state.llm.errored:
+        raise _engine_dead()
     if state.draining:
         raise OpenAIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": _RETRY_AFTER_S})
     if state.llm.num_waiting_requests >= state.max_waiting_requests:
@@ -27,8 +37,8 @@ async def generate(state: ServerState, prompt: str | list[int], params: Sampling
     """The engine's DELTA outputs for one prompt. Closing this generator (the handler's task cancelled on
     disconnect, or an exception) closes the engine's, which aborts the request and frees its blocks."""
     tracker = state.metrics.track()
-    async with aclosing(state.llm.generate(prompt, params, request_id)) as outputs:
-        try:
+    try:
+        async with aclosing(state.llm.generate(prompt, params, request_id)) as outputs:
             async for out in outputs:
                 tracker.observe(out)
                 reasons = {choice.finish_reason for choice in out.outputs}
@@ -37,11 +47,15 @@ async def generate(state: ServerState, prompt: str | list[int], params: Sampling
                 if "error" in reasons:  # the engine logged why; the other requests went on
                     raise OpenAIError(500, "the engine failed to process this request", code="internal_error")
                 yield out
-        except ValueError as e:  # the engine refuses requests that can never run, before the first output
-            tracker.refused()
-            raise bad_request(str(e)) from None
-        finally:
-            tracker.close()
+    except ValueError as e:  # the engine refuses requests that can never run, before the first output
+        tracker.refused()
+        raise bad_request(str(e)) from None
+    except EngineDeadError:
+        raise _engine_dead() from None
+    finally:
+        tracker.close()
+        if state.log_requests:
+            log_request(request_id, params, tracker)
 
 
 async def generate_many(state: ServerState, prompts: list[str | list[int]], params: SamplingParams,

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import time
-from importlib import metadata
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.state import STATE
+from server.version import package_version
 
 _STARTED = int(time.time())
 
@@ -20,16 +20,13 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 once the model is loaded (the server listens only then), 503 while draining."""
-    return web.Response(status=503 if request.app[STATE].draining else 200)
+    """200 once the model is loaded (the server listens only then); 503 while draining or once the engine died."""
+    state = request.app[STATE]
+    return web.Response(status=503 if state.draining or state.llm.errored else 200)
 
 
 async def version(request: web.Request) -> web.Response:
-    try:
-        number = metadata.version("tokmodel")
-    except metadata.PackageNotFoundError:  # running from a checkout that was never installed
-        number = "dev"
-    return web.json_response({"version": number})
+    return web.json_response({"version": package_version()})
 
 
 async def metrics(request: web.Request) -> web.Response:

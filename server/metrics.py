@@ -76,13 +76,16 @@ class ServerMetrics:
 
 class RequestTracker:
     """Observes one engine request's outputs: ITL as the server sees the tokens arrive, the rest from
-    the engine's timestamps when the request finishes. A request counts once, as the latency histograms
-    do, under the finish reason of its last choice to end; one that never finishes counts as "abort"."""
+    the engine's timestamps when the request finishes; its token counts and finish reasons, for its log line.
+    A request counts once, as the latency histograms do, under the finish reason of its last choice to end;
+    one that never finishes counts as "abort"."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
         self.last_token_time: dict[int, float] = {}
+        self.num_prompt_tokens = 0
         self.num_tokens = 0
+        self.finish_reasons: dict[int, str] = {}  # by choice index, for the request's log line
         self.counted = False
 
     def refused(self) -> None:
@@ -96,6 +99,7 @@ class RequestTracker:
 
     def observe(self, out: RequestOutput) -> None:
         now = time.time()
+        self.num_prompt_tokens = len(out.prompt_token_ids)
         for choice in out.outputs:
             new_tokens = len(choice.token_ids)
             self.num_tokens += new_tokens
@@ -106,6 +110,8 @@ class RequestTracker:
                     self.metrics.itl.observe(gap)
             if new_tokens:
                 self.last_token_time[choice.index] = now
+            if choice.finish_reason is not None:
+                self.finish_reasons[choice.index] = choice.finish_reason
         if out.finished:
             self._count([choice.finish_reason for choice in out.outputs if choice.finish_reason][-1])
             self._observe_request(out.metrics)

@@ -19,8 +19,9 @@ class ServerState:
     metrics: ServerMetrics
     api_key: str | None = None
     max_waiting_requests: int = 1024
-    draining: bool = False  # set by SIGTERM: requests on kept-alive connections get 503 from then on
-    in_flight: set[asyncio.Task] = field(default_factory=set)  # handler tasks, cancelled when a drain runs out
+    log_requests: bool = False  # --enable-log-requests: a line per engine request as it ends
+    draining: bool = False  # set by the first SIGTERM or Ctrl-C: /health and new requests get 503 from then on
+    in_flight: set[asyncio.Task] = field(default_factory=set)  # handler tasks: a drain waits for them
 
 
 STATE = web.AppKey("state", ServerState)

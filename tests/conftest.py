@@ -31,3 +31,13 @@ def hf_model(model_dir):
 def tokenizer(model_dir):
     from engine.loader import load_tokenizer
     return load_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="session")
+def async_llm(model_dir):
+    """One in-process engine for the tests that drive the server in this process (server_fixtures)."""
+    from engine import AsyncLLM, EngineConfig
+
+    llm = AsyncLLM(EngineConfig(max_model_len=512, kv_cache_memory_bytes=64 << 20))
+    yield llm
+    llm.shutdown()

@@ -1,22 +1,31 @@
-"""A real `tokmodel serve` in a subprocess on a free port, raw HTTP helpers, and OpenAI schema validation."""
+"""A real `tokmodel serve` in a subprocess on a free port, raw HTTP helpers, and OpenAI schema validation; and
+server.lifecycle.serve() on the test's own event loop, for tests that reach into the engine."""
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import aiohttp
 import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from engine import AsyncLLM
+from server.app import ServerOptions
+from server.lifecycle import serve
+from server.startup import bind_socket
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMAS = REPO / "tests" / "openai-chat-schemas.json"  # a subset of OpenAI's published OpenAPI spec
@@ -162,6 +171,38 @@ def _wait_healthy(server: Server) -> None:
             pass
         time.sleep(0.25)
     raise TimeoutError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{server.log_path.read_text()[-4000:]}")
+
+
+@dataclass
+class InProcessServer:
+    session: aiohttp.ClientSession  # with the server's base URL: session.get("/health")
+    serving: asyncio.Task  # serve() itself; its result is the exit code
+
+
+@asynccontextmanager
+async def serving_in_process(llm: AsyncLLM, options: ServerOptions) -> AsyncIterator[InProcessServer]:
+    """serve() on this event loop, on a free port, ready when this yields; stopped afterwards, unless it already
+    ended, by the SIGINT it handles (this process's main thread, where pytest runs the test, receives it)."""
+    sock = bind_socket("127.0.0.1", 0)
+    serving = asyncio.create_task(serve(llm, options, sock))
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{sock.getsockname()[1]}") as session:
+        while not await _answers_health(session):
+            assert not serving.done(), f"serve() ended with {serving.result()}"
+            await asyncio.sleep(0.05)
+        try:
+            yield InProcessServer(session, serving)
+        finally:
+            if not serving.done():
+                signal.raise_signal(signal.SIGINT)
+            await asyncio.wait_for(serving, timeout=30)
+
+
+async def _answers_health(session: aiohttp.ClientSession) -> bool:
+    try:
+        async with session.get("/health") as response:
+            return response.status == 200
+    except aiohttp.ClientConnectionError:
+        return False
 
 
 @cache

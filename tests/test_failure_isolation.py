@@ -14,7 +14,7 @@ from engine import EngineConfig, SamplingParams
 from engine.async_llm import AsyncLLM
 from engine.engine_core import EngineCore
 from engine.errors import EngineDeadError
-from server.app import build_app
+from server.app import ServerOptions, build_app
 from tests.reference import hf_greedy
 
 POISON_SEED = 666
@@ -173,7 +173,7 @@ def test_over_http_the_poisoned_stream_gets_an_error_event_and_the_others_finish
     async def scenario():
         llm = AsyncLLM(CONFIG)
         poison_sampler(llm.core, RuntimeError("Overflow when unpacking long long"))
-        client = TestClient(TestServer(build_app(llm)))
+        client = TestClient(TestServer(build_app(llm, ServerOptions())))
         await client.start_server()
         try:
             good = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "ignore_eos": True,

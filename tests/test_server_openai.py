@@ -1,10 +1,15 @@
-"""The server through the official openai client: every response and chunk checked against OpenAI's schemas."""
+"""The server through the official openai client: every response and chunk checked against OpenAI's schemas;
+and examples/chat_client.py, which a newcomer runs against it."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import openai
 import pytest
 
-from server_fixtures import Server, leaves_server_idle, running_server, validate  # noqa: F401 (autouse fixture)
+from server_fixtures import REPO, Server, free_port, leaves_server_idle, running_server, validate  # noqa: F401 (autouse)
 
 API_KEY = "test-key"
 MODEL = "tokmodel-test"
@@ -171,3 +176,30 @@ def test_models_lists_the_served_model(client):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
     validate(models.model_dump(mode="json", exclude_unset=True), "ListModelsResponse")
+
+
+def chat_client(base_url: str, *args: str, api_key: str | None = None) -> subprocess.CompletedProcess:
+    env = {name: value for name, value in os.environ.items() if name != "TOKMODEL_API_KEY"}
+    if api_key:
+        env["TOKMODEL_API_KEY"] = api_key
+    return subprocess.run([sys.executable, str(REPO / "examples" / "chat_client.py"), "--base-url", f"{base_url}/v1",
+                           "--max-tokens", "4", *args, "Hello"], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_chat_client_example_chats_with_the_key_from_the_environment(server):
+    result = chat_client(server.base_url, api_key=API_KEY)
+    assert result.returncode == 0, result.stderr
+    assert "4 generated]" in result.stdout
+
+
+def test_chat_client_example_says_the_key_is_wrong_in_one_line(server):
+    result = chat_client(server.base_url, "--api-key", "wrong-key")
+    assert result.returncode == 1
+    assert result.stderr.startswith("chat_client: the server at") and "refused the API key" in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_chat_client_example_says_no_server_answers_on_a_closed_port():
+    result = chat_client(f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert result.stderr.startswith("chat_client: no server answers at") and len(result.stderr.splitlines()) == 1
