@@ -6,8 +6,9 @@ bf16 is checked on GPUs only). With CUDA the same tests run with longer contexts
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 from benchmarks import kernels as bench
 from kernels import KernelOps, get_ops
 from kernels import reference as ref
-from kernels import triton_ops
+from kernels import decode_attention, triton_ops
 from kernels.decode_attention import choose_num_splits, decode_with_splits
 
 if TYPE_CHECKING:
@@ -87,6 +88,13 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, target: Target) 
     torch.testing.assert_close(actual, expected, atol=target.atol, rtol=target.rtol)
 
 
+def _attend(op: Callable[..., None], query: torch.Tensor, *args) -> torch.Tensor:
+    """An attention op's output for every row of query (args select them all), written into a new tensor."""
+    out = torch.full_like(query, float("nan"))  # a row the op fails to write stays NaN and fails the comparison
+    op(query, *args, out=out)
+    return out
+
+
 class AttentionCase(NamedTuple):
     num_heads: int
     num_kv_heads: int
@@ -115,19 +123,34 @@ def test_decode_attention_matches_reference_on_mixed_contexts(case: AttentionCas
     lens = [_grow(n, target) for n in DECODE_CONTEXTS]
     cache = _paged_cache(lens, case.block_size, case.num_kv_heads, case.head_dim, target)
     query = _query(len(lens), case.num_heads, case.head_dim, target)
-    args = (query, *cache, case.head_dim ** -0.5, max(lens), case.sliding_window)
-    _assert_close(triton_ops.paged_decode_attention(*args), ref.paged_decode_attention(*args), target)
+    args = (query, *cache, slice(None), case.head_dim ** -0.5, max(lens), case.sliding_window)
+    _assert_close(_attend(triton_ops.paged_decode_attention, *args), _attend(ref.paged_decode_attention, *args),
+                  target)
 
 
 @pytest.mark.parametrize("target", ATTENTION_TARGETS)
 @pytest.mark.parametrize("num_splits", [1, 2, 7])
 def test_decode_attention_is_independent_of_the_split_count(num_splits: int, target: Target) -> None:
-    # 7 splits leave the 5- and 20-token contexts with empty splits, which must weigh nothing in the merge.
+    # One split writes the output from stage 1; 7 splits leave the 5- and 20-token contexts with empty splits,
+    # which must weigh nothing in the merge.
     lens = [_grow(n, target) for n in (5, 20, 333)]
     cache = _paged_cache(lens, 16, 2, 64, target)
     query = _query(len(lens), 8, 64, target)
-    expected = ref.paged_decode_attention(query, *cache, 0.125, max(lens))
-    _assert_close(decode_with_splits(query, *cache, 0.125, None, num_splits), expected, target)
+    expected = _attend(ref.paged_decode_attention, query, *cache, slice(None), 0.125, max(lens))
+    actual = _attend(functools.partial(decode_with_splits, num_splits=num_splits), query, *cache, slice(None), 0.125,
+                     None)
+    _assert_close(actual, expected, target)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter only: proves the launch sequence, not a GPU property")
+def test_decode_attention_with_one_split_launches_no_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decode_attention, "_merge_splits_kernel", None)  # launching it would raise
+    target = Target("cpu", torch.float32, 1e-5, 1e-5, 1)
+    cache = _paged_cache([9, 30], 16, 2, 64, target)
+    query = _query(2, 8, 64, target)
+    expected = _attend(ref.paged_decode_attention, query, *cache, slice(None), 0.125, 30)
+    _assert_close(_attend(triton_ops.paged_decode_attention, query, *cache, slice(None), 0.125, 30), expected,
+                  target)
 
 
 def test_long_contexts_of_a_small_batch_are_split_and_large_batches_are_not() -> None:
@@ -157,8 +180,45 @@ def test_prefill_attention_matches_reference_with_cached_prefixes(batch: list[tu
     q_lens = torch.tensor([0] + [q_len for _, q_len in chunks], device=target.device)
     query_start_loc = q_lens.cumsum(0).to(torch.int32)
     query = _query(int(q_lens.sum()), case.num_heads, case.head_dim, target)
-    args = (query, *cache, query_start_loc, case.head_dim ** -0.5, max(lens), case.sliding_window)
-    _assert_close(triton_ops.prefill_attention(*args), ref.prefill_attention(*args), target)
+    args = (query, *cache, query_start_loc, slice(None), case.head_dim ** -0.5, max(lens), case.sliding_window)
+    _assert_close(_attend(triton_ops.prefill_attention, *args), _attend(ref.prefill_attention, *args), target)
+
+
+# A batch as the runner orders it: decodes first, then prefill chunks (cached prefix length, chunk length).
+MIXED_BATCH = [(40, 1), (7, 1), (129, 1), (45, 30), (0, 19), (16, 17)]
+
+
+@pytest.mark.parametrize("target", ATTENTION_TARGETS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_ops_read_whole_tables_and_write_their_rows_of_a_larger_out(backend: str, target: Target) -> None:
+    ops, scale = get_ops(backend), 0.125
+    chunks = [(_grow(prefix, target), _grow(q_len, target)) for prefix, q_len in MIXED_BATCH]
+    lens = [prefix + q_len for prefix, q_len in chunks]
+    num_decodes = 3
+    decode_groups = [(0, 1), (1, num_decodes)]  # the second starts at an offset, as the torch path's groups do
+    cache = _paged_cache(lens, 16, 2, 64, target)
+    query_start_loc = torch.tensor([0] + [q_len for _, q_len in chunks], device=target.device).cumsum(0).to(torch.int32)
+    num_tokens = int(query_start_loc[-1])
+    query = _query(num_tokens, 8, 64, target)
+    # out is a slice of a larger buffer whose margins no op may touch.
+    buffer = torch.full((num_tokens + 2, 8, 64), float("nan"), dtype=target.dtype, device=target.device)
+    out = buffer[1:-1]
+    ops.prefill_attention(query, *cache, query_start_loc, slice(num_decodes, None), scale, max(lens), out=out)
+    assert out[:num_decodes].isnan().all(), "prefill wrote the decodes' rows"
+    for first, end in decode_groups:
+        ops.paged_decode_attention(query, *cache, slice(first, end), scale, max(lens[first:end]), out=out)
+    assert buffer[0].isnan().all() and buffer[-1].isnan().all(), "an op wrote outside out"
+
+    # Expected: the reference on the sliced batch, as the ops were called before they took whole tables.
+    expected = torch.empty_like(query)
+    for first, end in decode_groups:
+        ref.paged_decode_attention(query[first:end], cache.kv_cache, cache.block_tables[first:end],
+                                   cache.seq_lens[first:end], slice(None), scale, max(lens[first:end]),
+                                   out=expected[first:end])
+    ref.prefill_attention(query[num_decodes:], cache.kv_cache, cache.block_tables[num_decodes:],
+                          cache.seq_lens[num_decodes:], query_start_loc[num_decodes:] - num_decodes, slice(None),
+                          scale, max(lens), out=expected[num_decodes:])
+    _assert_close(out, expected, target)
 
 
 @pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
