@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import pytest
 import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime import KernelInterface
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from benchmarks import kernels as bench
 from kernels import KernelOps, get_ops
 from kernels import reference as ref
-from kernels import decode_attention, triton_ops
+from kernels import compile_count, decode_attention, triton_ops
 from kernels.decode_attention import choose_num_splits, decode_with_splits
 
 if TYPE_CHECKING:
     from _pytest.mark.structures import ParameterSet
 
 HAS_CUDA = torch.cuda.is_available()
+H100 = GPUTarget("cuda", 90, 32)  # compute capability 9.0, warp size 32
 
 
 class Target(NamedTuple):
@@ -271,6 +277,124 @@ def test_rotary_embedding_rotates_query_and_key_in_place(rotary_dim: int, is_neo
 def test_silu_and_mul_matches_reference(target: Target) -> None:
     x = torch.randn(2, 3, 2 * 1100 * target.scale, device=target.device).to(target.dtype)  # d spans column blocks
     _assert_close(triton_ops.silu_and_mul(x), ref.silu_and_mul(x), target)
+
+
+class Step(NamedTuple):
+    """One step's batch as the runner builds it: decodes (longest first), then prefill chunks (prefix, chunk
+    length). The block table is as wide as the longest sequence needs, so its width changes from step to step."""
+    decode_lens: list[int]
+    prefills: list[tuple[int, int]]
+
+
+# Warm-up: one step of each kind a model compiles for: decodes in one split, then in several (a long context
+# alone; 2 splits whatever the SM count), each with every other kernel.
+WARM_UP_STEPS = [Step([20, 9], [(0, 5)]), Step([300], [])]
+# Batches of 1, 3, 16, 17 and 33 sequences; tables 1, 16 and 17 blocks wide; a lone token; sequence ranges at odd
+# offsets (decode groups, prefills after an odd number of decodes); contexts in one split and in several.
+VARIED_STEPS = [
+    Step([5], []),
+    Step([], [(0, 1)]),
+    Step([16, 11, 2], []),
+    Step([256] + [40] * 14, [(3, 14)]),
+    Step([33] * 16, [(240, 17)]),
+    Step([270, 100], [(5, 3), (0, 9)]),
+    Step([7] * 32, [(0, 16)]),
+]
+
+
+def _run_step(ops: KernelOps, step: Step, target: Target) -> None:
+    """Every kernel as one layer calls it in this step (decodes in two groups, the second at an offset, as the
+    torch path cuts them)."""
+    num_heads, num_kv_heads, head_dim, block_size, hidden, intermediate = 4, 2, 64, 16, 256, 320
+    chunks = [(n - 1, 1) for n in step.decode_lens] + step.prefills
+    lens = [prefix + q_len for prefix, q_len in chunks]
+    cache = _paged_cache(lens, block_size, num_kv_heads, head_dim, target)
+    positions = torch.cat([torch.arange(prefix, prefix + q_len) for prefix, q_len in chunks]).to(target.device)
+    rows = torch.repeat_interleave(torch.tensor([q_len for _, q_len in chunks], device=target.device))
+    slots = cache.block_tables[rows, positions // block_size].long() * block_size + positions % block_size
+    query_start_loc = torch.cat([rows.new_zeros(1), torch.bincount(rows).cumsum(0)]).to(torch.int32)
+    num_tokens, num_decodes = len(positions), len(step.decode_lens)
+
+    x = torch.randn(num_tokens, hidden, device=target.device).to(target.dtype)
+    weight = torch.ones(hidden, device=target.device, dtype=target.dtype)
+    ops.rms_norm(x, weight, 1e-6)
+    ops.rms_norm(x, weight, 1e-6, x.clone())
+    qkv = _query(num_tokens, num_heads + 2 * num_kv_heads, head_dim, target)  # the fused projection's views
+    query, key = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads]
+    value = qkv[:, num_heads + num_kv_heads:]
+    for heads in (query, key):  # Qwen3's per-head norm
+        ops.rms_norm(heads, weight[:head_dim], 1e-6)
+    ops.rotary_embedding(positions, query, key, torch.randn(max(lens), head_dim, device=target.device))
+    ops.write_kv_cache(key, value, cache.kv_cache, slots)
+    out = torch.empty_like(query)
+    half = num_decodes // 2
+    for first, end in ((0, half), (half, num_decodes)):
+        if end > first:
+            ops.paged_decode_attention(query, *cache, slice(first, end), 0.125, max(lens[first:end]), out=out)
+    if step.prefills:
+        ops.prefill_attention(query, *cache, query_start_loc, slice(num_decodes, None), 0.125,
+                              max(lens[num_decodes:]), out=out)
+    ops.silu_and_mul(torch.randn(num_tokens, 2 * intermediate, device=target.device).to(target.dtype))
+
+
+class _LaunchRecorder(JITFunction):
+    """A @triton.jit function that runs nothing: it records each launch by the key Triton's JIT on an H100 gives
+    the variant it compiles (argument types; ints equal to 1 or divisible by 16 and 16-byte aligned pointers,
+    unless do_not_specialize; constexprs; launch options). Built on Triton 3.x internals (the JIT's binder)."""
+
+    def __init__(self, function: KernelInterface, launches: set[tuple]) -> None:
+        super().__init__(function.fn, **function.kwargs)
+        self.launches = launches
+        self.bind = create_function_from_signature(self.signature, self.params, make_backend(H100))
+
+    def run(self, *args, grid, warmup, **kwargs) -> None:
+        _, specialization, options = self.bind(*args, **kwargs)
+        self.launches.add((self.fn.__name__, tuple(specialization), str(options)))
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> set[tuple]:
+    """Every kernel launch recorded, not run, by its H100 variant (see _LaunchRecorder)."""
+    recorded: set[tuple] = set()
+    recorders = {function: _LaunchRecorder(function, recorded) for _, _, function in compile_count.jit_functions()}
+    for module in compile_count.KERNEL_MODULES:  # under every name, imported ones too
+        for name, value in list(vars(module).items()):
+            if isinstance(value, KernelInterface):
+                monkeypatch.setattr(module, name, recorders[value])
+    return recorded
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the test below counts real compilations")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_varied_batches_launch_only_the_kernel_variants_of_the_warm_up(dtype: torch.dtype,
+                                                                      launches: set[tuple]) -> None:
+    ops, target = get_ops("triton"), Target("cpu", dtype, 0.0, 0.0, 1)
+    for step in WARM_UP_STEPS:
+        _run_step(ops, step, target)
+    warm = set(launches)
+    # Per model and dtype: decode's stage 1 writing the output and writing partials, the merge; RMSNorm over the
+    # hidden size, with a residual, and over a head; one of each other kernel.
+    assert Counter(name for name, *_ in warm) == {
+        "_decode_split_kernel": 2, "_merge_splits_kernel": 1, "_prefill_kernel": 1, "_write_kv_kernel": 1,
+        "_rms_norm_kernel": 3, "_rotary_kernel": 1, "_silu_and_mul_kernel": 1}
+    for step in VARIED_STEPS:
+        _run_step(ops, step, target)
+    assert launches == warm, f"new variants: {launches - warm}"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="counts compilations on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_varied_batches_compile_nothing_after_warm_up(dtype: torch.dtype) -> None:
+    ops, target = get_ops("triton"), Target("cuda", dtype, 0.0, 0.0, 1)
+    for step in WARM_UP_STEPS:
+        _run_step(ops, step, target)
+    torch.cuda.synchronize()
+    warm = compile_count.compiled_variants()
+    assert sum(warm.values()) > 0, "no compiled kernel counted: has triton's JITFunction cache moved?"
+    for step in VARIED_STEPS:
+        _run_step(ops, step, target)
+    torch.cuda.synchronize()
+    assert compile_count.compiled_variants() == warm
 
 
 def test_triton_backend_serves_every_kernel_op() -> None:
