@@ -135,9 +135,10 @@ def bench_decode(ops: KernelOps, dtype: torch.dtype, limits: Limits) -> list[dic
             kv_cache, block_tables = _paged_cache(batch, context_len, dtype)
             seq_lens = torch.full((batch,), context_len, dtype=torch.int32, device="cuda")
             query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=dtype, device="cuda")
+            out = torch.empty_like(query)
             scale = HEAD_DIM ** -0.5
-            seconds = _bench(lambda: ops.paged_decode_attention(query, kv_cache, block_tables, seq_lens, scale,
-                                                                context_len))
+            seconds = _bench(lambda: ops.paged_decode_attention(query, kv_cache, block_tables, seq_lens, slice(None),
+                                                                scale, context_len, out=out))
             key, value = _dense_kv(kv_cache, block_tables, context_len)
             del kv_cache
             q = query[:, :, None]
@@ -157,9 +158,10 @@ def bench_prefill(ops: KernelOps, dtype: torch.dtype, limits: Limits) -> list[di
     seq_lens = torch.tensor([PREFILL_TOKENS], dtype=torch.int32, device="cuda")
     query_start_loc = torch.tensor([0, PREFILL_TOKENS], dtype=torch.int32, device="cuda")
     query = torch.randn(PREFILL_TOKENS, NUM_HEADS, HEAD_DIM, dtype=dtype, device="cuda")
+    out = torch.empty_like(query)
     scale = HEAD_DIM ** -0.5
-    seconds = _bench(lambda: ops.prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, scale,
-                                                   PREFILL_TOKENS))
+    seconds = _bench(lambda: ops.prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc,
+                                                   slice(None), scale, PREFILL_TOKENS, out=out))
     key, value = _dense_kv(kv_cache, block_tables, PREFILL_TOKENS)
     q = query.transpose(0, 1)[None].contiguous()
     sdpa_seconds = _bench(lambda: F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=scale,

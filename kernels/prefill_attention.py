@@ -4,9 +4,10 @@ Each program owns one KV head and a block of BLOCK_Q query tokens of one sequenc
 query heads of the KV head's group into the rows of one tile (row = token * group + head), so the keys are
 loaded once for the whole group. The keys, the cached prefix and the chunk's own, are read from paged blocks.
 
-Programs find their sequence without a host sync: sequence i owns program ids
-query_start_loc[i] // BLOCK_Q + i onwards (at least ceil(q_len_i / BLOCK_Q) of them before sequence i + 1's),
-so num_tokens // BLOCK_Q + num_seqs programs cover any batch; the spare ones exit at once.
+Programs find their sequence without a host sync: sequence i owns program ids query_start_loc[i] // BLOCK_Q + i
+onwards (at least ceil(q_len_i / BLOCK_Q) of them before sequence i + 1's), less those of the first sequence
+attended, so num_tokens // BLOCK_Q + num_seqs programs cover any batch; the spare ones exit at once.
+Per-step values are do_not_specialize, as in decode_attention.py: one compiled kernel per model and dtype.
 """
 from __future__ import annotations
 
@@ -15,17 +16,17 @@ import triton
 import triton.language as tl
 
 from kernels.decode_attention import (LOG2E, attend_tile, check_attention_args, dot_precision, paged_offsets,
-                                      window_arg, wide_rows)
+                                      seq_range, window_arg, wide_rows)
 
 BLOCK_M = 64  # query rows (token, head) per program
 TILE_N = 64  # keys per tile, halved for wide key rows to fit shared memory
 
 
 @triton.jit
-def _find_sequence(query_start_loc_ptr, program, num_seqs, BLOCK_Q: tl.constexpr):
-    """Last sequence i with query_start_loc[i] // BLOCK_Q + i <= program (binary search)."""
-    lo: tl.int32 = 0
-    hi: tl.int32 = num_seqs
+def _find_sequence(query_start_loc_ptr, program, first_seq, end_seq, BLOCK_Q: tl.constexpr):
+    """Last sequence i in [first_seq, end_seq) with query_start_loc[i] // BLOCK_Q + i <= program (binary search)."""
+    lo: tl.int32 = first_seq
+    hi: tl.int32 = end_seq
     while lo < hi:
         mid = (lo + hi) // 2
         if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= program:
@@ -35,16 +36,18 @@ def _find_sequence(query_start_loc_ptr, program, num_seqs, BLOCK_Q: tl.constexpr
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("table_ptr", "seq_lens_ptr", "query_start_loc_ptr", "first_seq", "end_seq",
+                               "stride_table"))
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, seq_lens_ptr, query_start_loc_ptr,
-                    qk_scale, window, num_seqs, group, head_dim,
+                    qk_scale, window, first_seq, end_seq, group, head_dim,
                     stride_q_tok, stride_q_head, stride_out_tok, stride_out_head,
                     stride_table, stride_block, stride_slot, stride_kv_head,
                     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
                     TILE: tl.constexpr, PRECISION: tl.constexpr):
-    program = tl.program_id(0)
+    # Program ids as if the batch began at sequence 0: those of first_seq start where its queries do.
+    program = tl.program_id(0) + tl.load(query_start_loc_ptr + first_seq) // BLOCK_Q + first_seq
     kv_head = tl.program_id(1)
-    seq = _find_sequence(query_start_loc_ptr, program, num_seqs, BLOCK_Q)
+    seq = _find_sequence(query_start_loc_ptr, program, first_seq, end_seq, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     q_block = program - (q_start // BLOCK_Q + seq)
@@ -87,28 +90,25 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, seq_lens_ptr, query
              out, mask=row_mask[:, None] & d_mask[None, :])
 
 
-def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                      query_start_loc: torch.Tensor, scale: float, max_seq_len: int,
-                      sliding_window: int | None = None) -> torch.Tensor:
-    """Variable-length query chunks [num_tokens, num_heads, head_dim]: sequence i owns query rows
-    query_start_loc[i]:query_start_loc[i+1], which are its last tokens (positions seq_len - q_len .. seq_len - 1),
-    causal within the chunk and attending to the whole cached prefix. Their K/V are already in the cache."""
+def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, seqs: slice, scale: float,
+                      max_seq_len: int, sliding_window: int | None = None, *, out: torch.Tensor) -> None:
+    """kernels.reference.prefill_attention (the specification) in one launch for all the sequences."""
+    start, stop = seq_range(seqs, seq_lens)
     num_tokens, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
-    check_attention_args(query, kv_cache, sliding_window)
-    num_seqs = seq_lens.shape[0]
+    check_attention_args(query, kv_cache, sliding_window, out)
     group = num_heads // num_kv_heads
     rows = max(BLOCK_M, triton.next_power_of_2(group))
     block_q = rows // group
     dim = triton.next_power_of_2(head_dim)
     wide = wide_rows(dim, kv_cache.element_size())
-    out = torch.empty_like(query)
-    _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
+    # The sequences' tokens are at most num_tokens, so these programs cover them (see the module's docstring).
+    _prefill_kernel[(num_tokens // block_q + stop - start, num_kv_heads)](
         query, kv_cache[0], kv_cache[1], out, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, window_arg(sliding_window), num_seqs, group, head_dim,
+        scale * LOG2E, window_arg(sliding_window), start, stop, group, head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, ROWS=rows, DIM=dim, TILE=TILE_N // 2 if wide else TILE_N,
         PRECISION=dot_precision(kv_cache.dtype), num_stages=2 if wide else 3,
         num_warps=8 if wide else 4)  # wide rows: spread the [ROWS, DIM] accumulator over more registers
-    return out

@@ -53,31 +53,32 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
     return out.reshape(batch, num_heads, q_len, head_dim)
 
 
-def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                           scale: float, max_seq_len: int, sliding_window: int | None = None) -> torch.Tensor:
-    """One query token per sequence, [num_seqs, num_heads, head_dim], attending to its seq_len cached tokens."""
-    key, value = _gather_kv(kv_cache, block_tables, max_seq_len)
-    q_pos = (seq_lens.long() - 1)[:, None]
-    mask = _key_mask(q_pos, seq_lens.long(), max_seq_len, sliding_window)
-    return _sdpa(query[:, :, None].to(key.dtype), key, value, mask, scale)[:, :, 0].to(query.dtype)
+def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, seqs: slice, scale: float, max_seq_len: int,
+                           sliding_window: int | None = None, *, out: torch.Tensor) -> None:
+    """Sequences seqs of the batch, one query token each (sequence i's is query row i, as decodes come first),
+    attend to their seq_len cached tokens; writes out[seqs]. query and out [num_tokens, num_heads, head_dim]."""
+    key, value = _gather_kv(kv_cache, block_tables[seqs], max_seq_len)
+    lens = seq_lens[seqs].long()
+    mask = _key_mask((lens - 1)[:, None], lens, max_seq_len, sliding_window)
+    out[seqs] = _sdpa(query[seqs][:, :, None].to(key.dtype), key, value, mask, scale)[:, :, 0]
 
 
-def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                      query_start_loc: torch.Tensor, scale: float, max_seq_len: int,
-                      sliding_window: int | None = None) -> torch.Tensor:
-    """Variable-length query chunks [num_tokens, num_heads, head_dim]: sequence i owns query rows
-    query_start_loc[i]:query_start_loc[i+1], which are its last tokens (positions seq_len - q_len .. seq_len - 1),
-    causal within the chunk and attending to the whole cached prefix. Their K/V are already in the cache."""
-    out = torch.empty_like(query)
+def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, seqs: slice, scale: float,
+                      max_seq_len: int, sliding_window: int | None = None, *, out: torch.Tensor) -> None:
+    """Variable-length query chunks of sequences seqs of the batch; writes their rows of out. Sequence i owns
+    query rows query_start_loc[i]:query_start_loc[i+1], which are its last tokens (positions seq_len - q_len ..
+    seq_len - 1), causal within the chunk and attending to the whole cached prefix. Their K/V are already in the
+    cache. query and out [num_tokens, num_heads, head_dim]."""
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
-    for i, seq_len in enumerate(lens):  # per sequence, not per token: prefills are few per step
-        start, end = starts[i], starts[i + 1]
+    for i in range(*seqs.indices(len(lens))):  # per sequence, not per token: prefills are few per step
+        start, end, seq_len = starts[i], starts[i + 1], lens[i]
         key, value = _gather_kv(kv_cache, block_tables[i:i + 1], seq_len)
         q_pos = torch.arange(seq_len - (end - start), seq_len, device=query.device)[None]
         mask = _key_mask(q_pos, seq_lens[i:i + 1].long(), seq_len, sliding_window)
         q = query[start:end].transpose(0, 1)[None].to(key.dtype)
-        out[start:end] = _sdpa(q, key, value, mask, scale)[0].transpose(0, 1).to(query.dtype)
-    return out
+        out[start:end] = _sdpa(q, key, value, mask, scale)[0].transpose(0, 1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

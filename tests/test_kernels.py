@@ -6,22 +6,29 @@ bf16 is checked on GPUs only). With CUDA the same tests run with longer contexts
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from collections import Counter
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import pytest
 import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime import KernelInterface
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from benchmarks import kernels as bench
 from kernels import KernelOps, get_ops
 from kernels import reference as ref
-from kernels import triton_ops
+from kernels import compile_count, decode_attention, triton_ops
 from kernels.decode_attention import choose_num_splits, decode_with_splits
 
 if TYPE_CHECKING:
     from _pytest.mark.structures import ParameterSet
 
 HAS_CUDA = torch.cuda.is_available()
+H100 = GPUTarget("cuda", 90, 32)  # compute capability 9.0, warp size 32
 
 
 class Target(NamedTuple):
@@ -87,6 +94,13 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, target: Target) 
     torch.testing.assert_close(actual, expected, atol=target.atol, rtol=target.rtol)
 
 
+def _attend(op: Callable[..., None], query: torch.Tensor, *args) -> torch.Tensor:
+    """An attention op's output for every row of query (args select them all), written into a new tensor."""
+    out = torch.full_like(query, float("nan"))  # a row the op fails to write stays NaN and fails the comparison
+    op(query, *args, out=out)
+    return out
+
+
 class AttentionCase(NamedTuple):
     num_heads: int
     num_kv_heads: int
@@ -115,19 +129,34 @@ def test_decode_attention_matches_reference_on_mixed_contexts(case: AttentionCas
     lens = [_grow(n, target) for n in DECODE_CONTEXTS]
     cache = _paged_cache(lens, case.block_size, case.num_kv_heads, case.head_dim, target)
     query = _query(len(lens), case.num_heads, case.head_dim, target)
-    args = (query, *cache, case.head_dim ** -0.5, max(lens), case.sliding_window)
-    _assert_close(triton_ops.paged_decode_attention(*args), ref.paged_decode_attention(*args), target)
+    args = (query, *cache, slice(None), case.head_dim ** -0.5, max(lens), case.sliding_window)
+    _assert_close(_attend(triton_ops.paged_decode_attention, *args), _attend(ref.paged_decode_attention, *args),
+                  target)
 
 
 @pytest.mark.parametrize("target", ATTENTION_TARGETS)
 @pytest.mark.parametrize("num_splits", [1, 2, 7])
 def test_decode_attention_is_independent_of_the_split_count(num_splits: int, target: Target) -> None:
-    # 7 splits leave the 5- and 20-token contexts with empty splits, which must weigh nothing in the merge.
+    # One split writes the output from stage 1; 7 splits leave the 5- and 20-token contexts with empty splits,
+    # which must weigh nothing in the merge.
     lens = [_grow(n, target) for n in (5, 20, 333)]
     cache = _paged_cache(lens, 16, 2, 64, target)
     query = _query(len(lens), 8, 64, target)
-    expected = ref.paged_decode_attention(query, *cache, 0.125, max(lens))
-    _assert_close(decode_with_splits(query, *cache, 0.125, None, num_splits), expected, target)
+    expected = _attend(ref.paged_decode_attention, query, *cache, slice(None), 0.125, max(lens))
+    actual = _attend(functools.partial(decode_with_splits, num_splits=num_splits), query, *cache, slice(None), 0.125,
+                     None)
+    _assert_close(actual, expected, target)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter only: proves the launch sequence, not a GPU property")
+def test_decode_attention_with_one_split_launches_no_merge(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decode_attention, "_merge_splits_kernel", None)  # launching it would raise
+    target = Target("cpu", torch.float32, 1e-5, 1e-5, 1)
+    cache = _paged_cache([9, 30], 16, 2, 64, target)
+    query = _query(2, 8, 64, target)
+    expected = _attend(ref.paged_decode_attention, query, *cache, slice(None), 0.125, 30)
+    _assert_close(_attend(triton_ops.paged_decode_attention, query, *cache, slice(None), 0.125, 30), expected,
+                  target)
 
 
 def test_long_contexts_of_a_small_batch_are_split_and_large_batches_are_not() -> None:
@@ -157,8 +186,45 @@ def test_prefill_attention_matches_reference_with_cached_prefixes(batch: list[tu
     q_lens = torch.tensor([0] + [q_len for _, q_len in chunks], device=target.device)
     query_start_loc = q_lens.cumsum(0).to(torch.int32)
     query = _query(int(q_lens.sum()), case.num_heads, case.head_dim, target)
-    args = (query, *cache, query_start_loc, case.head_dim ** -0.5, max(lens), case.sliding_window)
-    _assert_close(triton_ops.prefill_attention(*args), ref.prefill_attention(*args), target)
+    args = (query, *cache, query_start_loc, slice(None), case.head_dim ** -0.5, max(lens), case.sliding_window)
+    _assert_close(_attend(triton_ops.prefill_attention, *args), _attend(ref.prefill_attention, *args), target)
+
+
+# A batch as the runner orders it: decodes first, then prefill chunks (cached prefix length, chunk length).
+MIXED_BATCH = [(40, 1), (7, 1), (129, 1), (45, 30), (0, 19), (16, 17)]
+
+
+@pytest.mark.parametrize("target", ATTENTION_TARGETS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_ops_read_whole_tables_and_write_their_rows_of_a_larger_out(backend: str, target: Target) -> None:
+    ops, scale = get_ops(backend), 0.125
+    chunks = [(_grow(prefix, target), _grow(q_len, target)) for prefix, q_len in MIXED_BATCH]
+    lens = [prefix + q_len for prefix, q_len in chunks]
+    num_decodes = 3
+    decode_groups = [(0, 1), (1, num_decodes)]  # the second starts at an offset, as the torch path's groups do
+    cache = _paged_cache(lens, 16, 2, 64, target)
+    query_start_loc = torch.tensor([0] + [q_len for _, q_len in chunks], device=target.device).cumsum(0).to(torch.int32)
+    num_tokens = int(query_start_loc[-1])
+    query = _query(num_tokens, 8, 64, target)
+    # out is a slice of a larger buffer whose margins no op may touch.
+    buffer = torch.full((num_tokens + 2, 8, 64), float("nan"), dtype=target.dtype, device=target.device)
+    out = buffer[1:-1]
+    ops.prefill_attention(query, *cache, query_start_loc, slice(num_decodes, None), scale, max(lens), out=out)
+    assert out[:num_decodes].isnan().all(), "prefill wrote the decodes' rows"
+    for first, end in decode_groups:
+        ops.paged_decode_attention(query, *cache, slice(first, end), scale, max(lens[first:end]), out=out)
+    assert buffer[0].isnan().all() and buffer[-1].isnan().all(), "an op wrote outside out"
+
+    # Expected: the reference on the sliced batch, as the ops were called before they took whole tables.
+    expected = torch.empty_like(query)
+    for first, end in decode_groups:
+        ref.paged_decode_attention(query[first:end], cache.kv_cache, cache.block_tables[first:end],
+                                   cache.seq_lens[first:end], slice(None), scale, max(lens[first:end]),
+                                   out=expected[first:end])
+    ref.prefill_attention(query[num_decodes:], cache.kv_cache, cache.block_tables[num_decodes:],
+                          cache.seq_lens[num_decodes:], query_start_loc[num_decodes:] - num_decodes, slice(None),
+                          scale, max(lens), out=expected[num_decodes:])
+    _assert_close(out, expected, target)
 
 
 @pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
@@ -211,6 +277,124 @@ def test_rotary_embedding_rotates_query_and_key_in_place(rotary_dim: int, is_neo
 def test_silu_and_mul_matches_reference(target: Target) -> None:
     x = torch.randn(2, 3, 2 * 1100 * target.scale, device=target.device).to(target.dtype)  # d spans column blocks
     _assert_close(triton_ops.silu_and_mul(x), ref.silu_and_mul(x), target)
+
+
+class Step(NamedTuple):
+    """One step's batch as the runner builds it: decodes (longest first), then prefill chunks (prefix, chunk
+    length). The block table is as wide as the longest sequence needs, so its width changes from step to step."""
+    decode_lens: list[int]
+    prefills: list[tuple[int, int]]
+
+
+# Warm-up: one step of each kind a model compiles for: decodes in one split, then in several (a long context
+# alone; 2 splits whatever the SM count), each with every other kernel.
+WARM_UP_STEPS = [Step([20, 9], [(0, 5)]), Step([300], [])]
+# Batches of 1, 3, 16, 17 and 33 sequences; tables 1, 16 and 17 blocks wide; a lone token; sequence ranges at odd
+# offsets (decode groups, prefills after an odd number of decodes); contexts in one split and in several.
+VARIED_STEPS = [
+    Step([5], []),
+    Step([], [(0, 1)]),
+    Step([16, 11, 2], []),
+    Step([256] + [40] * 14, [(3, 14)]),
+    Step([33] * 16, [(240, 17)]),
+    Step([270, 100], [(5, 3), (0, 9)]),
+    Step([7] * 32, [(0, 16)]),
+]
+
+
+def _run_step(ops: KernelOps, step: Step, target: Target) -> None:
+    """Every kernel as one layer calls it in this step (decodes in two groups, the second at an offset, as the
+    torch path cuts them)."""
+    num_heads, num_kv_heads, head_dim, block_size, hidden, intermediate = 4, 2, 64, 16, 256, 320
+    chunks = [(n - 1, 1) for n in step.decode_lens] + step.prefills
+    lens = [prefix + q_len for prefix, q_len in chunks]
+    cache = _paged_cache(lens, block_size, num_kv_heads, head_dim, target)
+    positions = torch.cat([torch.arange(prefix, prefix + q_len) for prefix, q_len in chunks]).to(target.device)
+    rows = torch.repeat_interleave(torch.tensor([q_len for _, q_len in chunks], device=target.device))
+    slots = cache.block_tables[rows, positions // block_size].long() * block_size + positions % block_size
+    query_start_loc = torch.cat([rows.new_zeros(1), torch.bincount(rows).cumsum(0)]).to(torch.int32)
+    num_tokens, num_decodes = len(positions), len(step.decode_lens)
+
+    x = torch.randn(num_tokens, hidden, device=target.device).to(target.dtype)
+    weight = torch.ones(hidden, device=target.device, dtype=target.dtype)
+    ops.rms_norm(x, weight, 1e-6)
+    ops.rms_norm(x, weight, 1e-6, x.clone())
+    qkv = _query(num_tokens, num_heads + 2 * num_kv_heads, head_dim, target)  # the fused projection's views
+    query, key = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads]
+    value = qkv[:, num_heads + num_kv_heads:]
+    for heads in (query, key):  # Qwen3's per-head norm
+        ops.rms_norm(heads, weight[:head_dim], 1e-6)
+    ops.rotary_embedding(positions, query, key, torch.randn(max(lens), head_dim, device=target.device))
+    ops.write_kv_cache(key, value, cache.kv_cache, slots)
+    out = torch.empty_like(query)
+    half = num_decodes // 2
+    for first, end in ((0, half), (half, num_decodes)):
+        if end > first:
+            ops.paged_decode_attention(query, *cache, slice(first, end), 0.125, max(lens[first:end]), out=out)
+    if step.prefills:
+        ops.prefill_attention(query, *cache, query_start_loc, slice(num_decodes, None), 0.125,
+                              max(lens[num_decodes:]), out=out)
+    ops.silu_and_mul(torch.randn(num_tokens, 2 * intermediate, device=target.device).to(target.dtype))
+
+
+class _LaunchRecorder(JITFunction):
+    """A @triton.jit function that runs nothing: it records each launch by the key Triton's JIT on an H100 gives
+    the variant it compiles (argument types; ints equal to 1 or divisible by 16 and 16-byte aligned pointers,
+    unless do_not_specialize; constexprs; launch options). Built on Triton 3.x internals (the JIT's binder)."""
+
+    def __init__(self, function: KernelInterface, launches: set[tuple]) -> None:
+        super().__init__(function.fn, **function.kwargs)
+        self.launches = launches
+        self.bind = create_function_from_signature(self.signature, self.params, make_backend(H100))
+
+    def run(self, *args, grid, warmup, **kwargs) -> None:
+        _, specialization, options = self.bind(*args, **kwargs)
+        self.launches.add((self.fn.__name__, tuple(specialization), str(options)))
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> set[tuple]:
+    """Every kernel launch recorded, not run, by its H100 variant (see _LaunchRecorder)."""
+    recorded: set[tuple] = set()
+    recorders = {function: _LaunchRecorder(function, recorded) for _, _, function in compile_count.jit_functions()}
+    for module in compile_count.KERNEL_MODULES:  # under every name, imported ones too
+        for name, value in list(vars(module).items()):
+            if isinstance(value, KernelInterface):
+                monkeypatch.setattr(module, name, recorders[value])
+    return recorded
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the test below counts real compilations")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_varied_batches_launch_only_the_kernel_variants_of_the_warm_up(dtype: torch.dtype,
+                                                                      launches: set[tuple]) -> None:
+    ops, target = get_ops("triton"), Target("cpu", dtype, 0.0, 0.0, 1)
+    for step in WARM_UP_STEPS:
+        _run_step(ops, step, target)
+    warm = set(launches)
+    # Per model and dtype: decode's stage 1 writing the output and writing partials, the merge; RMSNorm over the
+    # hidden size, with a residual, and over a head; one of each other kernel.
+    assert Counter(name for name, *_ in warm) == {
+        "_decode_split_kernel": 2, "_merge_splits_kernel": 1, "_prefill_kernel": 1, "_write_kv_kernel": 1,
+        "_rms_norm_kernel": 3, "_rotary_kernel": 1, "_silu_and_mul_kernel": 1}
+    for step in VARIED_STEPS:
+        _run_step(ops, step, target)
+    assert launches == warm, f"new variants: {launches - warm}"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="counts compilations on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_varied_batches_compile_nothing_after_warm_up(dtype: torch.dtype) -> None:
+    ops, target = get_ops("triton"), Target("cuda", dtype, 0.0, 0.0, 1)
+    for step in WARM_UP_STEPS:
+        _run_step(ops, step, target)
+    torch.cuda.synchronize()
+    warm = compile_count.compiled_variants()
+    assert sum(warm.values()) > 0, "no compiled kernel counted: has triton's JITFunction cache moved?"
+    for step in VARIED_STEPS:
+        _run_step(ops, step, target)
+    torch.cuda.synchronize()
+    assert compile_count.compiled_variants() == warm
 
 
 def test_triton_backend_serves_every_kernel_op() -> None:

@@ -21,14 +21,13 @@ class PagedAttention:
                  meta: AttentionMetadata) -> torch.Tensor:
         """query [num_tokens, num_heads, head_dim], key/value [num_tokens, num_kv_heads, head_dim]."""
         self.ops.write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        # The ops read the batch's whole tables and write their sequences' rows of out: no slices, no copies.
         out = torch.empty_like(query)
         for start, end, max_seq_len in meta.decode_groups:
-            out[start:end] = self.ops.paged_decode_attention(
-                query[start:end], kv_cache, meta.block_tables[start:end], meta.seq_lens[start:end], self.scale,
-                max_seq_len, self.sliding_window)
+            self.ops.paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, slice(start, end),
+                                            self.scale, max_seq_len, self.sliding_window, out=out)
         if meta.num_prefills:
-            nd = meta.num_decodes
-            out[nd:] = self.ops.prefill_attention(query[nd:], kv_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
-                                                  meta.query_start_loc[nd:] - nd, self.scale, meta.max_prefill_seq_len,
-                                                  self.sliding_window)
+            self.ops.prefill_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                       slice(meta.num_decodes, None), self.scale, meta.max_prefill_seq_len,
+                                       self.sliding_window, out=out)
         return out
