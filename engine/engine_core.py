@@ -42,6 +42,7 @@ class EngineCore:
         self.sampler = Sampler()
         self.num_blocks = self.runner.determine_num_blocks(self.sampler)
         self.runner.allocate_kv_cache(self.num_blocks)
+        self.runner.warm_up()
         self.kv_cache_manager = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)

@@ -18,6 +18,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from kernels import get_ops
+from kernels.decode_attention import MIN_SPLIT_TOKENS
 
 CPU_KV_CACHE_BYTES = 2 << 30
 DECODE_GROUPS = 3  # on a one-off CPU timing of 32 decodes of 100-380 tokens, 3 groups beat 1, 2 and 4
@@ -119,6 +120,29 @@ class ModelRunner:
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
+
+    def warm_up(self) -> None:
+        """Compile every Triton kernel variant serving will use, before serving: a compile takes seconds on a
+        GPU and would stall every request of its step. The kernels specialize only on the model and the dtype,
+        and decode on whether it splits the context, so two steps cover all: decodes with short contexts
+        beside a prefill chunk, then one decode long enough to split. Their KV goes to blocks that requests
+        overwrite before they read them."""
+        if self.config.kernel_backend != "triton":
+            return  # the torch path compiles nothing
+        # A context the engine can never hold needs no variant: skip the steps that do not fit.
+        num_blocks = self.kv_caches[0].shape[1]
+        longest = min(2 * MIN_SPLIT_TOKENS, self.config.max_model_len, num_blocks * self.block_size)
+        steps = [([20, 9], [5]), ([longest], [])] if longest > MIN_SPLIT_TOKENS else [([20, 9], [5])]
+        for decode_lens, prefill_lens in steps:
+            lens = decode_lens + prefill_lens
+            blocks = np.cumsum([0] + [-(-n // self.block_size) for n in lens])
+            if blocks[-1] > num_blocks:
+                continue
+            requests = [_dummy_request(i, n, SamplingParams(), range(blocks[i], blocks[i + 1]))
+                        for i, n in enumerate(lens)]
+            for request in requests[:len(decode_lens)]:
+                request.num_computed_tokens = request.num_tokens - 1
+            self.execute_model(SchedulerOutput(requests, [1] * len(decode_lens) + prefill_lens, [], [], [], 0))
 
     def _copy_blocks(self, blocks_to_copy: list[tuple[int, int]]) -> None:
         src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*blocks_to_copy))

@@ -13,22 +13,18 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import pytest
 import torch
-from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
-from triton.runtime import KernelInterface
-from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from benchmarks import kernels as bench
 from kernels import KernelOps, get_ops
 from kernels import reference as ref
 from kernels import compile_count, decode_attention, triton_ops
 from kernels.decode_attention import choose_num_splits, decode_with_splits
+from tests.kernel_launches import launches  # noqa: F401 (fixture)
 
 if TYPE_CHECKING:
     from _pytest.mark.structures import ParameterSet
 
 HAS_CUDA = torch.cuda.is_available()
-H100 = GPUTarget("cuda", 90, 32)  # compute capability 9.0, warp size 32
 
 
 class Target(NamedTuple):
@@ -335,33 +331,6 @@ def _run_step(ops: KernelOps, step: Step, target: Target) -> None:
         ops.prefill_attention(query, *cache, query_start_loc, slice(num_decodes, None), 0.125,
                               max(lens[num_decodes:]), out=out)
     ops.silu_and_mul(torch.randn(num_tokens, 2 * intermediate, device=target.device).to(target.dtype))
-
-
-class _LaunchRecorder(JITFunction):
-    """A @triton.jit function that runs nothing: it records each launch by the key Triton's JIT on an H100 gives
-    the variant it compiles (argument types; ints equal to 1 or divisible by 16 and 16-byte aligned pointers,
-    unless do_not_specialize; constexprs; launch options). Built on Triton 3.x internals (the JIT's binder)."""
-
-    def __init__(self, function: KernelInterface, launches: set[tuple]) -> None:
-        super().__init__(function.fn, **function.kwargs)
-        self.launches = launches
-        self.bind = create_function_from_signature(self.signature, self.params, make_backend(H100))
-
-    def run(self, *args, grid, warmup, **kwargs) -> None:
-        _, specialization, options = self.bind(*args, **kwargs)
-        self.launches.add((self.fn.__name__, tuple(specialization), str(options)))
-
-
-@pytest.fixture
-def launches(monkeypatch: pytest.MonkeyPatch) -> set[tuple]:
-    """Every kernel launch recorded, not run, by its H100 variant (see _LaunchRecorder)."""
-    recorded: set[tuple] = set()
-    recorders = {function: _LaunchRecorder(function, recorded) for _, _, function in compile_count.jit_functions()}
-    for module in compile_count.KERNEL_MODULES:  # under every name, imported ones too
-        for name, value in list(vars(module).items()):
-            if isinstance(value, KernelInterface):
-                monkeypatch.setattr(module, name, recorders[value])
-    return recorded
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the test below counts real compilations")

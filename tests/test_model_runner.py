@@ -1,5 +1,6 @@
-"""The model runner's start-up: weights allocated once in the target dtype, and a profile step that
-exercises the sampler at its largest, so the KV-cache budget on a GPU leaves room for both."""
+"""The model runner's start-up: weights allocated once in the target dtype; a profile step that exercises the
+sampler at its largest, so the KV-cache budget on a GPU leaves room for both; and a warm-up after which serving
+compiles no new kernel variant."""
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 
 from engine.config import EngineConfig
+from engine.engine_core import EngineCore
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from tests.kernel_launches import launches  # noqa: F401 (fixture)
 
 class AllocatedBytes(TorchDispatchMode):
     """Sums the bytes of every new storage an op creates off the meta device (an upper bound of the peak)."""
@@ -61,3 +65,22 @@ def test_profile_step_samples_max_num_seqs_rows_with_every_costly_setting():
     [rows] = sampler.batches
     assert len(rows) == engine_config.max_num_seqs
     assert all(p.top_p < 1 and p.top_k and p.uses_penalties and p.logprobs and not p.greedy for p in rows)
+
+
+def test_after_warm_up_serving_varied_batches_launches_no_new_kernel_variant(launches, tmp_path):
+    """The Triton kernels are recorded by the variant each launch would compile on an H100, not run: what the
+    engine's warm-up launched must cover every step of a run with varied batches, lengths and chunked prefills."""
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
+                         architectures=["LlamaForCausalLM"])
+    config.to_json_file(tmp_path / "config.json")
+    engine = EngineCore(EngineConfig(model=str(tmp_path / "config.json"), load_format="dummy", device="cpu",
+                                     dtype="float32", kernel_backend="triton", max_num_batched_tokens=64))
+    warm = set(launches)
+    assert warm, "the warm-up launched no kernel"
+    for i, prompt_len in enumerate([1, 3, 17, 40, 300, 600, 16, 33]):
+        params = SamplingParams(n=1 + i % 2, max_tokens=3 + i, ignore_eos=True, temperature=0.7, seed=i)
+        engine.add_request(f"r{i}", [(7 * t) % 512 for t in range(prompt_len)], params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert launches == warm, f"variants compiled while serving: {launches - warm}"
