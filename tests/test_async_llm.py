@@ -1,12 +1,15 @@
 """AsyncLLM keeps the event loop free: prompts are tokenized and chat templates rendered in the tokenizer
-thread, each thread with its own tokenizer instance."""
+thread, each thread with its own tokenizer instance; a template's refusal reaches the client as a 400."""
 from __future__ import annotations
 
 import asyncio
 import threading
 
+from aiohttp.test_utils import TestClient, TestServer
+
 from engine import EngineConfig, SamplingParams
 from engine.async_llm import AsyncLLM
+from server.app import ServerOptions, build_app
 
 
 def record_threads(tokenizer, method: str, calls: list[str]) -> None:
@@ -40,3 +43,24 @@ def test_prompts_and_chat_templates_are_tokenized_off_the_event_loop_by_a_tokeni
         assert set(calls) == {name for name in calls if name.startswith("tokmodel-tokenizer")}
 
     asyncio.run(scenario())
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400_on_messages(async_llm):
+    """Templates raise for conversations they cannot render (roles that do not alternate, say): the user's
+    mistake, told in the template's own words, not a 500."""
+    refusing = "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+
+    async def scenario() -> None:
+        async with TestClient(TestServer(build_app(async_llm, ServerOptions()))) as client:
+            for path in ("/v1/chat/completions", "/tokenize"):
+                response = await client.post(path, json={"messages": [{"role": "user", "content": "Hi"}]})
+                assert response.status == 400, await response.text()
+                error = (await response.json())["error"]
+                assert error["param"] == "messages" and "roles must alternate" in error["message"]
+
+    original = async_llm._prompt_tokenizer.chat_template
+    async_llm._prompt_tokenizer.chat_template = refusing
+    try:
+        asyncio.run(scenario())
+    finally:
+        async_llm._prompt_tokenizer.chat_template = original
