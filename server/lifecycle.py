@@ -74,7 +74,9 @@ async def serve(llm: AsyncLLM, options: ServerOptions, sock: socket.socket) -> i
         for watcher in watchers:
             watcher.cancel()
         await runner.cleanup()
-    return EXIT_ENGINE_DEAD if stop.engine_dead else EXIT_OK
+    exit_code = EXIT_ENGINE_DEAD if stop.engine_dead else EXIT_OK
+    logger.info("TokModel stopped (exit code %d)", exit_code)
+    return exit_code
 
 
 async def watch_engine(llm: AsyncLLM, stop: StopRequest) -> None:
