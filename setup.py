@@ -17,6 +17,7 @@ setup(
         "tqdm",
         "huggingface_hub",
         "prometheus_client",
+        "xgrammar>=0.2.8",
     ],
     extras_require={
         "client": ["openai>=1.0"],  # examples/chat_client.py

@@ -22,6 +22,7 @@ from engine.request import Request, RequestStatus
 from engine.sampler import Sampler, SamplerOutput
 from engine.sampling_params import SamplingParams, check_token_ids
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.structured_output import StructuredOutputManager
 
 PromptType = str | list[int] | dict
 logger = logging.getLogger("tokmodel.engine")
@@ -47,6 +48,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.structured_output = StructuredOutputManager(self.vocab_size, sorted(self.eos_token_ids))
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
@@ -55,7 +57,8 @@ class EngineCore:
         """Tokenize and check a request without touching engine state: safe from any thread that brings its
         own tokenizer (one instance must not serve two threads). Returns (prompt text, prompt token ids,
         max_tokens); raises ValueError when it can never run."""
-        text, token_ids = self._tokenize(prompt, tokenizer or self.tokenizer)
+        tokenizer = tokenizer or self.tokenizer
+        text, token_ids = self._tokenize(prompt, tokenizer)
         if not token_ids:
             raise ValueError("prompt must not be empty")
         check_token_ids("prompt", token_ids, self.vocab_size)
@@ -71,6 +74,8 @@ class EngineCore:
             raise ValueError(f"This model's maximum context length is {limit} tokens. However, your prompt has "
                              f"{num_prompt} tokens, which leaves no room for output.")
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - num_prompt
+        if params.structured_outputs is not None:  # compiled here, off the step loop; the engine finds it cached
+            self.structured_output.compile(params.structured_outputs, tokenizer)
         blocks_needed = -(-(num_prompt + max_tokens) // self.config.block_size)
         if blocks_needed > self.num_blocks:
             raise ValueError(f"the request needs {blocks_needed} KV-cache blocks ({num_prompt} prompt + {max_tokens} "
@@ -92,6 +97,8 @@ class EngineCore:
             if params.seed is not None:  # each choice its own stream, as vLLM: seed + index
                 seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed + index)
             sequences.append(seq)
+        if params.structured_outputs is not None:
+            self.structured_output.attach(sequences, params.structured_outputs, self.tokenizer)
         self.output_processor.add_request(request_id, text, token_ids, params, arrival_time)
         self.scheduler.add_request(sequences[0], sequences[1:])
 
@@ -115,15 +122,20 @@ class EngineCore:
         except Exception as error:
             return self._fail_culprits(output, error)
         sequences = self.scheduler.update(output, sampled.token_ids if sampled else [])
+        grammar_complete, grammar_refused = self.structured_output.accept_tokens(sequences)
+        self.scheduler.finish_requests(grammar_complete, RequestStatus.FINISHED_STOPPED)
         processed = self.output_processor.process(sequences, sampled.logprobs if sampled else [])
         self.scheduler.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
         self.num_generation_tokens += len(sequences)
         self.num_prompt_tokens += sum(s.num_prompt_tokens for s in sequences if s.num_output_tokens == 1 and s.index == 0)
-        return processed.outputs + self._fail_requests(processed.failed)
+        return processed.outputs + self._fail_requests(processed.failed + grammar_refused)
 
     def _execute(self, output: SchedulerOutput) -> SamplerOutput | None:
         logits = self.runner.execute_model(output)
-        return self.sampler(logits, output.sample_requests) if output.sample_requests else None
+        if not output.sample_requests:
+            return None
+        self.structured_output.apply_bitmask(logits, output.sample_requests)
+        return self.sampler(logits, output.sample_requests)
 
     def _fail_culprits(self, output: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         if is_fatal(error):

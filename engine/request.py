@@ -52,6 +52,7 @@ class Request:
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.generator: torch.Generator | None = None  # per-request RNG when a seed is given
         self.penalty_state = None  # sampler.PenaltyState, made on first use by a request with penalties
+        self.grammar = None  # its structured output's matcher, advanced by each sampled token
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,6 +5,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from engine.structured_output.params import StructuredOutputsParams
+
 # The sampler computes in float32: a larger Python float becomes inf there, and inf - inf or 0 * inf is NaN.
 _FLOAT32_MAX = 3.4028234663852886e38
 _INT64 = (-(2**63), 2**63 - 1)  # seed's range, as vLLM's
@@ -49,6 +51,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs besides the sampled token's
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must match
     # Filled by the engine: the model's end tokens, unless ignore_eos.
     eos_token_ids: frozenset[int] = field(default=frozenset(), repr=False)
 
@@ -71,6 +74,8 @@ class SamplingParams:
                f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be a non-empty string or a list of non-empty strings")
         _check(all(map(_is_int, self.stop_token_ids)), "stop_token_ids", "must be a list of integer token ids")
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", f"must be a StructuredOutputsParams, got {_show(self.structured_outputs)}")
 
     def check_vocab(self, vocab_size: int) -> None:
         """What only the model can bound: top_k and the token ids of logit_bias and stop_token_ids.

@@ -11,6 +11,8 @@ from jinja2 import TemplateError
 
 from engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from server.errors import OpenAIError, bad_request
+from server.structured_outputs import FIELDS as STRUCTURED_OUTPUT_FIELDS
+from server.structured_outputs import structured_outputs
 
 if TYPE_CHECKING:
     from engine.async_llm import AsyncLLM
@@ -23,6 +25,7 @@ _SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {
     "logit_bias": (dict,), "max_tokens": (int,), "min_tokens": (int,), "stop": (str, list), "stop_token_ids": (list,),
     "ignore_eos": (bool,), "skip_special_tokens": (bool,), "stream": (bool,), "stream_options": (dict,), "user": (str,),
 }
+_SAMPLING_FIELDS |= STRUCTURED_OUTPUT_FIELDS
 CHAT_FIELDS = _SAMPLING_FIELDS | {"messages": (list,), "max_completion_tokens": (int,), "logprobs": (bool,),
                                   "top_logprobs": (int,)}
 COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt": (str, list), "echo": (bool,), "logprobs": (int,)}
@@ -130,7 +133,8 @@ def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, vo
         raise bad_request(f"temperature must be in [0, 2], got {temperature}", param="temperature")
     kwargs = {name: body[name] for name in _PASSTHROUGH if body.get(name) is not None}
     try:
-        params = SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs, output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs, output_kind=RequestOutputKind.DELTA,
+                                structured_outputs=structured_outputs(body))
         if vocab_size is not None:
             params.check_vocab(vocab_size)
         return params

@@ -1,0 +1,60 @@
+"""The request fields that constrain the output to a grammar, to the engine's StructuredOutputsParams: OpenAI's
+`response_format` (json_object, json_schema; text is no constraint) and vLLM's `structured_outputs` (json,
+json_object, regex, choice, grammar) and its older `guided_json`, `guided_regex`, `guided_choice` and
+`guided_grammar`. Each is checked here, so an invalid schema, regex or grammar is a 400 naming its field
+before anything is scheduled."""
+from __future__ import annotations
+
+from engine.structured_output import StructuredOutputsParams, check
+from server.errors import bad_request
+
+FIELDS: dict[str, tuple[type, ...]] = {"response_format": (dict,), "structured_outputs": (dict,),
+                                       "guided_json": (dict, str), "guided_regex": (str,), "guided_choice": (list,),
+                                       "guided_grammar": (str,)}
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+_STRUCTURED_OUTPUTS_KEYS = frozenset({"json", "json_object", "regex", "choice", "grammar"})
+
+
+def structured_outputs(body: dict) -> StructuredOutputsParams | None:
+    given = [name for name in FIELDS if body.get(name) is not None and body.get(name) != {"type": "text"}]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise bad_request(f"{' and '.join(given)} each constrain the output: send one", param=given[1])
+    field = given[0]
+    try:
+        params = _parse(field, body[field])
+        check(params)
+    except ValueError as e:
+        raise bad_request(f"{field}: {e}", param=field) from None
+    return params
+
+
+def _parse(field: str, value: object) -> StructuredOutputsParams:
+    if field == "response_format":
+        return _response_format(value)
+    if field == "structured_outputs":
+        unknown = sorted(set(value) - _STRUCTURED_OUTPUTS_KEYS)
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} not supported (supported: {', '.join(sorted(_STRUCTURED_OUTPUTS_KEYS))})")
+        return StructuredOutputsParams(**value)
+    return StructuredOutputsParams(**{_GUIDED[field]: value})
+
+
+def _response_format(value: dict) -> StructuredOutputsParams:
+    """OpenAI's shapes: {"type": "json_object"} and {"type": "json_schema", "json_schema": {"name", "schema",
+    "strict"}}. Whether strict or not, the schema is enforced: a grammar cannot follow a schema loosely."""
+    kind = value.get("type")
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind != "json_schema":
+        raise ValueError(f"type must be text, json_object or json_schema, got {kind!r}")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError("json_schema must be an object with a name (and a schema)")
+    schema = spec.get("schema")
+    if schema is None:  # OpenAI allows it absent: any JSON object
+        return StructuredOutputsParams(json_object=True)
+    if not isinstance(schema, dict):
+        raise ValueError("json_schema.schema must be a JSON Schema object")
+    return StructuredOutputsParams(json=schema)
