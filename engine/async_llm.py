@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, TypeVar
 
+from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType
 from engine.errors import EngineDeadError
@@ -34,6 +35,7 @@ class AsyncLLM:
         self.config = config
         self.tokenizer = copy.deepcopy(self.core.tokenizer)  # the event loop's
         self._prompt_tokenizer = copy.deepcopy(self.core.tokenizer)  # the tokenizer thread's
+        self._chat_template = ChatTemplate(self._prompt_tokenizer)
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokmodel-tokenizer")
         self.max_model_len = self.core.max_model_len
         self.model_name = config.served_model_name or (config.model or "SmolLM2-135M-Instruct").rstrip("/").split("/")[-1]
@@ -62,9 +64,9 @@ class AsyncLLM:
         """A snapshot taken after the last step (the engine thread owns the live counters)."""
         return self._stats
 
-    async def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return await self._in_tokenizer_thread(lambda tokenizer: tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    async def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt's token ids; tools as OpenAI's function tools (see engine.chat_template)."""
+        return await self._in_tokenizer_thread(lambda _: self._chat_template.token_ids(messages, tools))
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return await self._in_tokenizer_thread(lambda tokenizer: tokenizer.encode(text, add_special_tokens=add_special_tokens))

@@ -6,6 +6,7 @@ import itertools
 
 from tqdm.auto import tqdm
 
+from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType
 from engine.outputs import RequestOutput
@@ -18,6 +19,7 @@ class LLM:
         self.engine = EngineCore(EngineConfig(model=model, device=device, dtype=dtype, kernel_backend=kernel_backend,
                                               **engine_args))
         self._ids = itertools.count()
+        self._chat_template = ChatTemplate(self.engine.tokenizer)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -40,12 +42,12 @@ class LLM:
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or a list of them, through the model's chat template."""
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, through the model's chat template;
+        tools: OpenAI's function tools, for the template (engine.chat_template)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tokenizer = self.engine.tokenizer
-        prompts = [{"prompt_token_ids": tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
-                                                                      tokenize=True, return_dict=False)}
+        prompts = [{"prompt_token_ids": self._chat_template.token_ids(c, tools, add_generation_prompt)}
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 

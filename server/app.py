@@ -15,6 +15,7 @@ from server.completions import create_completion
 from server.errors import OpenAIError, error_response
 from server.metrics import ServerMetrics
 from server.state import STATE, ServerState
+from server.tool_parsers import TOOL_PARSERS
 
 if TYPE_CHECKING:
     from engine.async_llm import AsyncLLM
@@ -33,6 +34,7 @@ class ServerOptions:
     access_log: bool = True  # off with --disable-uvicorn-access-log
     log_requests: bool = False  # --enable-log-requests
     stats_interval_s: float = 10.0  # how often a busy server logs its stats line
+    tool_call_parser: str | None = None  # with --enable-auto-tool-choice: a name in tool_parsers.TOOL_PARSERS
 
 
 @web.middleware
@@ -79,8 +81,9 @@ async def check_api_key(request: web.Request, handler) -> web.StreamResponse:
 
 def build_app(llm: AsyncLLM, options: ServerOptions) -> web.Application:
     app = web.Application(middlewares=[track_in_flight, openai_errors, check_api_key], client_max_size=MAX_BODY_BYTES)
+    tool_parser = TOOL_PARSERS[options.tool_call_parser] if options.tool_call_parser else None
     app[STATE] = ServerState(llm, ServerMetrics(llm, llm.model_name), options.api_key, options.max_waiting_requests,
-                             options.log_requests)
+                             options.log_requests, tool_parser=tool_parser)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
     app.router.add_post("/v1/completions", create_completion)
     app.router.add_get("/v1/models", info.list_models)

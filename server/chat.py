@@ -15,28 +15,71 @@ from server.protocol import (CHAT_FIELDS, chat_prompt, check_model, check_types,
                              sampling_params, stream_options, vocab_size)
 from server.serving import Completion
 from server.state import STATE
+from server.tool_parsers import DeltaMessage, ToolCall, ToolCallDelta, ToolParser, extract_tool_calls
+from server.tools import ToolCalling, chat_tool_calling
 
 
 class ChatCompletion(Completion):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
+    def __init__(self, *args, tool_calling: ToolCalling, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_calling = tool_calling
+        self._parsers: dict[int, ToolParser | None] = {}  # per streamed choice
+
     def chunk_choice(self, index: int, delta: CompletionOutput, first: bool) -> dict | None:
-        if not (first or delta.text or delta.finish_reason or delta.token_ids):
-            return None
-        message = {"role": "assistant", "content": delta.text} if first else {"content": delta.text}
+        if first:
+            self._parsers[index] = self.tool_calling.new_parser()
+        parser = self._parsers[index]
+        if parser is None:
+            if not (first or delta.text or delta.finish_reason or delta.token_ids):
+                return None
+            message, called = {"content": delta.text}, False
+        else:  # text a parser holds back (a call's name not yet complete, say) makes no chunk, unless for logprobs
+            message, called = _delta_message(parser.feed(delta.text, final=delta.finished), first), parser.tools_called
+            if not (first or message or delta.finish_reason or (delta.token_ids and self.top_logprobs is not None)):
+                return None
+        message = {"role": "assistant"} | message if first else message
         return {"index": index, "delta": message, "logprobs": self._logprobs(delta.token_ids, delta.logprobs),
-                "finish_reason": delta.finish_reason}
+                "finish_reason": _finish_reason(delta.finish_reason, called)}
 
     def final_choice(self, index: int, choice: Choice) -> dict:
-        message = {"role": "assistant", "content": choice.text, "refusal": None}
+        parser = self.tool_calling.new_parser()
+        extracted = extract_tool_calls(parser, choice.text) if parser is not None else None
+        message = {"role": "assistant", "content": extracted.content if extracted else choice.text, "refusal": None}
+        if extracted and extracted.tool_calls:
+            message["tool_calls"] = [_tool_call(call) for call in extracted.tool_calls]
         return {"index": index, "message": message, "logprobs": self._logprobs(choice.token_ids, choice.logprobs),
-                "finish_reason": choice.finish_reason}
+                "finish_reason": _finish_reason(choice.finish_reason, "tool_calls" in message)}
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None) -> dict | None:
         if self.top_logprobs is None or not logprobs:
             return None
         return chat_logprobs(self.tokenizer, token_ids, logprobs, self.top_logprobs)
+
+
+def _finish_reason(reason: str | None, tools_called: bool) -> str | None:
+    return "tool_calls" if reason == "stop" and tools_called else reason
+
+
+def _delta_message(delta: DeltaMessage, first: bool) -> dict:
+    message = {"content": delta.content} if delta.content or first else {}
+    if delta.tool_calls:
+        message["tool_calls"] = [_tool_call_delta(call) for call in delta.tool_calls]
+    return message
+
+
+def _tool_call(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _tool_call_delta(call: ToolCallDelta) -> dict:
+    """OpenAI's chunks: the first of a call carries its id, type and name (and maybe arguments), later ones only
+    arguments."""
+    if call.id is None:
+        return {"index": call.index, "function": {"arguments": call.arguments}}
+    return {"index": call.index} | _tool_call(ToolCall(call.id, call.name, call.arguments))
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
@@ -47,14 +90,17 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     check_model(body, state.llm.model_name)
     options = stream_options(body)
     top_logprobs = _top_logprobs(body)
+    tool_calling = chat_tool_calling(body, state.tool_parser)
     # max_completion_tokens replaced max_tokens in OpenAI's API; both are still sent by clients.
     max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     params = sampling_params(body, body.get(max_name), top_logprobs, vocab_size(state.llm),
-                             {"logprobs": "top_logprobs", "max_tokens": max_name})
+                             {"logprobs": "top_logprobs", "max_tokens": max_name}, tool_calling.structured_outputs)
     require_tokenizer(state.llm)
-    prompt = await chat_prompt(state.llm, body)
+    if tool_calling.auto_parser is not None and tool_calling.auto_parser.markers_are_special(state.llm.tokenizer):
+        params.skip_special_tokens = False  # the parser must see its markers
+    prompt = await chat_prompt(state.llm, body, tool_calling.template_tools())
     completion = ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", state.llm.model_name, params.n, options,
-                                top_logprobs, state.llm.tokenizer)
+                                top_logprobs, state.llm.tokenizer, tool_calling=tool_calling)
     return await completion.respond(request, generate_many(state, [prompt], params, completion.id))
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from server.logging_config import LOG_LEVEL_ENV, configure_logging
 from server.startup import UsageError, bind_socket, check_device, check_model
+from server.tool_parsers import TOOL_PARSERS
 from server.version import package_version
 
 if TYPE_CHECKING:
@@ -130,17 +131,25 @@ def add_serve_command(commands: argparse._SubParsersAction, common: argparse.Arg
     group.add_argument("--enable-log-requests", action="store_true",
                        help="log a line per request as it ends: id, token counts, finish reasons, sampling settings")
     group.add_argument("--stats-log-interval", type=float, default=10.0, help=argparse.SUPPRESS)  # tests shorten it
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='honour tool_choice "auto" (the default with tools): the model decides, and '
+                       "--tool-call-parser reads its calls from its text")
+    group.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS),
+                       help="the format the model writes tool calls in, for --enable-auto-tool-choice")
     parser.set_defaults(run=serve)
 
 
 def serve(args: argparse.Namespace) -> int:
     from server.app import ServerOptions
 
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise UsageError("--enable-auto-tool-choice requires --tool-call-parser")
     sock = bind_socket(args.host, args.port)
     config = checked_engine_config(args)
     options = ServerOptions(args.api_key, args.max_waiting_requests, args.shutdown_grace_period,
                             access_log=not args.disable_uvicorn_access_log, log_requests=args.enable_log_requests,
-                            stats_interval_s=args.stats_log_interval)
+                            stats_interval_s=args.stats_log_interval,
+                            tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     return asyncio.run(_load_and_serve(config, options, sock))
 
 

@@ -2,7 +2,7 @@
 
 Honoured: the fields the protocol parses (protocol.CHAT_FIELDS, ...). Refused: the fields of OpenAI's API and of
 vLLM's extra parameters that TokModel does not implement, each with the values that ask for nothing beyond what
-TokModel does anyway (null, the default, a no-op such as `tools: []`): those pass, any other value is a 400
+TokModel does anyway (null, the default, a no-op such as `functions: []`): those pass, any other value is a 400
 "<field> is not supported" on that param, so that no client believes a feature ran that did not. Delete a row
 when its feature lands. Any other field is ignored, with one warning per field name in the server log.
 """
@@ -30,12 +30,10 @@ def _same_json(a: object, b: object) -> bool:
 
 # Known, and without effect on what TokModel returns: accepted as they come.
 _UNUSED = frozenset({"safety_identifier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
-                     "metadata",  # OpenAI stores it with the completion, and `store: true` is refused
-                     "parallel_tool_calls"})  # moot: tools are refused
+                     "metadata"})  # OpenAI stores it with the completion, and `store: true` is refused
 
 _CHAT_TEMPLATE = {"add_generation_prompt": only(True), "continue_final_message": only(False),
-                  "chat_template": only(), "chat_template_kwargs": only({}), "tools": only([]),
-                  "mm_processor_kwargs": only({})}
+                  "chat_template": only(), "chat_template_kwargs": only({}), "mm_processor_kwargs": only({})}
 _GENERATION = {  # both endpoints
     "best_of": lambda value, body: _same_json(value, body.get("n") or 1),  # one candidate per choice is the default
     "use_beam_search": only(False), "length_penalty": only(1), "include_stop_str_in_output": only(False),
@@ -47,7 +45,7 @@ _GENERATION = {  # both endpoints
     "store": only(False), "service_tier": only("auto", "default"),
 }
 CHAT_REFUSED: dict[str, NoOp] = _GENERATION | _CHAT_TEMPLATE | {
-    "tool_choice": only("none", "auto"), "functions": only([]), "function_call": only("none", "auto"),
+    "functions": only([]), "function_call": only("none", "auto"),  # deprecated for tools and tool_choice
     "audio": only(), "modalities": only(["text"]), "prediction": only(), "web_search_options": only(),
     "moderation": only(), "reasoning_effort": only("none"), "verbosity": only("medium"),
     "include_reasoning": only(True), "echo": only(False), "add_special_tokens": only(False), "documents": only([]),

@@ -10,6 +10,8 @@ from aiohttp import web
 from jinja2 import TemplateError
 
 from engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
+from engine.structured_output import StructuredOutputsParams
+from server.chat_messages import chat_messages
 from server.errors import OpenAIError, bad_request
 from server.structured_outputs import FIELDS as STRUCTURED_OUTPUT_FIELDS
 from server.structured_outputs import structured_outputs
@@ -27,7 +29,8 @@ _SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {
 }
 _SAMPLING_FIELDS |= STRUCTURED_OUTPUT_FIELDS
 CHAT_FIELDS = _SAMPLING_FIELDS | {"messages": (list,), "max_completion_tokens": (int,), "logprobs": (bool,),
-                                  "top_logprobs": (int,)}
+                                  "top_logprobs": (int,), "tools": (list,), "tool_choice": (str, dict),
+                                  "parallel_tool_calls": (bool,)}
 COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt": (str, list), "echo": (bool,), "logprobs": (int,)}
 # SamplingParams copies these request fields under the same name.
 _PASSTHROUGH = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
@@ -38,7 +41,6 @@ _PASSTHROUGH = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence
 MAX_BODY_DEPTH = 64
 _TOO_DEEP = f"request body is nested too deeply (more than {MAX_BODY_DEPTH} levels of arrays and objects)"
 _CONTAINERS = (dict, list)  # exactly the types json.loads builds for objects and arrays
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass
@@ -123,18 +125,19 @@ def stream_options(body: dict) -> StreamOptions:
 
 
 def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, vocab_size: int | None,
-                    param_names: dict[str, str] | None = None) -> SamplingParams:
+                    param_names: dict[str, str] | None = None,
+                    constraint: StructuredOutputsParams | None = None) -> SamplingParams:
     """SamplingParams from the request, its token ids and top_k checked against the vocabulary when there is a
     tokenizer (the engine checks again, but only a check here gives the 400 its param). A ValueError
     ('<field> must ...') becomes a 400 on that field, renamed through param_names where the request calls it
-    otherwise (chat's top_logprobs)."""
+    otherwise (chat's top_logprobs). constraint: a grammar the request implies otherwise (its tool_choice)."""
     temperature = body.get("temperature")
     if temperature is not None and not 0 <= temperature <= 2:
         raise bad_request(f"temperature must be in [0, 2], got {temperature}", param="temperature")
     kwargs = {name: body[name] for name in _PASSTHROUGH if body.get(name) is not None}
     try:
         params = SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs, output_kind=RequestOutputKind.DELTA,
-                                structured_outputs=structured_outputs(body))
+                                structured_outputs=constraint or structured_outputs(body))
         if vocab_size is not None:
             params.check_vocab(vocab_size)
         return params
@@ -149,40 +152,14 @@ def vocab_size(llm: AsyncLLM) -> int | None:
     return len(llm.tokenizer) if llm.tokenizer is not None else None
 
 
-async def chat_prompt(llm: AsyncLLM, body: dict) -> list[int]:
-    """The request's messages through the model's chat template, as token ids. A template that refuses the
-    messages (say, roles that do not alternate) raises with a message written for the user: a 400."""
+async def chat_prompt(llm: AsyncLLM, body: dict, tools: list[dict] | None) -> list[int]:
+    """The request's messages and tools (OpenAI's function tools) through the model's chat template, as token ids.
+    A template that refuses the messages (say, roles that do not alternate) raises with a message written for
+    the user: a 400."""
     try:
-        return await llm.apply_chat_template(chat_messages(body))
+        return await llm.apply_chat_template(chat_messages(body), tools)
     except TemplateError as e:
         raise bad_request(f"the model's chat template refused the messages: {e}", param="messages") from None
-
-
-def chat_messages(body: dict) -> list[dict]:
-    """Messages as {"role", "content": str}, text parts joined; developer is the template's system role."""
-    messages = body.get("messages")
-    if not messages:
-        raise bad_request("messages must be a non-empty array", param="messages")
-    return [_chat_message(message, i) for i, message in enumerate(messages)]
-
-
-def _chat_message(message: object, i: int) -> dict:
-    if not isinstance(message, dict) or message.get("role") not in _ROLES:
-        raise bad_request(f"messages[{i}] must be an object with a role among {sorted(_ROLES)}", param="messages")
-    content = message.get("content")
-    if isinstance(content, list):
-        content = "".join(_text_part(part, i) for part in content)
-    elif content is None and message["role"] == "assistant":
-        content = ""  # an assistant turn that only called tools
-    elif not isinstance(content, str):
-        raise bad_request(f"messages[{i}].content must be a string or an array of text parts", param="messages")
-    return {"role": _ROLES[message["role"]], "content": content}
-
-
-def _text_part(part: object, i: int) -> str:
-    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-        return part["text"]
-    raise bad_request(f"messages[{i}].content: only text parts are supported", param="messages")
 
 
 def completion_prompts(body: dict, vocab_size: int | None) -> list[str | list[int]]:

@@ -11,6 +11,7 @@ from server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from engine.async_llm import AsyncLLM
+    from server.tool_parsers import ToolParser
 
 
 @dataclass
@@ -20,6 +21,7 @@ class ServerState:
     api_key: str | None = None
     max_waiting_requests: int = 1024
     log_requests: bool = False  # --enable-log-requests: a line per engine request as it ends
+    tool_parser: type[ToolParser] | None = None  # reads tool_choice "auto" calls; None: "auto" is refused
     draining: bool = False  # set by the first SIGTERM or Ctrl-C: /health and new requests get 503 from then on
     in_flight: set[asyncio.Task] = field(default_factory=set)  # handler tasks: a drain waits for them
 

@@ -15,8 +15,13 @@ _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "cho
 _STRUCTURED_OUTPUTS_KEYS = frozenset({"json", "json_object", "regex", "choice", "grammar"})
 
 
+def constraint_fields(body: dict) -> list[str]:
+    """The fields of the request that constrain its output."""
+    return [name for name in FIELDS if body.get(name) is not None and body.get(name) != {"type": "text"}]
+
+
 def structured_outputs(body: dict) -> StructuredOutputsParams | None:
-    given = [name for name in FIELDS if body.get(name) is not None and body.get(name) != {"type": "text"}]
+    given = constraint_fields(body)
     if not given:
         return None
     if len(given) > 1:

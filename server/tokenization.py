@@ -7,8 +7,10 @@ from server.errors import bad_request
 from server.fields import TOKENIZE_REFUSED, NoOp, check_fields
 from server.protocol import chat_prompt, check_model, check_types, is_token_id, read_json, require_tokenizer
 from server.state import STATE
+from server.tools import chat_tools, template_tools
 
-_TOKENIZE_FIELDS = {"model": (str,), "prompt": (str,), "messages": (list,), "add_special_tokens": (bool,)}
+_TOKENIZE_FIELDS = {"model": (str,), "prompt": (str,), "messages": (list,), "add_special_tokens": (bool,),
+                    "tools": (list,)}
 _DETOKENIZE_FIELDS = {"model": (str,), "tokens": (list,)}
 
 
@@ -16,7 +18,7 @@ async def tokenize(request: web.Request) -> web.Response:
     llm = request.app[STATE].llm
     body = await _body(request, _TOKENIZE_FIELDS, TOKENIZE_REFUSED)
     if "messages" in body:
-        tokens = await chat_prompt(llm, body)
+        tokens = await chat_prompt(llm, body, template_tools(chat_tools(body)))
     elif isinstance(body.get("prompt"), str):
         tokens = await llm.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
     else:

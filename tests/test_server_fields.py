@@ -45,8 +45,6 @@ def assert_400(response, param: str | None, message: str | None = None) -> str:
 
 
 @pytest.mark.parametrize(("path", "field", "value"), [
-    (CHAT, "tools", [TOOL]),
-    (CHAT, "tool_choice", "required"),
     (CHAT, "functions", [TOOL["function"]]),
     (CHAT, "modalities", ["text", "audio"]),
     (CHAT, "audio", {"voice": "alloy", "format": "wav"}),
@@ -100,11 +98,12 @@ def test_default_and_no_op_values_of_unimplemented_fields_are_accepted(server):
     assert completion.status == 200, completion.body
 
 
-def test_the_openai_client_sees_tools_refused_and_text_format_accepted(client):
+def test_the_openai_client_sees_auto_tool_choice_refused_without_its_flag_and_text_format_accepted(client):
+    """As in vLLM: without --enable-auto-tool-choice nothing would read the model's calls."""
     kwargs = {"model": client.models.list().data[0].id, "messages": MESSAGES, "max_tokens": 2}
     with pytest.raises(openai.BadRequestError) as tools:
         client.chat.completions.create(tools=[TOOL], **kwargs)
-    assert tools.value.param == "tools" and "tools is not supported" in tools.value.message
+    assert tools.value.param == "tool_choice" and "--enable-auto-tool-choice" in tools.value.message
     completion = client.chat.completions.create(response_format={"type": "text"}, **kwargs)
     assert completion.choices[0].finish_reason in ("stop", "length")
 
