@@ -21,7 +21,8 @@ setup(
     ],
     extras_require={
         "client": ["openai>=1.0"],  # examples/chat_client.py
-        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema"],
+        # pydantic-ai: a tool-calling client library in the tests (instructor pins jiter below the openai client's)
+        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "pydantic-ai-slim[openai]"],
         "bench": ["matplotlib", "accelerate", "transformers[serving]"],
     },
     entry_points={"console_scripts": ["tokmodel=server.cli:main"]},

@@ -96,8 +96,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     params = sampling_params(body, body.get(max_name), top_logprobs, vocab_size(state.llm),
                              {"logprobs": "top_logprobs", "max_tokens": max_name}, tool_calling.structured_outputs)
     require_tokenizer(state.llm)
-    if tool_calling.auto_parser is not None and tool_calling.auto_parser.markers_are_special(state.llm.tokenizer):
-        params.skip_special_tokens = False  # the parser must see its markers
+    tool_calling.adjust_request(params, state.llm.tokenizer)
     prompt = await chat_prompt(state.llm, body, tool_calling.template_tools())
     completion = ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", state.llm.model_name, params.n, options,
                                 top_logprobs, state.llm.tokenizer, tool_calling=tool_calling)

@@ -13,11 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.structured_output import StructuredOutputsParams, check
 from server.errors import bad_request
 from server.structured_outputs import constraint_fields
 from server.tool_parsers import NamedToolParser, RequiredToolParser, ToolParser, arguments_schema, required_calls_schema
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from engine.sampling_params import SamplingParams
 
 _CHOICES = ("none", "auto", "required")
 
@@ -46,6 +52,11 @@ class ToolCalling:
     def template_tools(self) -> list[dict] | None:
         return template_tools(self.tools)
 
+    def adjust_request(self, params: SamplingParams, tokenizer: PreTrainedTokenizerBase) -> None:
+        """As vLLM's parsers adjust a request: a parser whose markers the tokenizer marks special must see them."""
+        if self.auto_parser is not None and self.auto_parser.markers_are_special(tokenizer):
+            params.skip_special_tokens = False
+
     def new_parser(self) -> ToolParser | None:
         """A parser for one choice's output, None when the output is plain text."""
         if self.tool_choice == "required":
@@ -60,7 +71,7 @@ def tool_calling(tools: list[FunctionTool], tool_choice: str, function: str | No
     """tool_choice: none, auto, required, or function (then `function` names it)."""
     if not tools:
         if tool_choice in ("required", "function"):
-            raise bad_request(f"tool_choice {tool_choice} needs tools", param="tool_choice")
+            raise bad_request("tool_choice required or a named function needs tools", param="tool_choice")
         return ToolCalling()
     if tool_choice == "auto" and auto_parser is None:
         raise bad_request('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set '

@@ -1,15 +1,20 @@
 """Tool parsers on canned model outputs: a whole output and the same output streamed, split at every character
 boundary and one character at a time, give the same content and calls; a streamed call starts with its index,
-id and name, then only argument fragments; text that could still become a call is never streamed as content."""
+id and name, then only argument fragments; text that could still become a call is never streamed as content.
+Also the schema tool_choice "required" is enforced with, and the request adjustment of parsers whose markers are
+special tokens."""
 from __future__ import annotations
 
+import copy
 import json
 
 import jsonschema
 import pytest
 
+from engine import SamplingParams
 from server.tool_parsers import (TOOL_PARSERS, DeltaMessage, NamedToolParser, RequiredToolParser, ToolParser,
                                  extract_tool_calls, required_calls_schema)
+from server.tools import ToolCalling
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, {"x": "}]\\""}]}}'
 CASES = {  # (parser factory, output, expected content, expected [(name, arguments)])
@@ -87,6 +92,7 @@ def test_the_name_goes_out_once_complete_and_arguments_as_they_come():
 @pytest.mark.parametrize(("new_parser", "text"), [
     (TOOL_PARSERS["hermes"], '<tool_call>{"name": "f", "arguments": {"a": }}</tool_call>'),  # arguments no JSON
     (TOOL_PARSERS["hermes"], '<tool_call>{"name": "f", "arguments": {"a": 1'),  # cut off
+    (TOOL_PARSERS["hermes"], "Let me see. <tool_call>\n"),  # cut off before the call
     (TOOL_PARSERS["hermes"], '<tool_call>{"arguments": {"a": 1}}</tool_call>'),  # no name
     (TOOL_PARSERS["mistral"], "[TOOL_CALLS] [1, 2]"),
     (RequiredToolParser, '[{"name": "f", "parameters": {"a": "unfinished'),  # max_tokens ran out
@@ -118,3 +124,13 @@ def test_two_tools_defining_one_name_differently_cannot_be_required_together():
     tools = [(name, {"type": "object", "$defs": {"City": schema}}) for name, schema in (("a", CITY), ("b", {}))]
     with pytest.raises(ValueError, match="City"):
         required_calls_schema(tools, parallel_tool_calls=True)
+
+
+@pytest.mark.parametrize(("parser", "keeps_special_tokens"), [("mistral", True), ("hermes", False)])
+def test_a_parser_whose_marker_is_a_special_token_gets_special_tokens_kept(tokenizer, parser, keeps_special_tokens):
+    """Else detokenization would drop the marker before the parser could see it (vLLM adjusts requests alike)."""
+    mistral_like = copy.deepcopy(tokenizer)
+    mistral_like.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    params = SamplingParams()
+    ToolCalling(tool_choice="auto", auto_parser=TOOL_PARSERS[parser]).adjust_request(params, mistral_like)
+    assert params.skip_special_tokens is not keeps_special_tokens

@@ -160,6 +160,7 @@ class ToolParser:
         if self._scanner is None:
             self._buffer = self._buffer.lstrip(_SPACE)
             if not self._buffer:
+                self.failed |= self._final  # the output ended where a call should begin
                 return False
             self._scanner = JsonCallScanner()
         call = self._scanner
