@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import socket
 import subprocess
@@ -164,6 +165,8 @@ def run_serving(plan: Plan, work_dir: Path) -> dict:
     chat clients as benchmarks/serving.py does."""
     from benchmarks import serving
 
+    if importlib.util.find_spec("prometheus_client") is None:  # else the server dies with one line in the log
+        raise RuntimeError("tokmodel serve imports prometheus_client (server/metrics.py), which is not installed")
     num_requests, concurrency, max_tokens = plan.serving
     args = argparse.Namespace(model=str(qwen3_dir(plan, work_dir)), dtype=plan.dtype, port=_free_port(),
                               tokmodel_args="", api_key=None, num_requests=num_requests, concurrency=concurrency,
