@@ -21,7 +21,8 @@ setup(
     ],
     extras_require={
         "client": ["openai>=1.0"],  # examples/chat_client.py
-        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema"],
+        # matplotlib: the GPU check's dry run (tests/test_gpu_check.py) draws its chart too
+        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "matplotlib"],
         "bench": ["matplotlib", "accelerate", "transformers[serving]"],
     },
     entry_points={"console_scripts": ["tokmodel=server.cli:main"]},
