@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         "client": ["openai>=1.0"],  # examples/chat_client.py
-        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema"],
+        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "openai-agents"],
         "bench": ["matplotlib", "accelerate", "transformers[serving]"],
     },
     entry_points={"console_scripts": ["tokmodel=server.cli:main"]},
