@@ -38,7 +38,7 @@ _UNUSED = frozenset({"safety_identifier", "prompt_cache_key", "prompt_cache_rete
 _CHAT_TEMPLATE = {"add_generation_prompt": only(True), "continue_final_message": only(False),
                   "chat_template": only(), "chat_template_kwargs": only({}), "tools": only([]),
                   "mm_processor_kwargs": only({})}
-_GENERATION = {  # both endpoints
+_GENERATION = {  # every endpoint that generates: chat, completions, responses
     "best_of": lambda value, body: _same_json(value, body.get("n") or 1),  # one candidate per choice is the default
     "use_beam_search": only(False), "length_penalty": only(1), "include_stop_str_in_output": only(False),
     "spaces_between_special_tokens": only(True), "truncate_prompt_tokens": only(), "prompt_logprobs": only(),

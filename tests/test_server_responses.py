@@ -15,7 +15,7 @@ from openai.types.responses import Response, ResponseErrorEvent, ResponseStreamE
 from engine.sampling_params import SamplingParams
 from server.errors import OpenAIError
 from server.response_builder import ResponseBuilder, ResponseEventFraming
-from server_fixtures import Server, leaves_server_idle, validate  # noqa: F401 (autouse)
+from server_fixtures import Server, leaves_server_idle, running_server, validate  # noqa: F401 (autouse)
 from test_server_openai import API_KEY, MODEL, client, server  # noqa: F401 (fixtures: a server of this module's own)
 
 RESPONSES = "/v1/responses"
@@ -161,6 +161,13 @@ def test_a_response_with_store_false_can_be_neither_retrieved_nor_continued(serv
     assert reply.json()["error"]["param"] == "previous_response_id"
 
 
+def test_max_stored_responses_bounds_the_store_oldest_forgotten_first():
+    with running_server("--max-stored-responses", "1", "--max-model-len", "256") as small:
+        first, second = (create(small, input="Hello", max_output_tokens=1, temperature=0) for _ in range(2))
+        assert small.request("GET", f"{RESPONSES}/{first['id']}").status == 404
+        assert small.request("GET", f"{RESPONSES}/{second['id']}").json() == second
+
+
 def test_an_unknown_response_id_is_an_openai_404(server):
     reply = server.request("GET", f"{RESPONSES}/resp_unknown")
     assert reply.status == 404
@@ -193,6 +200,8 @@ def test_agents_sdk_runs_an_agent_on_the_default_responses_model(server, client)
     assert isinstance(result.final_output, str) and result.final_output
     [raw] = result.raw_responses  # one model call, through the Responses API: its response was stored
     assert client.responses.retrieve(raw.response_id).output_text == result.final_output
+    streamed = asyncio.run(_run(server, agents, agent, "What is the capital of France?", streamed=True))
+    assert streamed.final_output == result.final_output
 
 
 def test_agents_sdk_output_type_is_a_validated_pydantic_object(server):
@@ -203,11 +212,18 @@ def test_agents_sdk_output_type_is_a_validated_pydantic_object(server):
     assert isinstance(result.final_output, Color)
 
 
-async def _run(server: Server, agents, agent, prompt: str):
+async def _run(server: Server, agents, agent, prompt: str, streamed: bool = False):
+    """Runner.run, or Runner.run_streamed read to its end, on a client of the server (set per run: each
+    asyncio.run has its own event loop, which an AsyncOpenAI client must not outlive)."""
     agents.set_default_openai_client(openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY,
                                                         max_retries=0))
     agents.set_tracing_disabled(True)
-    return await agents.Runner.run(agent, prompt)
+    if not streamed:
+        return await agents.Runner.run(agent, prompt)
+    result = agents.Runner.run_streamed(agent, prompt)
+    async for _ in result.stream_events():
+        pass
+    return result
 
 
 def test_a_prompt_over_the_context_is_a_json_400_even_when_streamed(server):
