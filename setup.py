@@ -22,7 +22,7 @@ setup(
     extras_require={
         "client": ["openai>=1.0"],  # examples/chat_client.py
         # matplotlib: the GPU check's dry run (tests/test_gpu_check.py) draws its chart too
-        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "matplotlib"],
+        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "matplotlib", "openai-agents"],
         "bench": ["matplotlib", "accelerate", "transformers[serving]"],
     },
     entry_points={"console_scripts": ["tokmodel=server.cli:main"]},

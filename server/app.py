@@ -14,6 +14,8 @@ from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.errors import OpenAIError, error_response
 from server.metrics import ServerMetrics
+from server.response_store import DEFAULT_MAX_STORED_RESPONSES, ResponseStore
+from server.responses import create_response, retrieve_response
 from server.state import STATE, ServerState
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ class ServerOptions:
     access_log: bool = True  # off with --disable-uvicorn-access-log
     log_requests: bool = False  # --enable-log-requests
     stats_interval_s: float = 10.0  # how often a busy server logs its stats line
+    max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES  # --max-stored-responses
 
 
 @web.middleware
@@ -80,10 +83,13 @@ async def check_api_key(request: web.Request, handler) -> web.StreamResponse:
 def build_app(llm: AsyncLLM, options: ServerOptions) -> web.Application:
     app = web.Application(middlewares=[track_in_flight, openai_errors, check_api_key], client_max_size=MAX_BODY_BYTES)
     app[STATE] = ServerState(llm, ServerMetrics(llm, llm.model_name), options.api_key, options.max_waiting_requests,
-                             options.log_requests)
+                             options.log_requests, responses=ResponseStore(options.max_stored_responses))
     app.router.add_post("/v1/chat/completions", create_chat_completion)
     app.router.add_post("/v1/completions", create_completion)
+    app.router.add_post("/v1/responses", create_response)
+    app.router.add_get("/v1/responses/{response_id}", retrieve_response)
     app.router.add_get("/v1/models", info.list_models)
+    app.router.add_get("/v1/models/{model:.+}", info.retrieve_model)  # served names may hold a slash (org/name)
     app.router.add_get("/health", info.health)
     app.router.add_get("/version", info.version)
     app.router.add_get("/metrics", info.metrics)

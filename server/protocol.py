@@ -149,13 +149,13 @@ def vocab_size(llm: AsyncLLM) -> int | None:
     return len(llm.tokenizer) if llm.tokenizer is not None else None
 
 
-async def chat_prompt(llm: AsyncLLM, body: dict) -> list[int]:
+async def chat_prompt(llm: AsyncLLM, body: dict, param: str = "messages") -> list[int]:
     """The request's messages through the model's chat template, as token ids. A template that refuses the
-    messages (say, roles that do not alternate) raises with a message written for the user: a 400."""
+    messages (say, roles that do not alternate) raises with a message written for the user: a 400 on param."""
     try:
         return await llm.apply_chat_template(chat_messages(body))
     except TemplateError as e:
-        raise bad_request(f"the model's chat template refused the messages: {e}", param="messages") from None
+        raise bad_request(f"the model's chat template refused the messages: {e}", param=param) from None
 
 
 def chat_messages(body: dict) -> list[dict]:
