@@ -21,8 +21,10 @@ setup(
     ],
     extras_require={
         "client": ["openai>=1.0"],  # examples/chat_client.py
-        # pydantic-ai: a tool-calling client library in the tests (instructor pins jiter below the openai client's)
-        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "pydantic-ai-slim[openai]"],
+        # matplotlib: the GPU check's dry run (tests/test_gpu_check.py) draws its chart too; pydantic-ai: a
+        # tool-calling client library in the tests (instructor pins jiter below the openai client's)
+        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "matplotlib", "openai-agents",
+                 "pydantic-ai-slim[openai]"],
         "bench": ["matplotlib", "accelerate", "transformers[serving]"],
     },
     entry_points={"console_scripts": ["tokmodel=server.cli:main"]},

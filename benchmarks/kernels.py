@@ -3,10 +3,13 @@
     python -m benchmarks.kernels [--dtype bf16|fp16]
 
 Each kernel is timed with triton.testing.do_bench. Bandwidth is compulsory traffic (every input read once,
-every output written once) over time; compared with the copy bandwidth and bf16 matmul throughput measured in
+every output written once) over time; compared with the copy bandwidth and matmul throughput measured in
 the same run. Attention is compared with torch's scaled_dot_product_attention on the same data held dense
-(unpaged): frac_of_sdpa = sdpa_time / kernel_time, so above 1 means faster than SDPA.
-Prints a table and the JSON it writes to benchmarks/results/kernels-<device>-<date>.json.
+(unpaged): frac_of_sdpa = sdpa_time / kernel_time, so above 1 means faster than SDPA; prefill against SDPA's
+flash backend. Prints a table and the JSON it writes to benchmarks/results/kernels-<device>-<date>.json.
+
+benchmarks/gpu_check.py runs the same functions with its own sweep, and at tiny sizes on the CPU (the kernels
+in Triton's interpreter, timed with a plain clock) for its dry run.
 """
 from __future__ import annotations
 
@@ -16,24 +19,58 @@ import json
 import math
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from kernels import KernelOps, get_ops
 
-# Llama-3-8B
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
-HIDDEN, INTERMEDIATE = 4096, 14336
-DECODE_BATCHES = (64, 128, 256)
-DECODE_CONTEXTS = (1024, 2048, 4096, 8192)
-PREFILL_TOKENS = 4096
-ELEMENTWISE_TOKENS = (256, 4096)  # a decode batch and a prefill chunk
 INT32, INT64, FP32 = 4, 8, 4
 RESULTS_DIR = Path(__file__).parent / "results"
+
+
+class Shape(NamedTuple):
+    """The model dimensions the kernels see."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    hidden: int
+    intermediate: int
+
+
+class Sweep(NamedTuple):
+    """The sizes one run times, and those of its reference measurements."""
+    decode_batches: tuple[int, ...]
+    decode_contexts: tuple[int, ...]
+    prefill_tokens: int
+    elementwise_tokens: tuple[int, ...]  # a decode batch and a prefill chunk
+    copy_elements: int  # of the copy that measures bandwidth
+    matmul_size: int  # n of the n x n x n matmul that measures throughput
+
+
+LLAMA_3_8B = Shape(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, hidden=4096, intermediate=14336)
+FULL_SWEEP = Sweep((64, 128, 256), (1024, 2048, 4096, 8192), 4096, (256, 4096), 2**30, 8192)
+
+
+class Limits(NamedTuple):
+    copy_bw_gbps: float
+    matmul_tflops: float
+
+
+class Setup(NamedTuple):
+    """What every benchmark function needs: the ops, and the shapes and device to time them at."""
+    ops: KernelOps
+    dtype: torch.dtype
+    device: str
+    shape: Shape
+    sweep: Sweep
+    limits: Limits
 
 
 class Traffic(NamedTuple):
@@ -82,24 +119,36 @@ def kv_write_traffic(num_tokens: int, num_kv_heads: int, head_dim: int, elem: in
     return Traffic(4 * num_tokens * num_kv_heads * head_dim * elem + num_tokens * INT64, 0)
 
 
-class Limits(NamedTuple):
-    copy_bw_gbps: float
-    matmul_tflops: float
+def measure_limits(device: str, sweep: Sweep, dtype: torch.dtype = torch.bfloat16) -> Limits:
+    """Achievable device limits: a copy (read + write; 2 GiB in bf16 for the full sweep) and an n^3 matmul."""
+    return Limits(copy_bandwidth_gbps(device, sweep.copy_elements, dtype),
+                  _matmul_tflops(device, sweep.matmul_size, dtype))
 
 
-def measure_limits() -> Limits:
-    """Achievable device limits: a 2 GiB copy (read + write) and an 8192^3 bf16 matmul."""
-    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+def copy_bandwidth_gbps(device: str, num_elements: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """GB/s of a device-to-device copy, counting the bytes read and the bytes written."""
+    src = torch.empty(num_elements, dtype=dtype, device=device)
     dst = torch.empty_like(src)
-    copy_s = _bench(lambda: dst.copy_(src))
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    matmul_s = _bench(lambda: a @ a)
-    return Limits(2 * src.numel() * src.element_size() / copy_s / 1e9, 2 * 8192**3 / matmul_s / 1e12)
+    return 2 * src.numel() * src.element_size() / bench_seconds(lambda: dst.copy_(src), device) / 1e9
 
 
-def _bench(fn: Callable[[], object]) -> float:
-    """Seconds per call (median of do_bench's runs, L2 flushed between them)."""
-    return do_bench(fn, warmup=25, rep=100) / 1e3
+def _matmul_tflops(device: str, n: int, dtype: torch.dtype) -> float:
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    return 2 * n**3 / bench_seconds(lambda: a @ a, device) / 1e12
+
+
+def bench_seconds(fn: Callable[[], object], device: str) -> float:
+    """Seconds per call: on a GPU the median of do_bench's runs (L2 flushed between them); on the CPU, where the
+    dry run times kernels in Triton's interpreter only to exercise the code, the best of three calls."""
+    if device.startswith("cuda"):
+        return do_bench(fn, warmup=25, rep=100) / 1e3
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _record(kernel: str, shape: dict, dtype: torch.dtype, seconds: float, traffic: Traffic, limits: Limits,
@@ -113,11 +162,13 @@ def _record(kernel: str, shape: dict, dtype: torch.dtype, seconds: float, traffi
             "frac_of_sdpa": None if sdpa_seconds is None else sdpa_seconds / seconds}
 
 
-def _paged_cache(batch: int, context_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _paged_cache(setup: Setup, batch: int, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A random cache with every sequence's blocks scattered over it (a shuffled block table)."""
-    blocks_per_seq = math.ceil(context_len / BLOCK_SIZE)
-    kv_cache = torch.randn(2, batch * blocks_per_seq, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device="cuda")
-    block_tables = torch.randperm(batch * blocks_per_seq, device="cuda").to(torch.int32).view(batch, blocks_per_seq)
+    s = setup.shape
+    blocks_per_seq = math.ceil(context_len / s.block_size)
+    kv_cache = torch.randn(2, batch * blocks_per_seq, s.block_size, s.num_kv_heads, s.head_dim, dtype=setup.dtype,
+                           device=setup.device)
+    block_tables = torch.randperm(batch * blocks_per_seq, device=setup.device).to(torch.int32).view(batch, -1)
     return kv_cache, block_tables
 
 
@@ -128,79 +179,104 @@ def _dense_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor,
     return kv[0], kv[1]
 
 
-def bench_decode(ops: KernelOps, dtype: torch.dtype, limits: Limits) -> list[dict]:
-    records = []
-    for batch in DECODE_BATCHES:
-        for context_len in DECODE_CONTEXTS:
-            kv_cache, block_tables = _paged_cache(batch, context_len, dtype)
-            seq_lens = torch.full((batch,), context_len, dtype=torch.int32, device="cuda")
-            query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=dtype, device="cuda")
+def _attention_shape(setup: Setup, batch: int, context_len: int) -> dict:
+    s = setup.shape
+    return {"batch": batch, "context_len": context_len, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads,
+            "head_dim": s.head_dim, "block_size": s.block_size}
+
+
+def bench_decode(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
+    s, records = setup.shape, []
+    for batch in setup.sweep.decode_batches:
+        for context_len in setup.sweep.decode_contexts:
+            progress(f"decode attention, batch {batch}, context {context_len}")
+            kv_cache, block_tables = _paged_cache(setup, batch, context_len)
+            seq_lens = torch.full((batch,), context_len, dtype=torch.int32, device=setup.device)
+            query = torch.randn(batch, s.num_heads, s.head_dim, dtype=setup.dtype, device=setup.device)
             out = torch.empty_like(query)
-            scale = HEAD_DIM ** -0.5
-            seconds = _bench(lambda: ops.paged_decode_attention(query, kv_cache, block_tables, seq_lens, slice(None),
-                                                                scale, context_len, out=out))
+            scale = s.head_dim ** -0.5
+            seconds = bench_seconds(lambda: setup.ops.paged_decode_attention(
+                query, kv_cache, block_tables, seq_lens, slice(None), scale, context_len, out=out), setup.device)
             key, value = _dense_kv(kv_cache, block_tables, context_len)
             del kv_cache
             q = query[:, :, None]
-            sdpa_seconds = _bench(lambda: F.scaled_dot_product_attention(q, key, value, scale=scale, enable_gqa=True))
+            sdpa_seconds = bench_seconds(
+                lambda: F.scaled_dot_product_attention(q, key, value, scale=scale, enable_gqa=True), setup.device)
             del key, value
-            shape = {"batch": batch, "context_len": context_len, "num_heads": NUM_HEADS,
-                     "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE}
-            traffic = decode_traffic(batch, context_len, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE,
+            traffic = decode_traffic(batch, context_len, s.num_heads, s.num_kv_heads, s.head_dim, s.block_size,
                                      query.element_size())
-            records.append(_record("paged_decode_attention", shape, dtype, seconds, traffic, limits, sdpa_seconds))
-            torch.cuda.empty_cache()
+            records.append(_record("paged_decode_attention", _attention_shape(setup, batch, context_len),
+                                   setup.dtype, seconds, traffic, setup.limits, sdpa_seconds))
+            _free_cache(setup.device)
     return records
 
 
-def bench_prefill(ops: KernelOps, dtype: torch.dtype, limits: Limits) -> list[dict]:
-    kv_cache, block_tables = _paged_cache(1, PREFILL_TOKENS, dtype)
-    seq_lens = torch.tensor([PREFILL_TOKENS], dtype=torch.int32, device="cuda")
-    query_start_loc = torch.tensor([0, PREFILL_TOKENS], dtype=torch.int32, device="cuda")
-    query = torch.randn(PREFILL_TOKENS, NUM_HEADS, HEAD_DIM, dtype=dtype, device="cuda")
+def bench_prefill(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
+    """One prompt of prefill_tokens against SDPA's flash backend on the same (dense) keys and values, repeated to
+    every query head: flash reads them per head, which costs nothing here since a prefill is compute-bound."""
+    s, tokens, device = setup.shape, setup.sweep.prefill_tokens, setup.device
+    progress(f"prefill attention, {tokens} tokens")
+    kv_cache, block_tables = _paged_cache(setup, 1, tokens)
+    seq_lens = torch.tensor([tokens], dtype=torch.int32, device=device)
+    query_start_loc = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+    query = torch.randn(tokens, s.num_heads, s.head_dim, dtype=setup.dtype, device=device)
     out = torch.empty_like(query)
-    scale = HEAD_DIM ** -0.5
-    seconds = _bench(lambda: ops.prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc,
-                                                   slice(None), scale, PREFILL_TOKENS, out=out))
-    key, value = _dense_kv(kv_cache, block_tables, PREFILL_TOKENS)
+    scale = s.head_dim ** -0.5
+    seconds = bench_seconds(lambda: setup.ops.prefill_attention(query, kv_cache, block_tables, seq_lens,
+                                                                query_start_loc, slice(None), scale, tokens, out=out),
+                            device)
+    key, value = (t.repeat_interleave(s.num_heads // s.num_kv_heads, dim=1)
+                  for t in _dense_kv(kv_cache, block_tables, tokens))
     q = query.transpose(0, 1)[None].contiguous()
-    sdpa_seconds = _bench(lambda: F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=scale,
-                                                                 enable_gqa=True))
-    shape = {"batch": 1, "context_len": PREFILL_TOKENS, "num_heads": NUM_HEADS, "num_kv_heads": NUM_KV_HEADS,
-             "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE}
-    traffic = prefill_traffic(0, PREFILL_TOKENS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, query.element_size())
-    return [_record("prefill_attention", shape, dtype, seconds, traffic, limits, sdpa_seconds)]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        sdpa_seconds = bench_seconds(
+            lambda: F.scaled_dot_product_attention(q, key, value, is_causal=True, scale=scale), device)
+    traffic = prefill_traffic(0, tokens, s.num_heads, s.num_kv_heads, s.head_dim, s.block_size, query.element_size())
+    return [_record("prefill_attention", _attention_shape(setup, 1, tokens), setup.dtype, seconds, traffic,
+                    setup.limits, sdpa_seconds)]
 
 
-def bench_elementwise(ops: KernelOps, dtype: torch.dtype, limits: Limits) -> list[dict]:
+def bench_elementwise(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
     """RMSNorm(+residual), rotary, SiLU-and-mul and the cache write at a decode batch and a prefill chunk."""
+    s, ops, dtype, device = setup.shape, setup.ops, setup.dtype, setup.device
     elem = torch.finfo(dtype).bits // 8
     records = []
-    for tokens in ELEMENTWISE_TOKENS:
-        x, residual = (torch.randn(tokens, HIDDEN, dtype=dtype, device="cuda") for _ in range(2))
-        weight = torch.randn(HIDDEN, dtype=dtype, device="cuda")
-        records.append(_record("rms_norm", {"batch": tokens, "hidden": HIDDEN}, dtype,
-                               _bench(lambda: ops.rms_norm(x, weight, 1e-5, residual)),
-                               rms_norm_traffic(tokens, HIDDEN, elem), limits))
-        query = torch.randn(tokens, NUM_HEADS, HEAD_DIM, dtype=dtype, device="cuda")
-        key = torch.randn(tokens, NUM_KV_HEADS, HEAD_DIM, dtype=dtype, device="cuda")
-        positions = torch.randint(0, 8192, (tokens,), device="cuda")
-        cos_sin_cache = torch.randn(8192, HEAD_DIM, device="cuda")
-        heads = {"batch": tokens, "num_heads": NUM_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM}
-        records.append(_record("rotary_embedding", heads, dtype,
-                               _bench(lambda: ops.rotary_embedding(positions, query, key, cos_sin_cache)),
-                               rotary_traffic(tokens, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, elem), limits))
-        gate_up = torch.randn(tokens, 2 * INTERMEDIATE, dtype=dtype, device="cuda")
-        records.append(_record("silu_and_mul", {"batch": tokens, "intermediate": INTERMEDIATE}, dtype,
-                               _bench(lambda: ops.silu_and_mul(gate_up)),
-                               silu_and_mul_traffic(tokens, INTERMEDIATE, elem), limits))
-        kv_cache = torch.empty(2, tokens // BLOCK_SIZE * 4, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=dtype,
-                               device="cuda")
-        slots = torch.randperm(kv_cache.shape[1] * BLOCK_SIZE, device="cuda")[:tokens]
-        records.append(_record("write_kv_cache", {**heads, "num_heads": None, "block_size": BLOCK_SIZE}, dtype,
-                               _bench(lambda: ops.write_kv_cache(key, key, kv_cache, slots)),
-                               kv_write_traffic(tokens, NUM_KV_HEADS, HEAD_DIM, elem), limits))
+
+    def record(kernel: str, shape: dict, fn: Callable[[], object], traffic: Traffic) -> None:
+        records.append(_record(kernel, shape, dtype, bench_seconds(fn, device), traffic, setup.limits))
+
+    for tokens in setup.sweep.elementwise_tokens:
+        progress(f"norm, rotary, SiLU-and-mul and KV write, {tokens} tokens")
+        x, residual = (torch.randn(tokens, s.hidden, dtype=dtype, device=device) for _ in range(2))
+        weight = torch.randn(s.hidden, dtype=dtype, device=device)
+        record("rms_norm", {"batch": tokens, "hidden": s.hidden}, lambda: ops.rms_norm(x, weight, 1e-5, residual),
+               rms_norm_traffic(tokens, s.hidden, elem))
+        query = torch.randn(tokens, s.num_heads, s.head_dim, dtype=dtype, device=device)
+        key = torch.randn(tokens, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
+        positions = torch.randint(0, 8192, (tokens,), device=device)
+        cos_sin_cache = torch.randn(8192, s.head_dim, device=device)
+        heads = {"batch": tokens, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim}
+        record("rotary_embedding", heads, lambda: ops.rotary_embedding(positions, query, key, cos_sin_cache),
+               rotary_traffic(tokens, s.num_heads, s.num_kv_heads, s.head_dim, elem))
+        gate_up = torch.randn(tokens, 2 * s.intermediate, dtype=dtype, device=device)
+        record("silu_and_mul", {"batch": tokens, "intermediate": s.intermediate}, lambda: ops.silu_and_mul(gate_up),
+               silu_and_mul_traffic(tokens, s.intermediate, elem))
+        kv_cache = torch.empty(2, tokens // s.block_size * 4, s.block_size, s.num_kv_heads, s.head_dim, dtype=dtype,
+                               device=device)
+        slots = torch.randperm(kv_cache.shape[1] * s.block_size, device=device)[:tokens]
+        record("write_kv_cache", {**heads, "num_heads": None, "block_size": s.block_size},
+               lambda: ops.write_kv_cache(key, key, kv_cache, slots),
+               kv_write_traffic(tokens, s.num_kv_heads, s.head_dim, elem))
     return records
+
+
+def bench_all(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
+    return [record for bench in (bench_decode, bench_prefill, bench_elementwise) for record in bench(setup, progress)]
+
+
+def _free_cache(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def _device_slug() -> str:
@@ -221,11 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py times the Triton kernels on a CUDA GPU, and this machine has none.")
-    ops = get_ops("triton")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    limits = measure_limits()
-    records = [record for bench in (bench_decode, bench_prefill, bench_elementwise)
-               for record in bench(ops, dtype, limits)]
+    limits = measure_limits("cuda", FULL_SWEEP)
+    records = bench_all(Setup(get_ops("triton"), dtype, "cuda", LLAMA_3_8B, FULL_SWEEP, limits))
     date = datetime.date.today().isoformat()
     report = {"device": torch.cuda.get_device_name(), "date": date,
               "command": " ".join([Path(sys.executable).name, *sys.argv]),

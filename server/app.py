@@ -14,6 +14,8 @@ from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.errors import OpenAIError, error_response
 from server.metrics import ServerMetrics
+from server.response_store import DEFAULT_MAX_STORED_RESPONSES, ResponseStore
+from server.responses import create_response, retrieve_response
 from server.state import STATE, ServerState
 from server.tool_parsers import TOOL_PARSERS
 
@@ -35,6 +37,7 @@ class ServerOptions:
     log_requests: bool = False  # --enable-log-requests
     stats_interval_s: float = 10.0  # how often a busy server logs its stats line
     tool_call_parser: str | None = None  # with --enable-auto-tool-choice: a name in tool_parsers.TOOL_PARSERS
+    max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES  # --max-stored-responses
 
 
 @web.middleware
@@ -83,10 +86,14 @@ def build_app(llm: AsyncLLM, options: ServerOptions) -> web.Application:
     app = web.Application(middlewares=[track_in_flight, openai_errors, check_api_key], client_max_size=MAX_BODY_BYTES)
     tool_parser = TOOL_PARSERS[options.tool_call_parser] if options.tool_call_parser else None
     app[STATE] = ServerState(llm, ServerMetrics(llm, llm.model_name), options.api_key, options.max_waiting_requests,
-                             options.log_requests, tool_parser=tool_parser)
+                             options.log_requests, responses=ResponseStore(options.max_stored_responses),
+                             tool_parser=tool_parser)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
     app.router.add_post("/v1/completions", create_completion)
+    app.router.add_post("/v1/responses", create_response)
+    app.router.add_get("/v1/responses/{response_id}", retrieve_response)
     app.router.add_get("/v1/models", info.list_models)
+    app.router.add_get("/v1/models/{model:.+}", info.retrieve_model)  # served names may hold a slash (org/name)
     app.router.add_get("/health", info.health)
     app.router.add_get("/version", info.version)
     app.router.add_get("/metrics", info.metrics)

@@ -13,6 +13,7 @@ import traceback
 from typing import TYPE_CHECKING
 
 from server.logging_config import LOG_LEVEL_ENV, configure_logging
+from server.response_store import DEFAULT_MAX_STORED_RESPONSES
 from server.startup import UsageError, bind_socket, check_device, check_model
 from server.tool_parsers import TOOL_PARSERS
 from server.version import package_version
@@ -112,9 +113,9 @@ def _log_loading(config: EngineConfig) -> None:
 def add_serve_command(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("serve", parents=[common], help="serve the OpenAI-compatible HTTP API",
                                  description="Check the flags and bind the port, load the model, then serve "
-                                 "/v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health, "
-                                 "/version and /metrics. Exit codes: 0 after a drain, 1 when the engine dies or the "
-                                 "model fails to load, 2 for a bad flag or a busy port.")
+                                 "/v1/chat/completions, /v1/completions, /v1/responses, /v1/models, /tokenize, "
+                                 "/detokenize, /health, /version and /metrics. Exit codes: 0 after a drain, 1 when the "
+                                 "engine dies or the model fails to load, 2 for a bad flag or a busy port.")
     add_engine_args(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
@@ -130,6 +131,10 @@ def add_serve_command(commands: argparse._SubParsersAction, common: argparse.Arg
                        help="no access-log line per HTTP request (vLLM's name for it)")
     group.add_argument("--enable-log-requests", action="store_true",
                        help="log a line per request as it ends: id, token counts, finish reasons, sampling settings")
+    group.add_argument("--max-stored-responses", type=int, default=DEFAULT_MAX_STORED_RESPONSES,
+                       help="how many /v1/responses created with store: true are kept in memory, for GET "
+                       "/v1/responses/{id} and previous_response_id; past it the oldest are forgotten "
+                       f"(default: {DEFAULT_MAX_STORED_RESPONSES})")
     group.add_argument("--stats-log-interval", type=float, default=10.0, help=argparse.SUPPRESS)  # tests shorten it
     group.add_argument("--enable-auto-tool-choice", action="store_true",
                        help='honour tool_choice "auto" (the default with tools): the model decides, and '
@@ -148,7 +153,7 @@ def serve(args: argparse.Namespace) -> int:
     config = checked_engine_config(args)
     options = ServerOptions(args.api_key, args.max_waiting_requests, args.shutdown_grace_period,
                             access_log=not args.disable_uvicorn_access_log, log_requests=args.enable_log_requests,
-                            stats_interval_s=args.stats_log_interval,
+                            stats_interval_s=args.stats_log_interval, max_stored_responses=args.max_stored_responses,
                             tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     return asyncio.run(_load_and_serve(config, options, sock))
 

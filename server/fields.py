@@ -1,4 +1,5 @@
-"""Which request fields TokModel honours, refuses or ignores; one check for chat, completions and tokenize.
+"""Which request fields TokModel honours, refuses or ignores; one check for chat, completions, responses and
+tokenize.
 
 Honoured: the fields the protocol parses (protocol.CHAT_FIELDS, ...). Refused: the fields of OpenAI's API and of
 vLLM's extra parameters that TokModel does not implement, each with the values that ask for nothing beyond what
@@ -30,11 +31,12 @@ def _same_json(a: object, b: object) -> bool:
 
 # Known, and without effect on what TokModel returns: accepted as they come.
 _UNUSED = frozenset({"safety_identifier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
-                     "metadata"})  # OpenAI stores it with the completion, and `store: true` is refused
+                     "metadata",  # OpenAI stores it with a completion (`store: true` is refused); a response repeats it
+                     "max_tool_calls"})  # counts calls to OpenAI's built-in tools, which TokModel has none of
 
 _CHAT_TEMPLATE = {"add_generation_prompt": only(True), "continue_final_message": only(False),
                   "chat_template": only(), "chat_template_kwargs": only({}), "mm_processor_kwargs": only({})}
-_GENERATION = {  # both endpoints
+_GENERATION = {  # every endpoint that generates: chat, completions, responses
     "best_of": lambda value, body: _same_json(value, body.get("n") or 1),  # one candidate per choice is the default
     "use_beam_search": only(False), "length_penalty": only(1), "include_stop_str_in_output": only(False),
     "spaces_between_special_tokens": only(True), "truncate_prompt_tokens": only(), "prompt_logprobs": only(),
@@ -53,6 +55,17 @@ CHAT_REFUSED: dict[str, NoOp] = _GENERATION | _CHAT_TEMPLATE | {
 }
 COMPLETION_REFUSED: dict[str, NoOp] = _GENERATION | {
     "suffix": only(""), "add_special_tokens": only(True), "prompt_embeds": only(),
+}
+RESPONSES_REFUSED: dict[str, NoOp] = _GENERATION | {  # tools and tool_choice: server/response_tools.py
+    "n": only(1),  # a response has one output
+    "max_tokens": only(),  # chat's name: here max_output_tokens
+    # On Responses, the output's format is text.format.
+    "response_format": only(), "structured_outputs": only(), "guided_json": only(), "guided_regex": only(),
+    "guided_choice": only(), "guided_grammar": only(),
+    "include": only([]), "top_logprobs": only(0), "reasoning": only({}, {"effort": "none"}),
+    "truncation": only("disabled"), "background": only(False), "background_options": only({}),
+    "conversation": only(), "prompt": only(), "context_management": only([]), "moderation": only(),
+    "image": only({}), "access_programs": only({}),
 }
 TOKENIZE_REFUSED: dict[str, NoOp] = _CHAT_TEMPLATE | {"return_token_strs": only(False)}
 

@@ -1,22 +1,35 @@
-"""GET /v1/models, /health, /version, /metrics."""
+"""GET /v1/models, /v1/models/{model}, /health, /version, /metrics."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.protocol import check_model
 from server.state import STATE
 from server.version import package_version
+
+if TYPE_CHECKING:
+    from engine.async_llm import AsyncLLM
 
 _STARTED = int(time.time())
 
 
 async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model(request.app[STATE].llm)]})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
     llm = request.app[STATE].llm
-    model = {"id": llm.model_name, "object": "model", "created": _STARTED, "owned_by": "tokmodel",
-             "max_model_len": llm.max_model_len}
-    return web.json_response({"object": "list", "data": [model]})
+    check_model(request.match_info, llm.model_name)  # the served model, or a 404 as for any request naming another
+    return web.json_response(_model(llm))
+
+
+def _model(llm: AsyncLLM) -> dict:
+    return {"id": llm.model_name, "object": "model", "created": _STARTED, "owned_by": "tokmodel",
+            "max_model_len": llm.max_model_len}
 
 
 async def health(request: web.Request) -> web.Response:

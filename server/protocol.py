@@ -152,14 +152,14 @@ def vocab_size(llm: AsyncLLM) -> int | None:
     return len(llm.tokenizer) if llm.tokenizer is not None else None
 
 
-async def chat_prompt(llm: AsyncLLM, body: dict, tools: list[dict] | None) -> list[int]:
+async def chat_prompt(llm: AsyncLLM, body: dict, tools: list[dict] | None = None, param: str = "messages") -> list[int]:
     """The request's messages and tools (OpenAI's function tools) through the model's chat template, as token ids.
     A template that refuses the messages (say, roles that do not alternate) raises with a message written for
-    the user: a 400."""
+    the user: a 400 on param."""
     try:
         return await llm.apply_chat_template(chat_messages(body), tools)
     except TemplateError as e:
-        raise bad_request(f"the model's chat template refused the messages: {e}", param="messages") from None
+        raise bad_request(f"the model's chat template refused the messages: {e}", param=param) from None
 
 
 def completion_prompts(body: dict, vocab_size: int | None) -> list[str | list[int]]:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from server.metrics import ServerMetrics
+from server.response_store import ResponseStore
 
 if TYPE_CHECKING:
     from engine.async_llm import AsyncLLM
@@ -24,6 +25,7 @@ class ServerState:
     tool_parser: type[ToolParser] | None = None  # reads tool_choice "auto" calls; None: "auto" is refused
     draining: bool = False  # set by the first SIGTERM or Ctrl-C: /health and new requests get 503 from then on
     in_flight: set[asyncio.Task] = field(default_factory=set)  # handler tasks: a drain waits for them
+    responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses created with store: true
 
 
 STATE = web.AppKey("state", ServerState)

@@ -1,9 +1,11 @@
 """The request fields that constrain the output to a grammar, to the engine's StructuredOutputsParams: OpenAI's
 `response_format` (json_object, json_schema; text is no constraint) and vLLM's `structured_outputs` (json,
 json_object, regex, choice, grammar) and its older `guided_json`, `guided_regex`, `guided_choice` and
-`guided_grammar`. Each is checked here, so an invalid schema, regex or grammar is a 400 naming its field
-before anything is scheduled."""
+`guided_grammar`; and the Responses API's `text.format`. Each is checked here, so an invalid schema, regex or
+grammar is a 400 naming its field before anything is scheduled."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from engine.structured_output import StructuredOutputsParams, check
 from server.errors import bad_request
@@ -27,8 +29,25 @@ def structured_outputs(body: dict) -> StructuredOutputsParams | None:
     if len(given) > 1:
         raise bad_request(f"{' and '.join(given)} each constrain the output: send one", param=given[1])
     field = given[0]
+    return _checked(field, lambda: _parse(field, body[field]))
+
+
+def text_format(value: object) -> StructuredOutputsParams | None:
+    """The Responses API's `text.format`: response_format's types, with json_schema's name, schema and strict
+    beside its type rather than under a json_schema key."""
+    if value is None or value == {"type": "text"}:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("text.format must be an object", param="text.format")
+    if value.get("type") == "json_schema":
+        value = {"type": "json_schema", "json_schema": {k: v for k, v in value.items() if k != "type"}}
+    return _checked("text.format", lambda: _response_format(value))
+
+
+def _checked(field: str, parse: Callable[[], StructuredOutputsParams]) -> StructuredOutputsParams:
+    """What parse returns, once the backend accepts it; any ValueError is a 400 on field."""
     try:
-        params = _parse(field, body[field])
+        params = parse()
         check(params)
     except ValueError as e:
         raise bad_request(f"{field}: {e}", param=field) from None

@@ -1,6 +1,10 @@
-"""Kernel launches recorded, not run, by the variant Triton would compile for each on an H100: how a CPU test
-shows that a run compiles nothing after warm-up. A test module imports the `launches` fixture."""
+"""Kernel launches recorded by the variant Triton would compile for each on an H100: how a CPU run shows that it
+compiles nothing after warm-up. A test module imports the `launches` fixture (launches recorded, not run);
+benchmarks/gpu_check.py's dry run uses `recorded_launches(then_run=True)` around an engine in the interpreter."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from triton.backends.compiler import GPUTarget
@@ -13,28 +17,50 @@ from kernels import compile_count
 H100 = GPUTarget("cuda", 90, 32)  # compute capability 9.0, warp size 32
 
 
-class LaunchRecorder(JITFunction):
-    """A @triton.jit function that runs nothing: it records each launch by the key Triton's JIT on an H100 gives
-    the variant it compiles (argument types; ints equal to 1 or divisible by 16 and 16-byte aligned pointers,
-    unless do_not_specialize; constexprs; launch options). Built on Triton 3.x internals (the JIT's binder)."""
+class VariantKey:
+    """The key Triton's JIT on an H100 gives the variant it compiles for a launch of `function` (argument types;
+    ints equal to 1 or divisible by 16 and 16-byte aligned pointers, unless do_not_specialize; constexprs; launch
+    options). Built on Triton 3.x internals (the JIT's binder)."""
 
-    def __init__(self, function: KernelInterface, launches: set[tuple]) -> None:
-        super().__init__(function.fn, **function.kwargs)
-        self.launches = launches
-        self.bind = create_function_from_signature(self.signature, self.params, make_backend(H100))
+    def __init__(self, function: KernelInterface) -> None:
+        jit = JITFunction(function.fn, **function.kwargs)  # under the interpreter `function` is not one
+        self.name = function.fn.__name__
+        self.bind = create_function_from_signature(jit.signature, jit.params, make_backend(H100))
 
-    def run(self, *args, grid, warmup, **kwargs) -> None:
+    def __call__(self, *args, **kwargs) -> tuple:
         _, specialization, options = self.bind(*args, **kwargs)
-        self.launches.add((self.fn.__name__, tuple(specialization), str(options)))
+        return self.name, tuple(specialization), str(options)
+
+
+@contextmanager
+def recorded_launches(then_run: bool) -> Iterator[set[tuple]]:
+    """Every kernel launch inside the block, recorded by its H100 variant; run as well if `then_run`. Each
+    kernel's own `run` is wrapped: `kernel[grid](...)` calls it, while a @triton.jit helper called from inside a
+    kernel is untouched."""
+    recorded: set[tuple] = set()
+    functions = [function for _, _, function in compile_count.jit_functions()]
+    for function in functions:
+        function.run = _recording_run(function, recorded, then_run)
+    try:
+        yield recorded
+    finally:
+        for function in functions:
+            del function.run  # the class's run again
+
+
+def _recording_run(function: KernelInterface, recorded: set[tuple], then_run: bool):
+    key, original = VariantKey(function), function.run
+
+    def run(*args, grid, warmup, **kwargs):
+        recorded.add(key(*args, **kwargs))
+        if then_run:
+            return original(*args, grid=grid, warmup=warmup, **kwargs)
+
+    return run
 
 
 @pytest.fixture
-def launches(monkeypatch: pytest.MonkeyPatch) -> set[tuple]:
-    """Every kernel launch recorded, not run, by its H100 variant (see LaunchRecorder)."""
-    recorded: set[tuple] = set()
-    recorders = {function: LaunchRecorder(function, recorded) for _, _, function in compile_count.jit_functions()}
-    for module in compile_count.KERNEL_MODULES:  # under every name, imported ones too
-        for name, value in list(vars(module).items()):
-            if isinstance(value, KernelInterface):
-                monkeypatch.setattr(module, name, recorders[value])
-    return recorded
+def launches() -> Iterator[set[tuple]]:
+    """Every kernel launch recorded, not run, by its H100 variant."""
+    with recorded_launches(then_run=False) as recorded:
+        yield recorded

@@ -12,9 +12,11 @@ from server_fixtures import Server, leaves_server_idle, running_server, validate
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
 MESSAGES = [{"role": "user", "content": "Hello"}]
 CHAT_BODY = {"messages": MESSAGES, "max_tokens": 2}
 COMPLETION_BODY = {"prompt": "Hello", "max_tokens": 2}
+RESPONSE_BODY = {"input": "Hello", "max_output_tokens": 2}
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
 
 
@@ -78,9 +80,22 @@ def assert_400(response, param: str | None, message: str | None = None) -> str:
     (COMPLETIONS, "truncate_prompt_tokens", 8),
     (COMPLETIONS, "prompt_embeds", "AAAA"),
     ("/tokenize", "chat_template", "{{ messages }}"),
+    (RESPONSES, "include", ["message.output_text.logprobs"]),
+    (RESPONSES, "top_logprobs", 5),
+    (RESPONSES, "reasoning", {"effort": "high"}),
+    (RESPONSES, "truncation", "auto"),
+    (RESPONSES, "background", True),
+    (RESPONSES, "conversation", "conv_1"),
+    (RESPONSES, "prompt", {"id": "pmpt_1"}),
+    (RESPONSES, "context_management", [{"type": "compaction"}]),
+    (RESPONSES, "n", 2),
+    (RESPONSES, "max_tokens", 5),
+    (RESPONSES, "response_format", {"type": "json_object"}),
+    (RESPONSES, "service_tier", "flex"),
 ])
 def test_a_field_tokmodel_does_not_implement_is_a_400_naming_it(server, path, field, value):
-    base = {CHAT: CHAT_BODY, COMPLETIONS: COMPLETION_BODY, "/tokenize": {"messages": MESSAGES}}[path]
+    base = {CHAT: CHAT_BODY, COMPLETIONS: COMPLETION_BODY, RESPONSES: RESPONSE_BODY,
+            "/tokenize": {"messages": MESSAGES}}[path]
     assert_400(server.post(path, base | {field: value}), field, f"{field} is not supported")
 
 
@@ -96,6 +111,50 @@ def test_default_and_no_op_values_of_unimplemented_fields_are_accepted(server):
     completion = server.post(COMPLETIONS, COMPLETION_BODY | {"suffix": "", "best_of": 1, "echo": False,
                                                              "add_special_tokens": True, "response_format": None})
     assert completion.status == 200, completion.body
+
+
+def test_default_and_no_op_values_of_unimplemented_response_fields_are_accepted(server):
+    no_ops = {"tools": [], "tool_choice": "auto", "parallel_tool_calls": False, "include": [], "top_logprobs": 0,
+              "truncation": "disabled", "reasoning": {}, "background": False, "store": False, "n": 1,
+              "metadata": {"team": "a"}, "user": "u1", "service_tier": "auto", "max_tool_calls": 3,
+              "prompt_cache_key": "k1", "safety_identifier": "s1",
+              "text": {"format": {"type": "text"}, "verbosity": "medium"}}
+    response = server.post(RESPONSES, RESPONSE_BODY | no_ops)
+    assert response.status == 200, response.body
+    assert response.json()["metadata"] == {"team": "a"} and response.json()["parallel_tool_calls"] is False
+
+
+@pytest.mark.parametrize(("field", "value"), [("tools", [{"type": "function", **TOOL["function"]}]),
+                                              ("tool_choice", "required")])
+def test_tools_in_a_response_are_not_supported_yet(server, field, value):
+    assert_400(server.post(RESPONSES, RESPONSE_BODY | {field: value}), field, f"{field} is not supported yet")
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (None, "input must be a string or a non-empty array of input items"),
+    ([], "input must be a string or a non-empty array of input items"),
+    (["Hello"], "input[0] must be an object"),
+    ([{"role": "tool", "content": "x"}], "input[0].role must be one of user, system, developer, assistant"),
+    ([{"role": "user", "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}]}],
+     "input[0].content: only input_text and output_text parts are supported"),
+    ([{"type": "reasoning", "id": "rs_1", "summary": []}], "input[0]: reasoning items are not supported"),
+    ([{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}],
+     "input[0]: function_call items are not supported yet"),
+    ([{"type": "function_call_output", "call_id": "c1", "output": "{}"}],
+     "input[0]: function_call_output items are not supported yet"),
+])
+def test_a_response_input_tokmodel_cannot_read_is_a_400_on_input(server, value, message):
+    assert_400(server.post(RESPONSES, RESPONSE_BODY | {"input": value}), "input", message)
+
+
+@pytest.mark.parametrize(("text", "param"), [
+    ({"format": {"type": "json_schema", "name": "x", "schema": {"type": "object", "properties": {"a": {"type": 7}}}}},
+     "text.format"),
+    ({"format": {"type": "xml"}}, "text.format"),
+    ({"verbosity": "high"}, "text.verbosity"),
+])
+def test_a_text_option_tokmodel_cannot_honour_is_a_400_naming_it(server, text, param):
+    assert_400(server.post(RESPONSES, RESPONSE_BODY | {"text": text}), param)
 
 
 def test_the_openai_client_sees_auto_tool_choice_refused_without_its_flag_and_text_format_accepted(client):

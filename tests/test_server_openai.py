@@ -178,6 +178,15 @@ def test_models_lists_the_served_model(client):
     validate(models.model_dump(mode="json", exclude_unset=True), "ListModelsResponse")
 
 
+def test_a_model_is_retrieved_by_its_id_and_another_id_is_a_404(client):
+    model = client.models.retrieve(MODEL)
+    assert model == client.models.list().data[0]
+    validate(model.model_dump(mode="json", exclude_unset=True), "Model")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("org/other-model")
+    assert missing.value.code == "model_not_found" and "org/other-model" in missing.value.message
+
+
 def chat_client(base_url: str, *args: str, api_key: str | None = None) -> subprocess.CompletedProcess:
     env = {name: value for name, value in os.environ.items() if name != "TOKMODEL_API_KEY"}
     if api_key:

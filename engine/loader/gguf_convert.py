@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 
 from engine.loader.cache import atomic_path, cache_root
-from engine.loader.gguf_metadata import chat_template, hf_config, hf_generation_config, open_gguf
-from engine.loader.gguf_weights import hf_tensors
 from engine.loader.hf import save_weights
 
 
@@ -36,6 +34,11 @@ def file_key(path: Path) -> str:
 
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Write config.json, generation_config.json, tokenizer files and float32 safetensors to `out_dir`."""
+    # Imported here, not at the top: only a GGUF needs the gguf package, and a machine serving Hugging Face
+    # directories may lack it (the GPU check runs with no gguf installed).
+    from engine.loader.gguf_metadata import chat_template, hf_config, hf_generation_config, open_gguf
+    from engine.loader.gguf_weights import hf_tensors
+
     reader = open_gguf(gguf)
     config = hf_config(reader)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))

@@ -1,0 +1,92 @@
+"""What benchmarks/gpu_check.py runs, at two sizes: the H100 plan (the issue's shapes, each step time-boxed so
+that the whole run fits in 8 minutes) and the CPU dry run (every step at tiny sizes, so CI keeps it working)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from benchmarks.kernels import LLAMA_3_8B, Shape, Sweep
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+class Workload(NamedTuple):
+    """Random prompts for the throughput run (lengths uniform in the ranges)."""
+    num_prompts: int
+    input_len: tuple[int, int]
+    output_len: tuple[int, int]
+
+
+class Wave(NamedTuple):
+    """One generate call of the compile-stall run: this many prompts, lengths uniform in the ranges."""
+    num_prompts: int
+    prompt_len: tuple[int, int]
+    output_len: tuple[int, int]
+
+
+class Plan(NamedTuple):
+    name: str
+    device: str
+    dtype: str  # of the engine and the models
+    kernel_dtype: torch.dtype
+    # Model dimensions replaced in every config (the dry run's tiny models); empty: the real shapes.
+    model_overrides: dict
+    step_time_limit_s: dict[str, int]
+    pytest_args: tuple[str, ...]
+    kernel_shape: Shape
+    kernel_sweep: Sweep
+    decode_goal_from: tuple[int, int]  # (batch, context) from which decode attention is held to its goal
+    throughput: Workload
+    decode_prompt_len: int
+    decode_tokens: int
+    serving: tuple[int, int, int]  # requests, concurrency, max_tokens
+    compile_waves: tuple[Wave, ...]
+    compile_engine_args: dict  # small chunks, so that long prompts are prefilled in pieces
+
+    @property
+    def is_dry_run(self) -> bool:
+        return self.device == "cpu"
+
+
+H100 = Plan(
+    name="h100", device="cuda", dtype="bfloat16", kernel_dtype=torch.bfloat16, model_overrides={},
+    # 470 s in all: the issue's 8 minutes, less the orchestrator's own start. Estimates until a GPU run measures
+    # the steps: tests compile ~100 kernel variants; throughput runs transformers to 256 x ~1000 output tokens.
+    step_time_limit_s={"tests": 140, "kernels": 55, "throughput": 170, "decode_latency": 40, "serving": 35,
+                       "compile_stalls": 30},
+    # The CUDA tests: kernels in bf16 and fp16 at the larger GPU shapes (fp32 is the CPU's job), and every model
+    # family against transformers and the Triton backend against the torch one.
+    pytest_args=("tests/test_kernels.py", "tests/test_model_families.py", "-k", "not cuda-float32"),
+    kernel_shape=LLAMA_3_8B,
+    kernel_sweep=Sweep(decode_batches=(1, 64, 256), decode_contexts=(1024, 4096, 8192), prefill_tokens=4096,
+                       elementwise_tokens=(256, 4096), copy_elements=2**30, matmul_size=8192),
+    decode_goal_from=(64, 1024),
+    throughput=Workload(256, (100, 1024), (100, 1024)),  # nano-vllm's bench.py
+    decode_prompt_len=128, decode_tokens=128,
+    serving=(64, 32, 128),
+    compile_waves=(Wave(1, (1, 16), (1, 8)), Wave(5, (100, 3000), (8, 32)), Wave(33, (1, 1024), (1, 64)),
+                   Wave(256, (16, 2048), (16, 64)), Wave(3, (9000, 12000), (4, 8))),
+    compile_engine_args={},  # the default 8192-token chunk: the last wave's prompts are longer
+)
+
+TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "bos_token_id": 1, "eos_token_id": 2}
+
+CPU_DRY_RUN = Plan(
+    name="cpu-dry-run", device="cpu", dtype="float32", kernel_dtype=torch.float32, model_overrides=TINY_MODEL,
+    step_time_limit_s={"tests": 300, "kernels": 120, "throughput": 300, "decode_latency": 120, "serving": 180,
+                       "compile_stalls": 300},
+    pytest_args=("tests/test_model_families.py", "tests/test_kernels.py", "-k",
+                 "(llama and torch) or (silu_and_mul and cpu-float32)"),
+    kernel_shape=Shape(num_heads=4, num_kv_heads=2, head_dim=32, block_size=16, hidden=64, intermediate=128),
+    kernel_sweep=Sweep(decode_batches=(1, 2), decode_contexts=(32, 64), prefill_tokens=32, elementwise_tokens=(16, 32),
+                       copy_elements=2**20, matmul_size=64),
+    decode_goal_from=(2, 32),
+    throughput=Workload(6, (4, 24), (2, 8)),
+    decode_prompt_len=8, decode_tokens=4,
+    serving=(4, 2, 4),
+    compile_waves=(Wave(1, (1, 4), (1, 2)), Wave(3, (5, 40), (1, 3)), Wave(1, (50, 60), (1, 2))),
+    compile_engine_args={"max_num_batched_tokens": 32},
+)

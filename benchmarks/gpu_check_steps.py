@@ -1,0 +1,266 @@
+"""The steps of benchmarks/gpu_check.py. Each runs in its own process (a step cannot hold another's GPU memory or
+compiled kernels, and a hung one can be stopped), takes the plan and a work directory shared by the steps (the
+random-weight models, built once), and returns {"figures": ..., "goals": [...]}, plus "error" when it failed
+after measuring something (failing tests)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.gpu_check_plan import CONFIGS, Plan
+from benchmarks.gpu_check_report import goal
+
+REPO = Path(__file__).resolve().parents[1]
+STARTED_ENV = "GPU_CHECK_STARTED"  # the orchestrator's start (CLOCK_MONOTONIC is one clock for all processes)
+STARTED = float(os.environ.get(STARTED_ENV, time.monotonic()))
+
+
+def log(message: str) -> None:
+    print(f"[gpu_check +{time.monotonic() - STARTED:5.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# ---- 1. the CUDA tests ----
+
+def run_tests(plan: Plan, work_dir: Path) -> dict:
+    """pytest in a subprocess, its output shown as it runs; the JUnit report gives the counts and failures."""
+    junit = work_dir / "tests.xml"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+               *plan.pytest_args]
+    log(" ".join(command[1:]))
+    subprocess.run(command, cwd=REPO, stdout=sys.stderr)
+    root = ElementTree.parse(junit).getroot()
+    counts = Counter()
+    for suite in root.iter("testsuite"):
+        counts.update({key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")})
+    failed = [f"{case.get('classname')}::{case.get('name')}: {(problem.get('message') or '')[:200]}"
+              for case in root.iter("testcase") for problem in case if problem.tag in ("failure", "error")]
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    figures = {"pytest_args": list(plan.pytest_args), "passed": passed, "failed": counts["failures"],
+               "errors": counts["errors"], "skipped": counts["skipped"], "failures": failed[:20]}
+    result = {"figures": figures, "goals": [goal("tests failing", len(failed), 0, at_most=True, on_hardware=False,
+                                                 detail=f"of {counts['tests']}")]}
+    if failed or passed == 0:
+        result["error"] = f"{len(failed)} of {counts['tests']} tests failed" if failed else "no test passed"
+    return result
+
+
+# ---- 2. kernel figures ----
+
+def run_kernels(plan: Plan, work_dir: Path) -> dict:
+    from benchmarks import kernels as bench
+    from kernels import get_ops
+
+    limits = bench.measure_limits(plan.device, plan.kernel_sweep, plan.kernel_dtype)
+    log(f"copy bandwidth {limits.copy_bw_gbps:.0f} GB/s, matmul {limits.matmul_tflops:.1f} TFLOP/s")
+    setup = bench.Setup(get_ops("triton"), plan.kernel_dtype, plan.device, plan.kernel_shape, plan.kernel_sweep, limits)
+    records = bench.bench_all(setup, log)
+    min_batch, min_context = plan.decode_goal_from
+    decode = [r for r in records if r["kernel"] == "paged_decode_attention"
+              and r["batch"] >= min_batch and r["context_len"] >= min_context]
+    worst_decode = min(decode, key=lambda r: r["frac_of_copy_bw"])
+    (prefill,) = [r for r in records if r["kernel"] == "prefill_attention"]
+    largest = max(plan.kernel_sweep.elementwise_tokens)
+    fused = [r for r in records if r["kernel"] not in ("paged_decode_attention", "prefill_attention")
+             and r["batch"] == largest]
+    worst_fused = min(fused, key=lambda r: r["frac_of_copy_bw"])
+    goals = [
+        goal("decode attention / copy bandwidth", worst_decode["frac_of_copy_bw"], 0.8,
+             detail=f"worst over batch >= {min_batch}, context >= {min_context}: batch {worst_decode['batch']}, "
+                    f"context {worst_decode['context_len']}"),
+        goal("prefill attention / SDPA flash", prefill["frac_of_sdpa"], 0.6,
+             detail=f"TFLOP/s, one {prefill['context_len']}-token prompt"),
+        # At a decode batch's few tokens an op moves a few MB, and its launch's fixed cost dominates: reported,
+        # held to the goal at a prefill chunk's size only.
+        goal("fused ops / copy bandwidth", worst_fused["frac_of_copy_bw"], 0.8,
+             detail=f"worst at {largest} tokens: {worst_fused['kernel']}"),
+    ]
+    figures = {"copy_bw_gbps": limits.copy_bw_gbps, "matmul_tflops": limits.matmul_tflops,
+               "shape": plan.kernel_shape._asdict(), "dtype": str(plan.kernel_dtype).removeprefix("torch."),
+               "records": records}
+    return {"figures": figures, "goals": goals}
+
+
+# ---- 3. end to end ----
+
+def run_throughput(plan: Plan, work_dir: Path) -> dict:
+    """nano-vllm's workload through TokModel and transformers' generate_batch, on the same random weights."""
+    from transformers import AutoConfig
+
+    from benchmarks import throughput
+
+    model_dir = qwen3_dir(plan, work_dir)
+    w = plan.throughput
+    argv = ["--model", str(model_dir), "--device", plan.device, "--dtype", plan.dtype, "--peers",
+            "tokmodel,hf-generate-batch", "--num-prompts", str(w.num_prompts),
+            "--input-len-min", str(w.input_len[0]), "--input-len-max", str(w.input_len[1]),
+            "--output-len-min", str(w.output_len[0]), "--output-len-max", str(w.output_len[1])]
+    report = throughput.main(argv)
+    workload = throughput.make_workload(throughput.parse_args(argv), AutoConfig.from_pretrained(model_dir).vocab_size)
+    ours, theirs = report["results"]["tokmodel"], report["results"]["hf-generate-batch"]
+    # generate_batch takes one max_new_tokens, so every request runs to the workload's longest output.
+    computed = len(workload.prompts) * max(workload.output_lens)
+    figures = {"model": "Qwen3-0.6B shape, random weights", "workload": report["workload"],
+               "tokmodel": ours, "hf_generate_batch": theirs,
+               "speedup_useful_tokens": ours["output_tokens_per_s"] / theirs["output_tokens_per_s"],
+               "hf_generate_batch_computed_output_tokens_per_s": computed / theirs["elapsed_s"],
+               "note": "output tok/s counts each request's own output length; generate_batch takes one "
+                       "max_new_tokens, so it computes every request to the longest output "
+                       "(computed_output_tokens_per_s), and builds (on CUDA: captures the graphs of) its batching "
+                       "manager in every call, as a user of it pays (benchmarks/throughput.py)"}
+    return {"figures": figures,
+            "goals": [goal("throughput / transformers generate_batch", figures["speedup_useful_tokens"], 3.0,
+                           detail=f"useful output tok/s, {len(workload.prompts)} requests")]}
+
+
+def run_decode_latency(plan: Plan, work_dir: Path) -> dict:
+    """Batch-1 decode on the Llama-3.1-8B shape: seconds per step against the time to stream the weights a
+    decode step reads once (all but the embedding table, of which it reads one row) at the copy bandwidth."""
+    import torch
+
+    from benchmarks.kernels import copy_bandwidth_gbps
+    from engine import LLM, SamplingParams
+
+    copy_gbps = copy_bandwidth_gbps(plan.device, plan.kernel_sweep.copy_elements)
+    llm = LLM(model=str(shape_config(plan, work_dir, "llama-3.1-8b")), load_format="dummy", device=plan.device,
+              dtype=plan.dtype)
+    model = llm.engine.runner.model
+    streamed = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:
+        streamed -= model.model.embed_tokens.weight.nbytes
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, plan.decode_prompt_len).tolist()
+    llm.engine.add_request("decode", prompt, SamplingParams(temperature=0, max_tokens=plan.decode_tokens + 1,
+                                                            ignore_eos=True))
+    llm.engine.step()  # the prefill and the first token
+    step_s = []
+    while llm.engine.has_unfinished_requests():
+        start = time.perf_counter()
+        llm.engine.step()  # synchronous: the sampled token is copied to the host
+        step_s.append(time.perf_counter() - start)
+    median_ms = 1e3 * float(np.median(step_s))
+    floor_ms = 1e3 * streamed / (copy_gbps * 1e9)
+    log(f"{median_ms:.2f} ms per token, weight-streaming floor {floor_ms:.2f} ms")
+    figures = {"model": "Llama-3.1-8B shape, dummy weights", "dtype": plan.dtype, "prompt_len": plan.decode_prompt_len,
+               "decode_steps": len(step_s), "ms_per_token_median": median_ms,
+               "ms_per_token_mean": 1e3 * float(np.mean(step_s)), "streamed_weight_bytes": streamed,
+               "copy_bw_gbps": copy_gbps, "floor_ms": floor_ms, "floor_over_actual": floor_ms / median_ms,
+               "torch_threads": torch.get_num_threads()}
+    return {"figures": figures, "goals": []}
+
+
+def run_serving(plan: Plan, work_dir: Path) -> dict:
+    """`tokmodel serve` on the Qwen3-0.6B shape (random weights, a stand-in tokenizer), loaded by streaming
+    chat clients as benchmarks/serving.py does."""
+    from benchmarks import serving
+
+    if importlib.util.find_spec("prometheus_client") is None:  # else the server dies with one line in the log
+        raise RuntimeError("tokmodel serve imports prometheus_client (server/metrics.py), which is not installed")
+    num_requests, concurrency, max_tokens = plan.serving
+    args = argparse.Namespace(model=str(qwen3_dir(plan, work_dir)), dtype=plan.dtype, port=_free_port(),
+                              tokmodel_args="", api_key=None, num_requests=num_requests, concurrency=concurrency,
+                              max_tokens=max_tokens, warmup=2)
+    with serving.launched("tokmodel", args) as base_url:
+        log(f"server up at {base_url}: {num_requests} requests, {concurrency} at a time")
+        figures = asyncio.run(serving.run_load(base_url, args, {"ignore_eos": True}))
+    figures |= {"num_requests": num_requests, "concurrency": concurrency, "max_tokens": max_tokens}
+    return {"figures": figures,
+            "goals": [goal("served requests failing", num_requests - figures["completed"], 0, at_most=True,
+                           on_hardware=False, detail=f"of {num_requests}")]}
+
+
+# ---- 4. compile stalls ----
+
+def run_compile_stalls(plan: Plan, work_dir: Path) -> dict:
+    """An engine on the Triton kernels warms up at start; then batches of every size and length must compile
+    nothing. Counted on a GPU by Triton's caches of compiled variants; in the dry run (the interpreter compiles
+    nothing) by the variants an H100 would compile for the launches made."""
+    from engine import LLM, SamplingParams
+
+    with _variant_counter(plan) as count:
+        llm = LLM(model=str(shape_config(plan, work_dir, "qwen3-0.6b")), load_format="dummy", device=plan.device,
+                  dtype=plan.dtype, kernel_backend="triton", **plan.compile_engine_args)
+        warm = count()
+        log(f"after warm-up: {sum(warm.values())} variants {warm}")
+        rng = np.random.default_rng(0)
+        vocab = llm.engine.vocab_size
+        for wave in plan.compile_waves:
+            lens = rng.integers(wave.prompt_len[0], wave.prompt_len[1] + 1, wave.num_prompts)
+            prompts = [rng.integers(0, vocab, n).tolist() for n in lens]
+            prompts += [prompts[0] + [1, 2, 3]]  # a prefix-cache hit: a prefill after cached blocks
+            params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=int(n))
+                      for n in rng.integers(wave.output_len[0], wave.output_len[1] + 1, len(prompts))]
+            log(f"{len(prompts)} prompts of {lens.min()}-{lens.max()} tokens")
+            llm.generate(prompts, params, use_tqdm=False)
+        after = count()
+    new = {name: after[name] - warm.get(name, 0) for name in after if after[name] != warm.get(name, 0)}
+    figures = {"counted": "compiled variants (Triton's caches)" if not plan.is_dry_run else
+               "variants an H100 would compile for the launches made (the interpreter compiles nothing)",
+               "after_warm_up": warm, "after_varied_run": after, "new": new,
+               "waves": [w._asdict() for w in plan.compile_waves]}
+    result = {"figures": figures,
+              "goals": [goal("compilations after warm-up", sum(new.values()), 0, at_most=True, on_hardware=False,
+                             detail=f"{len(plan.compile_waves)} waves of varied batches"
+                                    if not new else f"new: {new}")]}
+    if not warm:
+        result["error"] = "no kernel variant counted after warm-up: has Triton's JIT cache moved?"
+    return result
+
+
+@contextmanager
+def _variant_counter(plan: Plan) -> Iterator[Callable[[], dict[str, int]]]:
+    """A function giving kernel name -> variants so far."""
+    if not plan.is_dry_run:
+        from kernels import compile_count
+
+        yield lambda: {name: n for name, n in compile_count.compiled_variants().items() if n}
+        return
+    from tests.kernel_launches import recorded_launches
+
+    with recorded_launches(then_run=True) as launches:
+        yield lambda: dict(Counter(name for name, *_ in launches))
+
+
+# ---- models ----
+
+def qwen3_dir(plan: Plan, work_dir: Path) -> Path:
+    """A HF directory of the Qwen3-0.6B shape with random weights and a stand-in tokenizer, built once a run."""
+    from benchmarks.random_model import random_model_dir
+    from engine.config import EngineConfig
+
+    dtype = EngineConfig(device=plan.device, dtype=plan.dtype).torch_dtype
+    log("building the Qwen3-0.6B-shaped model directory (random weights) unless built already")
+    return random_model_dir(CONFIGS / "qwen3-0.6b.json", work_dir / "qwen3-0.6b", plan.model_overrides, dtype,
+                            with_tokenizer=True)
+
+
+def shape_config(plan: Plan, work_dir: Path, name: str) -> Path:
+    """configs/<name>.json with the plan's overrides, for load_format="dummy"."""
+    import json
+
+    path = work_dir / f"{name}.json"
+    path.write_text(json.dumps(json.loads((CONFIGS / f"{name}.json").read_text()) | plan.model_overrides))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+STEPS: dict[str, Callable[[Plan, Path], dict]] = {
+    "tests": run_tests, "kernels": run_kernels, "throughput": run_throughput, "decode_latency": run_decode_latency,
+    "serving": run_serving, "compile_stalls": run_compile_stalls,
+}
