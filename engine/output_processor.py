@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import CompletionOutput, RequestOutput, SampleLogprobs
-from engine.request import Request
+from engine.request import Request, RequestStatus
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("tokmodel.engine")
@@ -103,7 +103,10 @@ class OutputProcessor:
         choice.token_ids.append(token_id)
         if state.params.logprobs is not None:
             choice.logprobs.append(token_logprobs)
-        choice.detokenizer.add_token(token_id)
+        # The end or stop token that finished the sequence stays in token_ids but not in the text (as vLLM),
+        # even when special tokens are kept: "<|im_end|>" is no part of the answer.
+        if seq.status is not RequestStatus.FINISHED_STOPPED:
+            choice.detokenizer.add_token(token_id)
         if choice.detokenizer.stop_reason is not None:
             choice.finish_reason, choice.stop_reason = "stop", choice.detokenizer.stop_reason
             return not seq.is_finished

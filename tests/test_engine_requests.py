@@ -87,11 +87,14 @@ def test_max_tokens_is_exact_and_finishes_with_length(engine):
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
 
 
-def test_eos_stops_with_reason_stop(engine, tokenizer):
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_eos_stops_with_reason_stop_and_stays_out_of_the_text(engine, tokenizer, skip_special_tokens):
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
                                         tokenize=True, return_dict=False)
-    out = run(engine, {"eos": chat}, SamplingParams(temperature=0, max_tokens=64))["eos"].outputs[0]
+    params = SamplingParams(temperature=0, max_tokens=64, skip_special_tokens=skip_special_tokens)
+    out = run(engine, {"eos": chat}, params)["eos"].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] in engine.eos_token_ids
+    assert out.text == tokenizer.decode(out.token_ids[:-1], skip_special_tokens=skip_special_tokens)
     assert "<|im_end|>" not in out.text
 
 
@@ -102,6 +105,7 @@ def test_stop_token_ids_end_the_choice(engine, hf_model, tokenizer):
     out = run(engine, {"st": ids}, params)["st"].outputs[0]
     cut = expected.index(expected[3]) + 1
     assert out.token_ids == expected[:cut] and out.finish_reason == "stop" and out.stop_reason == expected[3]
+    assert out.text == tokenizer.decode(expected[:cut - 1]), "the stop token is not part of the text"
 
 
 def test_logprobs_match_transformers(engine, hf_model, tokenizer):
