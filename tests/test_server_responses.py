@@ -233,10 +233,10 @@ def test_a_prompt_over_the_context_is_a_json_400_even_when_streamed(server):
 
 
 def test_a_failure_mid_stream_is_a_numbered_error_event():
-    builder = ResponseBuilder(MODEL, {}, SamplingParams())
+    builder = ResponseBuilder(MODEL, {}, SamplingParams(), parser=None)
     builder.opening_events()
     framed = ResponseEventFraming(builder).error(OpenAIError(503, "the request was aborted", code="aborted"))
     name, data = framed.decode().rstrip("\n").split("\n")
     event = STREAM_EVENT.validate_python(json.loads(data.removeprefix("data: ")))
     assert name == "event: error" and isinstance(event, ResponseErrorEvent) and not undeclared_fields(event)
-    assert (event.sequence_number, event.code, event.message) == (4, "aborted", "the request was aborted")
+    assert (event.sequence_number, event.code, event.message) == (2, "aborted", "the request was aborted")
