@@ -14,7 +14,7 @@ import pytest
 from openai.types.responses import Response
 
 from server_fixtures import Server, leaves_server_idle, running_server  # noqa: F401 (autouse fixture)
-from test_server_responses import RESPONSES, STREAM_EVENT, strict_response, undeclared_fields
+from test_server_responses import RESPONSES, STREAM_EVENT, run_agent, strict_response, undeclared_fields
 
 MODEL = "SmolLM2-135M-Instruct"
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city", "strict": True,
@@ -152,22 +152,9 @@ def test_agents_sdk_calls_a_function_tool_through_the_responses_api(server):
                          model_settings=settings, tool_use_behavior="stop_on_first_tool")
     for streamed in (False, True):
         called.clear()
-        result = asyncio.run(_run(server, agents, agent, ASK, streamed))
+        result = asyncio.run(run_agent(server, agents, agent, ASK, streamed))
         [call] = called
         assert result.final_output == f"Sunny in {call['city']}"
-
-
-async def _run(server: Server, agents, agent, prompt: str, streamed: bool):
-    """Runner.run, or Runner.run_streamed read to its end, on a client of this event loop."""
-    agents.set_default_openai_client(openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused",
-                                                        max_retries=0))
-    agents.set_tracing_disabled(True)
-    if not streamed:
-        return await agents.Runner.run(agent, prompt)
-    result = agents.Runner.run_streamed(agent, prompt)
-    async for _ in result.stream_events():
-        pass
-    return result
 
 
 @pytest.mark.parametrize(("change", "param", "says"), [
