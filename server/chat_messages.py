@@ -8,7 +8,8 @@ import json
 
 from server.errors import OpenAIError, bad_request
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+# A role as the template knows it: developer is OpenAI's newer name for system.
+TEMPLATE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -19,11 +20,12 @@ def chat_messages(body: dict) -> list[dict]:
 
 
 def _chat_message(message: object, where: str) -> dict:
-    if not isinstance(message, dict) or message.get("role") not in _ROLES:
-        raise _malformed(f"{where} must be an object with a role among {sorted(_ROLES)}")
+    if not isinstance(message, dict) or message.get("role") not in TEMPLATE_ROLES:
+        raise _malformed(f"{where} must be an object with a role among {sorted(TEMPLATE_ROLES)}")
     role = message["role"]
     tool_calls = message.get("tool_calls") if role == "assistant" else None
-    parsed = {"role": _ROLES[role], "content": _content(message.get("content"), where, optional=role == "assistant")}
+    content = _content(message.get("content"), where, optional=role == "assistant")
+    parsed = {"role": TEMPLATE_ROLES[role], "content": content}
     if tool_calls is not None:
         if not isinstance(tool_calls, list):
             raise _malformed(f"{where}.tool_calls must be an array")
@@ -53,17 +55,23 @@ def _text_part(part: object, where: str) -> str:
 
 
 def _tool_call(call: object, where: str) -> dict:
-    """{"id", "type": "function", "function": {"name", "arguments": JSON text}}, its arguments parsed."""
+    """{"id", "type": "function", "function": {"name", "arguments": JSON text}}."""
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or call.get("type", "function") != "function":
         raise _malformed(f'{where} must be an object with type "function" and a function')
     arguments = _string(function.get("arguments"), f"{where}.function.arguments", allow_empty=True)
     try:
-        arguments = json.loads(arguments) if arguments.strip() else {}
+        return template_tool_call(_string(call.get("id"), f"{where}.id"),
+                                  _string(function.get("name"), f"{where}.function.name"), arguments)
     except ValueError:
         raise _malformed(f"{where}.function.arguments must be JSON text") from None
-    return {"id": _string(call.get("id"), f"{where}.id"), "type": "function",
-            "function": {"name": _string(function.get("name"), f"{where}.function.name"), "arguments": arguments}}
+
+
+def template_tool_call(call_id: str, name: str, arguments: str) -> dict:
+    """A call as templates take it: its arguments parsed from their JSON text (empty text: none). A ValueError
+    when they are no JSON."""
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": json.loads(arguments) if arguments.strip() else {}}}
 
 
 def _string(value: object, where: str, allow_empty: bool = False) -> str:

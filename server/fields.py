@@ -56,7 +56,7 @@ CHAT_REFUSED: dict[str, NoOp] = _GENERATION | _CHAT_TEMPLATE | {
 COMPLETION_REFUSED: dict[str, NoOp] = _GENERATION | {
     "suffix": only(""), "add_special_tokens": only(True), "prompt_embeds": only(),
 }
-RESPONSES_REFUSED: dict[str, NoOp] = _GENERATION | {  # tools and tool_choice: server/response_tools.py
+RESPONSES_REFUSED: dict[str, NoOp] = _GENERATION | {
     "n": only(1),  # a response has one output
     "max_tokens": only(),  # chat's name: here max_output_tokens
     # On Responses, the output's format is text.format.

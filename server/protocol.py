@@ -11,7 +11,6 @@ from jinja2 import TemplateError
 
 from engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from engine.structured_output import StructuredOutputsParams
-from server.chat_messages import chat_messages
 from server.errors import OpenAIError, bad_request
 from server.structured_outputs import FIELDS as STRUCTURED_OUTPUT_FIELDS
 from server.structured_outputs import structured_outputs
@@ -152,12 +151,13 @@ def vocab_size(llm: AsyncLLM) -> int | None:
     return len(llm.tokenizer) if llm.tokenizer is not None else None
 
 
-async def chat_prompt(llm: AsyncLLM, body: dict, tools: list[dict] | None = None, param: str = "messages") -> list[int]:
-    """The request's messages and tools (OpenAI's function tools) through the model's chat template, as token ids.
-    A template that refuses the messages (say, roles that do not alternate) raises with a message written for
-    the user: a 400 on param."""
+async def chat_prompt(llm: AsyncLLM, messages: list[dict], tools: list[dict] | None = None,
+                      param: str = "messages") -> list[int]:
+    """Messages as templates take them (server/chat_messages.py) and tools (OpenAI's function tools) through the
+    model's chat template, as token ids. A template that refuses the messages (say, roles that do not alternate)
+    raises with a message written for the user: a 400 on param."""
     try:
-        return await llm.apply_chat_template(chat_messages(body), tools)
+        return await llm.apply_chat_template(messages, tools)
     except TemplateError as e:
         raise bad_request(f"the model's chat template refused the messages: {e}", param=param) from None
 

@@ -1,8 +1,7 @@
 """One Responses API response, built from the engine's outputs: the Response object at each stage and, when
-streamed, OpenAI's events between them, each numbered: response.created, response.in_progress,
-response.output_item.added, response.content_part.added, response.output_text.delta (one per new text),
-response.output_text.done, response.content_part.done, response.output_item.done, and last response.completed
-(or response.incomplete when max_output_tokens cut it short)."""
+streamed, OpenAI's events between them, each numbered: response.created, response.in_progress, the events of the
+output items (server/response_output.py: a message, function calls), and last response.completed (or
+response.incomplete when max_output_tokens cut it short)."""
 from __future__ import annotations
 
 import time
@@ -12,31 +11,28 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from server.choices import Collector
 from server.errors import OpenAIError
+from server.response_output import ResponseOutput
 from server.streaming import EventFraming, sse_event
-
-_MESSAGE = {"output_index": 0}  # the one output item: the assistant's message
-_TEXT = {"output_index": 0, "content_index": 0}  # its one content part: the text
+from server.tool_parsers import ToolParser
 
 
 class ResponseBuilder:
-    def __init__(self, model: str, body: dict, params: SamplingParams) -> None:
+    """parser: the request's tool parser, None when its output is plain text."""
+
+    def __init__(self, model: str, body: dict, params: SamplingParams, parser: ToolParser | None) -> None:
         self.id = f"resp_{uuid.uuid4().hex}"
-        self.message_id = f"msg_{uuid.uuid4().hex}"
         self.model = model
         self.body = body  # the request, whose settings the Response object repeats
         self.params = params
         self.created_at = int(time.time())
         self.completed_at: int | None = None
         self.collector = Collector(1)
+        self.output = ResponseOutput(parser)
         self._sequence_number = 0
 
     @property
     def started(self) -> bool:
         return bool(self.collector.choices)
-
-    @property
-    def text(self) -> str:
-        return self.collector.choices[0].text if self.started else ""
 
     @property
     def status(self) -> str:
@@ -45,15 +41,20 @@ class ResponseBuilder:
             return "in_progress"
         return "incomplete" if finish_reason == "length" else "completed"
 
-    def add(self, out: RequestOutput) -> str:
-        """Records one engine output; returns the text it adds."""
-        [(_, delta, _)] = self.collector.add(0, out)
+    def add(self, out: RequestOutput) -> list[dict]:
+        """Records one engine output; returns the stream events it makes (none unless streamed: a whole output
+        is read once it ended)."""
+        [(index, delta, _)] = self.collector.add(0, out)
         if self.status == "completed":
             self.completed_at = int(time.time())
-        return delta.text
+        if self.body.get("stream"):
+            return [self._numbered(event) for event in self.output.stream(delta.text, delta.finished)]
+        if delta.finished:
+            self.output.whole(self.collector.choices[index].text)
+        return []
 
     def response(self) -> dict:
-        """The Response object as it stands: no output while in progress, the message and usage once done."""
+        """The Response object as it stands: no output while in progress, the output items and usage once done."""
         done = self.status != "in_progress"
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": self.status,
@@ -61,7 +62,7 @@ class ResponseBuilder:
             "incomplete_details": {"reason": "max_output_tokens"} if self.status == "incomplete" else None,
             "instructions": self.body.get("instructions"), "max_output_tokens": self.body.get("max_output_tokens"),
             "metadata": self.body.get("metadata") or {}, "model": self.model,
-            "output": [self._message()] if done else [],
+            "output": self.output.items(self.status) if done else [],
             "parallel_tool_calls": self._requested("parallel_tool_calls", True),
             "previous_response_id": self.body.get("previous_response_id"),
             "temperature": self.params.temperature, "top_p": self.params.top_p,
@@ -72,35 +73,17 @@ class ResponseBuilder:
         }
 
     def opening_events(self) -> list[dict]:
-        """Up to the empty text part; built before the first output is added, so that they show none of it."""
+        """Built before the first output is added, so that they show none of it."""
         response = self.response()
         return [self._event("response.created", response=response),
-                self._event("response.in_progress", response=response),
-                self._event("response.output_item.added", **_MESSAGE, item=self._message()),
-                self._event("response.content_part.added", item_id=self.message_id, **_TEXT, part=self._text_part())]
-
-    def delta_events(self, text: str) -> list[dict]:
-        if not text:  # text held back while it could still become a stop string
-            return []
-        return [self._event("response.output_text.delta", item_id=self.message_id, **_TEXT, delta=text, logprobs=[])]
+                self._event("response.in_progress", response=response)]
 
     def closing_events(self) -> list[dict]:
-        return [self._event("response.output_text.done", item_id=self.message_id, **_TEXT, text=self.text,
-                            logprobs=[]),
-                self._event("response.content_part.done", item_id=self.message_id, **_TEXT, part=self._text_part()),
-                self._event("response.output_item.done", **_MESSAGE, item=self._message()),
-                self._event(f"response.{self.status}", response=self.response())]
+        items = [self._numbered(event) for event in self.output.closing_events(self.status)]
+        return items + [self._event(f"response.{self.status}", response=self.response())]
 
     def error_event(self, error: OpenAIError) -> dict:
         return self._event("error", code=error.code, message=error.message, param=error.param)
-
-    def _message(self) -> dict:
-        status = self.status
-        content = [self._text_part()] if self.started else []
-        return {"id": self.message_id, "type": "message", "role": "assistant", "status": status, "content": content}
-
-    def _text_part(self) -> dict:
-        return {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
 
     def _usage(self) -> dict:
         usage = self.collector.usage()
@@ -116,7 +99,10 @@ class ResponseBuilder:
         return default if value is None else value
 
     def _event(self, kind: str, **fields: object) -> dict:
-        event = {"type": kind, "sequence_number": self._sequence_number, **fields}
+        return self._numbered({"type": kind, **fields})
+
+    def _numbered(self, event: dict) -> dict:
+        event["sequence_number"] = self._sequence_number
         self._sequence_number += 1
         return event
 

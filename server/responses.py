@@ -1,6 +1,6 @@
 """POST /v1/responses and GET /v1/responses/{response_id}: OpenAI's Responses API on the chat path (the chat
-template, sampling parameters, admission and aborts of chat completions), its responses stored in memory so that
-`previous_response_id` can continue them."""
+template, sampling parameters, tool calling, admission and aborts of chat completions), its responses stored in
+memory so that `previous_response_id` can continue them."""
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -17,15 +17,14 @@ from server.generation import generate_many
 from server.protocol import (CHAT_FIELDS, chat_prompt, check_model, check_types, read_json, require_tokenizer,
                              sampling_params, vocab_size)
 from server.response_builder import ResponseBuilder, ResponseEventFraming
-from server.response_input import input_messages, instructions_messages
+from server.response_input import input_messages, instructions_messages, item_messages
 from server.response_store import ResponseStore, StoredResponse
-from server.response_tools import check_tools
-from server.state import STATE
+from server.state import STATE, ServerState
 from server.streaming import stream_events
 from server.structured_outputs import text_format
+from server.tools import RESPONSES_FORM, ToolCalling, request_tool_calling
 
 if TYPE_CHECKING:
-    from engine.async_llm import AsyncLLM
     from engine.sampling_params import SamplingParams
 
 # vLLM's sampling parameters beyond OpenAI's, honoured here as on chat completions.
@@ -43,13 +42,13 @@ _TEXT_VERBOSITY = "medium"  # the model writes as it writes: only the default ve
 async def create_response(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = await read_json(request)
-    params = _checked_request(body, state.llm)
+    params, tool_calling = _checked_request(body, state)
     previous = _stored(state.responses, body.get("previous_response_id"), "previous_response_id")
     messages = input_messages(body)
     history = previous.conversation if previous else []
-    prompt = await chat_prompt(state.llm, {"messages": instructions_messages(body) + history + messages},
-                               param="input")
-    builder = ResponseBuilder(state.llm.model_name, body, params)
+    prompt = await chat_prompt(state.llm, instructions_messages(body) + history + messages,
+                               tool_calling.template_tools(), param="input")
+    builder = ResponseBuilder(state.llm.model_name, body, params, tool_calling.new_parser())
     outputs = generate_many(state, [prompt], params, builder.id)
     store = state.responses if body.get("store") is not False else None
     finish = partial(_finish, store, builder, messages, previous)
@@ -74,25 +73,27 @@ async def _events(builder: ResponseBuilder, outputs: AsyncIterator[tuple[int, Re
     async with aclosing(outputs):
         async for _, out in outputs:
             opening = [] if builder.started else builder.opening_events()
-            yield opening + builder.delta_events(builder.add(out))
+            yield opening + builder.add(out)
     finish()
     yield builder.closing_events()
 
 
-def _checked_request(body: dict, llm: AsyncLLM) -> SamplingParams:
-    """The request's sampling parameters, once every field is known to be honoured and well typed."""
+def _checked_request(body: dict, state: ServerState) -> tuple[SamplingParams, ToolCalling]:
+    """The request's sampling parameters and tools, once every field is known to be honoured and well typed."""
     check_fields(body, RESPONSES_FIELDS, RESPONSES_REFUSED)
     check_types(body, RESPONSES_FIELDS)
-    check_model(body, llm.model_name)
-    check_tools(body)
-    params = sampling_params(body, body.get("max_output_tokens"), None, vocab_size(llm),
-                             {"max_tokens": "max_output_tokens"})
+    check_model(body, state.llm.model_name)
     text = body.get("text") or {}
     if text.get("verbosity") not in (None, _TEXT_VERBOSITY):
         raise bad_request("text.verbosity is not supported", param="text.verbosity")
-    params.structured_outputs = text_format(text.get("format"))
-    require_tokenizer(llm)
-    return params
+    output_format = text_format(text.get("format"))
+    tool_calling = request_tool_calling(body, RESPONSES_FORM, state.tool_parser)
+    tool_calling.check_sole_constraint("text.format" if output_format is not None else None)
+    params = sampling_params(body, body.get("max_output_tokens"), None, vocab_size(state.llm),
+                             {"max_tokens": "max_output_tokens"}, tool_calling.structured_outputs or output_format)
+    require_tokenizer(state.llm)
+    tool_calling.adjust_request(params, state.llm.tokenizer)
+    return params, tool_calling
 
 
 def _finish(store: ResponseStore | None, builder: ResponseBuilder, messages: list[dict],
@@ -100,8 +101,8 @@ def _finish(store: ResponseStore | None, builder: ResponseBuilder, messages: lis
     """Stores the finished response (unless it asked for `store: false`) before its last event or its body goes
     out, so that a client can retrieve or continue it as soon as it has it."""
     if store is not None:
-        output = {"role": "assistant", "content": builder.text}
-        store.put(StoredResponse(builder.response(), [*messages, output], previous))
+        response = builder.response()
+        store.put(StoredResponse(response, [*messages, *item_messages(response["output"])], previous))
 
 
 def _stored(store: ResponseStore, response_id: str | None, param: str) -> StoredResponse | None:

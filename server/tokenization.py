@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from server.chat_messages import chat_messages
 from server.errors import bad_request
 from server.fields import TOKENIZE_REFUSED, NoOp, check_fields
 from server.protocol import chat_prompt, check_model, check_types, is_token_id, read_json, require_tokenizer
 from server.state import STATE
-from server.tools import chat_tools, template_tools
+from server.tools import CHAT_FORM, function_tools, template_tools
 
 _TOKENIZE_FIELDS = {"model": (str,), "prompt": (str,), "messages": (list,), "add_special_tokens": (bool,),
                     "tools": (list,)}
@@ -18,7 +19,7 @@ async def tokenize(request: web.Request) -> web.Response:
     llm = request.app[STATE].llm
     body = await _body(request, _TOKENIZE_FIELDS, TOKENIZE_REFUSED)
     if "messages" in body:
-        tokens = await chat_prompt(llm, body, template_tools(chat_tools(body)))
+        tokens = await chat_prompt(llm, chat_messages(body), template_tools(function_tools(body, CHAT_FORM)))
     elif isinstance(body.get("prompt"), str):
         tokens = await llm.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
     else:

@@ -6,7 +6,8 @@ parser reads each choice's output.
   `--enable-auto-tool-choice` it is a 400, as in vLLM, since nothing could read the calls.
 - "required" and a named function: a grammar forces calls that parse and validate (tool_parsers/forced.py).
 
-`tool_calling` takes the tools and choice in any API's shape once parsed; `chat_tool_calling` parses chat's.
+`tool_calling` takes the tools and choice once parsed; `request_tool_calling` parses them from a request of chat
+completions or of the Responses API, which differ only in where a function's fields are (`ToolForm`).
 Every mistake is a 400 naming its field.
 """
 from __future__ import annotations
@@ -57,6 +58,13 @@ class ToolCalling:
         if self.auto_parser is not None and self.auto_parser.markers_are_special(tokenizer):
             params.skip_special_tokens = False
 
+    def check_sole_constraint(self, other: str | None) -> None:
+        """A 400 when the grammar of tool_choice and the request's own constraint (the field `other`; None: it has
+        none) would both shape the output."""
+        if self.structured_outputs is not None and other is not None:
+            raise bad_request(f"tool_choice {self.tool_choice} and {other} each constrain the output: send one",
+                              param=other)
+
     def new_parser(self) -> ToolParser | None:
         """A parser for one choice's output, None when the output is plain text."""
         if self.tool_choice == "required":
@@ -97,48 +105,77 @@ def template_tools(tools: Sequence[FunctionTool]) -> list[dict] | None:
     return [tool.template_dict() for tool in tools] or None
 
 
+@dataclass(frozen=True)
+class ToolForm:
+    """Where an API's request keeps a function's name, description and parameters: chat completions nest them
+    under "function" (in each tool and in a named tool_choice), the Responses API puts them beside "type"."""
+    nested: bool
+
+    def function(self, value: object) -> object:
+        """The function's fields of a tool or a named tool_choice; None when value is no function one."""
+        if not isinstance(value, dict) or value.get("type") != "function":
+            return None
+        return value.get("function") if self.nested else value
+
+    def where(self, where: str) -> str:
+        return f"{where}.function" if self.nested else where
+
+    def shape(self, fields: str) -> str:
+        """As the API writes a function with these fields, for error messages."""
+        inner = f'"function": {{{fields}}}' if self.nested else fields
+        return f'{{"type": "function", {inner}}}'
+
+
+CHAT_FORM = ToolForm(nested=True)
+RESPONSES_FORM = ToolForm(nested=False)
+
+
+def request_tool_calling(body: dict, form: ToolForm, auto_parser: type[ToolParser] | None) -> ToolCalling:
+    """From the request's tools, tool_choice and parallel_tool_calls."""
+    tools = function_tools(body, form)
+    tool_choice, function = _tool_choice(body.get("tool_choice"), bool(tools), form)
+    return tool_calling(tools, tool_choice, function, body.get("parallel_tool_calls") is not False, auto_parser)
+
+
 def chat_tool_calling(body: dict, auto_parser: type[ToolParser] | None) -> ToolCalling:
-    """From chat's tools, tool_choice and parallel_tool_calls."""
-    tools = chat_tools(body)
-    tool_choice, function = _chat_tool_choice(body.get("tool_choice"), bool(tools))
-    calling = tool_calling(tools, tool_choice, function, body.get("parallel_tool_calls") is not False, auto_parser)
-    given = constraint_fields(body)
-    if calling.structured_outputs is not None and given:
-        raise bad_request(f"tool_choice {tool_choice} and {given[0]} each constrain the output: send one", param=given[0])
+    """From chat's tools, tool_choice and parallel_tool_calls; tool_choice's grammar and the request's own
+    constraint (response_format, ...) cannot both apply."""
+    calling = request_tool_calling(body, CHAT_FORM, auto_parser)
+    calling.check_sole_constraint(next(iter(constraint_fields(body)), None))
     return calling
 
 
-def chat_tools(body: dict) -> list[FunctionTool]:
-    """The request's tools, in chat's form {"type": "function", "function": {"name", "description", "parameters"}}."""
-    parsed = [_chat_tool(tool, f"tools[{i}]") for i, tool in enumerate(body.get("tools") or [])]
+def function_tools(body: dict, form: ToolForm) -> list[FunctionTool]:
+    """The request's tools, each {"type": "function", ...} with the function's fields where form keeps them."""
+    parsed = [_function_tool(tool, f"tools[{i}]", form) for i, tool in enumerate(body.get("tools") or [])]
     names = [tool.name for tool in parsed]
     if len(set(names)) < len(names):
         raise bad_request("tools must have distinct names", param="tools")
     return parsed
 
 
-def _chat_tool(tool: object, where: str) -> FunctionTool:
-    function = tool.get("function") if isinstance(tool, dict) else None
-    if not isinstance(function, dict) or tool.get("type") != "function":
-        raise bad_request(f'{where} must be {{"type": "function", "function": {{...}}}} (only function tools are '
-                          "supported)", param="tools")
+def _function_tool(tool: object, where: str, form: ToolForm) -> FunctionTool:
+    function = form.function(tool)
+    if not isinstance(function, dict):
+        raise bad_request(f"{where} must be {form.shape('...')} (only function tools are supported)", param="tools")
+    where = form.where(where)
     name, description, parameters = function.get("name"), function.get("description"), function.get("parameters")
     if not isinstance(name, str) or not name:
-        raise bad_request(f"{where}.function.name must be a non-empty string", param="tools")
+        raise bad_request(f"{where}.name must be a non-empty string", param="tools")
     if description is not None and not isinstance(description, str):
-        raise bad_request(f"{where}.function.description must be a string", param="tools")
+        raise bad_request(f"{where}.description must be a string", param="tools")
     if parameters is not None and not isinstance(parameters, dict):
-        raise bad_request(f"{where}.function.parameters must be a JSON Schema object", param="tools")
+        raise bad_request(f"{where}.parameters must be a JSON Schema object", param="tools")
     return FunctionTool(name, description, parameters)
 
 
-def _chat_tool_choice(value: object, has_tools: bool) -> tuple[str, str | None]:
+def _tool_choice(value: object, has_tools: bool, form: ToolForm) -> tuple[str, str | None]:
     if value is None:
         return ("auto" if has_tools else "none"), None
     if value in _CHOICES:
         return value, None
-    function = value.get("function") if isinstance(value, dict) and value.get("type") == "function" else None
+    function = form.function(value)
     if isinstance(function, dict) and isinstance(function.get("name"), str):
         return "function", function["name"]
-    raise bad_request('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
-                      '{"name": ...}}', param="tool_choice")
+    named = form.shape('"name": ...')
+    raise bad_request(f'tool_choice must be "none", "auto", "required" or {named}', param="tool_choice")

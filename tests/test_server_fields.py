@@ -124,12 +124,6 @@ def test_default_and_no_op_values_of_unimplemented_response_fields_are_accepted(
     assert response.json()["metadata"] == {"team": "a"} and response.json()["parallel_tool_calls"] is False
 
 
-@pytest.mark.parametrize(("field", "value"), [("tools", [{"type": "function", **TOOL["function"]}]),
-                                              ("tool_choice", "required")])
-def test_tools_in_a_response_are_not_supported_yet(server, field, value):
-    assert_400(server.post(RESPONSES, RESPONSE_BODY | {field: value}), field, f"{field} is not supported yet")
-
-
 @pytest.mark.parametrize(("value", "message"), [
     (None, "input must be a string or a non-empty array of input items"),
     ([], "input must be a string or a non-empty array of input items"),
@@ -138,10 +132,11 @@ def test_tools_in_a_response_are_not_supported_yet(server, field, value):
     ([{"role": "user", "content": [{"type": "input_image", "image_url": "https://example.com/a.png"}]}],
      "input[0].content: only input_text and output_text parts are supported"),
     ([{"type": "reasoning", "id": "rs_1", "summary": []}], "input[0]: reasoning items are not supported"),
-    ([{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}],
-     "input[0]: function_call items are not supported yet"),
-    ([{"type": "function_call_output", "call_id": "c1", "output": "{}"}],
-     "input[0]: function_call_output items are not supported yet"),
+    ([{"type": "function_call", "name": "f", "arguments": "{}"}], "input[0].call_id must be a non-empty string"),
+    ([{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{city: Paris}"}],
+     "input[0].arguments must be a string of JSON text"),
+    ([{"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_image", "image_url": "x"}]}],
+     "input[0].output: only input_text and output_text parts are supported"),
 ])
 def test_a_response_input_tokmodel_cannot_read_is_a_400_on_input(server, value, message):
     assert_400(server.post(RESPONSES, RESPONSE_BODY | {"input": value}), "input", message)

@@ -196,11 +196,11 @@ def test_agents_sdk_runs_an_agent_on_the_default_responses_model(server, client)
     agents = pytest.importorskip("agents")
     agent = agents.Agent(name="assistant", instructions="Answer in one short sentence.", model=MODEL,
                          model_settings=agents.ModelSettings(temperature=0))
-    result = asyncio.run(_run(server, agents, agent, "What is the capital of France?"))
+    result = asyncio.run(run_agent(server, agents, agent, "What is the capital of France?"))
     assert isinstance(result.final_output, str) and result.final_output
     [raw] = result.raw_responses  # one model call, through the Responses API: its response was stored
     assert client.responses.retrieve(raw.response_id).output_text == result.final_output
-    streamed = asyncio.run(_run(server, agents, agent, "What is the capital of France?", streamed=True))
+    streamed = asyncio.run(run_agent(server, agents, agent, "What is the capital of France?", streamed=True))
     assert streamed.final_output == result.final_output
 
 
@@ -208,11 +208,11 @@ def test_agents_sdk_output_type_is_a_validated_pydantic_object(server):
     agents = pytest.importorskip("agents")
     agent = agents.Agent(name="colors", instructions="Answer in JSON.", model=MODEL, output_type=Color,
                          model_settings=agents.ModelSettings(temperature=0))
-    result = asyncio.run(_run(server, agents, agent, "Which color is the sky?"))
+    result = asyncio.run(run_agent(server, agents, agent, "Which color is the sky?"))
     assert isinstance(result.final_output, Color)
 
 
-async def _run(server: Server, agents, agent, prompt: str, streamed: bool = False):
+async def run_agent(server: Server, agents, agent, prompt: str, streamed: bool = False):
     """Runner.run, or Runner.run_streamed read to its end, on a client of the server (set per run: each
     asyncio.run has its own event loop, which an AsyncOpenAI client must not outlive)."""
     agents.set_default_openai_client(openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY,
@@ -233,10 +233,10 @@ def test_a_prompt_over_the_context_is_a_json_400_even_when_streamed(server):
 
 
 def test_a_failure_mid_stream_is_a_numbered_error_event():
-    builder = ResponseBuilder(MODEL, {}, SamplingParams())
+    builder = ResponseBuilder(MODEL, {}, SamplingParams(), parser=None)
     builder.opening_events()
     framed = ResponseEventFraming(builder).error(OpenAIError(503, "the request was aborted", code="aborted"))
     name, data = framed.decode().rstrip("\n").split("\n")
     event = STREAM_EVENT.validate_python(json.loads(data.removeprefix("data: ")))
     assert name == "event: error" and isinstance(event, ResponseErrorEvent) and not undeclared_fields(event)
-    assert (event.sequence_number, event.code, event.message) == (4, "aborted", "the request was aborted")
+    assert (event.sequence_number, event.code, event.message) == (2, "aborted", "the request was aborted")
