@@ -51,7 +51,7 @@ class Request:
         self.pending_forks: list[Request] = []  # sibling choices that fork from this one once its prompt is prefilled
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.generator: torch.Generator | None = None  # per-request RNG when a seed is given
-        self.penalty_state = None  # sampler.PenaltyState, made on first use by a request with penalties
+        self.penalty_state = None  # penalties.PenaltyState, made on first use by a request with penalties
 
     @property
     def num_prompt_tokens(self) -> int:

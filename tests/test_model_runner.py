@@ -47,6 +47,7 @@ def test_bf16_weights_are_allocated_once_not_in_fp32_first():
 
 class CountingSampler(Sampler):
     def __init__(self) -> None:
+        super().__init__()
         self.batches: list[list] = []
 
     def __call__(self, logits, requests):
