@@ -149,7 +149,7 @@ def _redraw_outside_nucleus(weights: torch.Tensor, tokens: torch.Tensor, top_p: 
     batch_rows = torch.arange(len(tokens), device=tokens.device) if isinstance(rows, slice) else rows
     pending = (top_p < 1).nonzero()[:, 0]
     for draw in itertools.count(1):
-        candidates = weights[pending]
+        candidates = weights if len(pending) == len(weights) else weights[pending]  # all rows: no copy
         drawn_weight = candidates.gather(1, tokens[pending, None])
         outside = torch.where(candidates > drawn_weight, candidates, 0.0).sum(dim=-1) >= limit[pending]
         pending = pending[outside]  # a sync: the loop ends when no row is left
@@ -175,7 +175,7 @@ def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     chunk = _search(cdf, uniform)[:, None]
     chunk_total = totals.gather(1, chunk)[:, 0]
     inside = (uniform * cdf[:, -1] - (cdf.gather(1, chunk)[:, 0] - chunk_total)) / chunk_total
-    chosen = chunks.gather(1, chunk[:, :, None].expand(num_rows, 1, vocab_chunks.CHUNK))[:, 0]
+    chosen = vocab_chunks.chunk_values(weights, chunk)[:, 0]
     return chunk[:, 0] * vocab_chunks.CHUNK + _search(chosen.cumsum(dim=-1), inside.clamp(min=0))
 
 
