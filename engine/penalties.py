@@ -52,26 +52,38 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     rows = [row for row, request in enumerate(requests) if request.sampling_params.uses_penalties]
     if not rows:
         return
-    device, flat_logits = logits.device, logits.view(-1)  # flat indexing: far faster than [rows, ids] on CPU
-    states = [_advanced_state(requests[row], device) for row in rows]
+    states = [_advanced_state(requests[row], logits.device) for row in rows]
     params = [requests[row].sampling_params for row in rows]
-    settings = to_device([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
-                         device, torch.float32)
-    repetition, frequency, presence = settings.unbind(1)
+    penalties = to_device([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
+                          logits.device, torch.float32)
+    flat_logits = logits.view(-1)  # indexed by flat position: on a CPU far faster than by [rows, ids]
     # Repetition over the prompt's tokens first; output tokens the prompt also holds then skip it.
-    row_starts, entry_rows = _entries(rows, [len(s.prompt_tokens) for s in states], logits.shape[1], device)
+    _penalise_prompt_tokens(flat_logits, logits.shape[1], rows, states, penalties[:, 0])
+    _penalise_output_tokens(flat_logits, logits.shape[1], rows, states, penalties)
+
+
+def _penalise_prompt_tokens(flat_logits: torch.Tensor, vocab: int, rows: list[int], states: list[PenaltyState],
+                            repetition: torch.Tensor) -> None:
+    row_starts, entry_rows = _entries(rows, [len(s.prompt_tokens) for s in states], vocab, flat_logits.device)
     slots = row_starts + torch.cat([s.prompt_ids for s in states])
     flat_logits[slots] = _repetition(flat_logits[slots], repetition[entry_rows])
-    num_output_ids = [s.num_output_ids for s in states]
-    if not sum(num_output_ids):
+
+
+def _penalise_output_tokens(flat_logits: torch.Tensor, vocab: int, rows: list[int], states: list[PenaltyState],
+                            penalties: torch.Tensor) -> None:
+    """Repetition where the prompt did not hold the token, then frequency (per count) and presence."""
+    lengths = [s.num_output_ids for s in states]
+    if not sum(lengths):
         return
-    row_starts, entry_rows = _entries(rows, num_output_ids, logits.shape[1], device)
-    slots = row_starts + _concat([s.output_ids for s in states], num_output_ids, device, torch.int64)
-    counts = _concat([s.output_counts for s in states], num_output_ids, device, torch.float32)
-    in_prompt = _concat([s.in_prompt for s in states], num_output_ids, device, torch.bool)
+    device = flat_logits.device
+    row_starts, entry_rows = _entries(rows, lengths, vocab, device)
+    slots = row_starts + _concat([s.output_ids for s in states], lengths, device, torch.int64)
+    counts = _concat([s.output_counts for s in states], lengths, device, torch.float32)
+    in_prompt = _concat([s.in_prompt for s in states], lengths, device, torch.bool)
+    repetition, frequency, presence = penalties[entry_rows].unbind(1)
     values = flat_logits[slots]
-    values = torch.where(in_prompt, values, _repetition(values, repetition[entry_rows]))
-    flat_logits[slots] = values - frequency[entry_rows] * counts - presence[entry_rows]
+    values = torch.where(in_prompt, values, _repetition(values, repetition))
+    flat_logits[slots] = values - frequency * counts - presence
 
 
 def _advanced_state(request: Request, device: torch.device) -> PenaltyState:

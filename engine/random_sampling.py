@@ -27,6 +27,7 @@ from engine import vocab_chunks
 from engine.device_copy import to_device
 from engine.request import Request
 from engine.row_random import RowRandom
+from engine.sampling_params import SamplingParams
 
 CANDIDATES = 64  # each row's largest logits, sampled from when the row's top_k or min_p cuts inside them
 MAX_TOP_K_CANDIDATES = 256  # a top_k up to this widens the candidates; a larger one is served over the whole row
@@ -34,85 +35,90 @@ MAX_TOP_K_CANDIDATES = 256  # a top_k up to this widens the candidates; a larger
 
 class SamplingSettings(NamedTuple):
     """The settings of the rows that sample at random, gathered once per step: on the device, and on the host
-    what decides which way each row goes (no sync)."""
+    (`params`) what decides which way each row goes, so that deciding needs no sync."""
     temperature: torch.Tensor  # [rows] float32, > 0
     top_k: torch.Tensor  # [rows] int64; 0: off
     top_p: torch.Tensor  # [rows] float32; 1: off
     min_p: torch.Tensor  # [rows] float32; 0: off
-    host_top_k: list[int]
-    host_min_p: list[float]
+    params: list[SamplingParams]
     random: RowRandom
 
     @classmethod
     def from_requests(cls, requests: list[Request], device: torch.device) -> SamplingSettings:
         params = [r.sampling_params for r in requests]
         real = to_device([[p.temperature, p.top_p, p.min_p] for p in params], device, torch.float32)
-        host_top_k = [p.top_k for p in params]
-        return cls(real[:, 0], to_device(host_top_k, device, torch.int64), real[:, 1], real[:, 2], host_top_k,
-                   [p.min_p for p in params], RowRandom(requests, device))
+        top_k = to_device([p.top_k for p in params], device, torch.int64)
+        return cls(real[:, 0], top_k, real[:, 1], real[:, 2], params, RowRandom(requests, device))
+
+
+class Rows(NamedTuple):
+    """Some of the batch's rows: their numbers on the host, and the index that takes them from a device tensor
+    (slice(None) when they are all the rows: nothing to copy)."""
+    host: list[int]
+    index: torch.Tensor | slice
+
+    @classmethod
+    def of(cls, host: list[int], num_rows: int, device: torch.device) -> Rows:
+        return cls(host, slice(None) if len(host) == num_rows else to_device(host, device, torch.int64))
 
 
 def sample(logits: torch.Tensor, settings: SamplingSettings, candidates: int = CANDIDATES) -> torch.Tensor:
     """One token id per row of `logits` [rows, vocab] (float32, overwritten)."""
-    num_rows, vocab = logits.shape
-    tokens = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
-    kth = torch.full((num_rows,), float("-inf"), device=logits.device)  # top_k's threshold where known
-    confinable = [row for row, (k, min_p) in enumerate(zip(settings.host_top_k, settings.host_min_p))
-                  if 0 < k <= MAX_TOP_K_CANDIDATES or min_p > 0]
-    whole = sorted(set(range(num_rows)) - set(confinable))
-    if confinable:
-        rows = _index(confinable, num_rows, logits.device)
-        tokens[rows], kth[rows], held = _sample_candidates(_select(logits, rows), rows, settings, candidates)
-        whole = sorted(whole + [row for row, is_held in zip(confinable, held.tolist()) if not is_held])  # a sync
+    num_rows, device = logits.shape[0], logits.device
+    tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
+    kth = torch.full((num_rows,), float("-inf"), device=device)  # top_k's threshold, where the candidates give it
+    confinable = [0 < p.top_k <= MAX_TOP_K_CANDIDATES or p.min_p > 0 for p in settings.params]
+    whole = [row for row, can in enumerate(confinable) if not can]
+    if any(confinable):
+        rows = Rows.of([row for row, can in enumerate(confinable) if can], num_rows, device)
+        tokens[rows.index], kth[rows.index], held = _sample_candidates(logits, rows, settings, candidates)
+        whole = sorted(whole + [row for row, is_held in zip(rows.host, held.tolist()) if not is_held])  # a sync
     if whole:
-        rows = _index(whole, num_rows, logits.device)
-        tokens[rows] = _sample_whole_rows(_select(logits, rows), rows, kth[rows], settings)
+        rows = Rows.of(whole, num_rows, device)
+        tokens[rows.index] = _sample_whole_rows(logits, rows, kth[rows.index], settings)
     return tokens
 
 
-def _index(rows: list[int], num_rows: int, device: torch.device) -> torch.Tensor | slice:
-    return slice(None) if len(rows) == num_rows else to_device(rows, device, torch.int64)
-
-
-def _select(logits: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
-    """The rows' logits: the batch's own tensor when they are all of it (so not copied), else a copy."""
-    return logits if isinstance(rows, slice) else logits[rows]
-
-
-def _sample_candidates(logits: torch.Tensor, rows: torch.Tensor | slice, settings: SamplingSettings,
+def _sample_candidates(logits: torch.Tensor, rows: Rows, settings: SamplingSettings,
                        candidates: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokens drawn from each row's candidates; top_k's threshold (-inf where top_k is off or wider than the
-    candidates); and whether the candidates hold every token the row keeps (where not, the token is void)."""
+    """Tokens drawn from the rows' candidates; top_k's threshold (-inf where top_k is off or wider than the
+    candidates); and whether the candidates hold every token the row keeps (where not, its token is void)."""
     vocab = logits.shape[1]
-    top_k = settings.top_k[rows]
-    needed = [k + 1 for k in settings.host_top_k if 0 < k <= MAX_TOP_K_CANDIDATES]  # one past k-th: ties across it
-    values, ids = vocab_chunks.topk(logits, min(vocab, max([candidates, *needed])))
-    width = values.shape[1]
+    needed = [p.top_k + 1 for p in settings.params if 0 < p.top_k <= MAX_TOP_K_CANDIDATES]  # past k-th: its ties
+    values, ids = vocab_chunks.topk(_select(logits, rows), min(vocab, max([candidates, *needed])))
+    width, top_k = values.shape[1], settings.top_k[rows.index]
     kth = values.gather(1, (top_k - 1).clamp(0, width - 1)[:, None])[:, 0]
     kth = torch.where((top_k > 0) & (top_k < width), kth, float("-inf"))
-    weights = _kept_weights_(values, kth, settings.temperature[rows], settings.min_p[rows], uses_min_p=True)
-    chosen = _draw(_nucleus(weights, settings.top_p[rows]), settings.random.uniform(0, rows))
+    weights = _kept_weights_(values, kth, settings.temperature[rows.index], settings.min_p[rows.index], True)
+    chosen = _draw(_nucleus(weights, settings.top_p[rows.index]), settings.random.uniform(0, rows.index))
     held = (weights[:, -1] == 0) | (width == vocab)  # the last candidate dropped: so is every token after it
     return ids.gather(1, chosen[:, None])[:, 0], kth, held
 
 
-def _sample_whole_rows(logits: torch.Tensor, rows: torch.Tensor | slice, kth: torch.Tensor,
-                       settings: SamplingSettings) -> torch.Tensor:
-    """Tokens drawn over the whole of each row of `logits` (overwritten). `kth`: top_k's threshold where the
-    candidates gave it, -inf elsewhere (computed here for a top_k wider than the candidates)."""
-    vocab = logits.shape[1]
-    host_rows = range(len(settings.host_top_k))[rows] if isinstance(rows, slice) else rows.tolist()
-    host_top_k = [settings.host_top_k[row] for row in host_rows]
-    wide = [i for i, k in enumerate(host_top_k) if k > MAX_TOP_K_CANDIDATES and k < vocab]
+def _sample_whole_rows(logits: torch.Tensor, rows: Rows, kth: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
+    """Tokens drawn over the whole of each row (the rows' logits are overwritten). `kth`: top_k's threshold
+    where the candidates gave it, -inf elsewhere (found here for a top_k wider than the candidates)."""
+    logits, vocab = _select(logits, rows), logits.shape[1]
+    params = [settings.params[row] for row in rows.host]
+    wide = [i for i, p in enumerate(params) if MAX_TOP_K_CANDIDATES < p.top_k < vocab]
     if wide:
         index = to_device(wide, logits.device, torch.int64)
-        largest = logits[index].topk(max(host_top_k[i] for i in wide), dim=-1).values
-        kth[index] = largest.gather(1, settings.top_k[rows][index, None] - 1)[:, 0]
-    uses_min_p = any(settings.host_min_p[row] > 0 for row in host_rows)
-    cuts = any(0 < k < vocab for k in host_top_k)
-    weights = _kept_weights_(logits, kth if cuts else None, settings.temperature[rows], settings.min_p[rows], uses_min_p)
-    tokens = _draw(weights, settings.random.uniform(0, rows))
-    return _redraw_outside_nucleus(weights, tokens, settings.top_p[rows], settings.random, rows)
+        largest = logits[index].topk(max(params[i].top_k for i in wide), dim=-1).values
+        kth[index] = largest.gather(1, settings.top_k[rows.index][index, None] - 1)[:, 0]
+    cuts = any(0 < p.top_k < vocab for p in params)
+    weights = _kept_weights_(logits, kth if cuts else None, settings.temperature[rows.index],
+                             settings.min_p[rows.index], any(p.min_p > 0 for p in params))
+    tokens = _draw(weights, settings.random.uniform(0, rows.index))
+    nucleus_rows = [i for i, p in enumerate(params) if p.top_p < 1]
+    if nucleus_rows:
+        _redraw_outside_nucleus(weights, tokens, settings.top_p[rows.index], settings.random,
+                                to_device(rows.host, logits.device, torch.int64), nucleus_rows)
+    return tokens
+
+
+def _select(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """The rows' logits: the batch's own tensor when they are all of it (not copied), else a copy."""
+    return logits if isinstance(rows.index, slice) else logits[rows.index]
 
 
 def _kept_weights_(logits: torch.Tensor, kth: torch.Tensor | None, temperature: torch.Tensor, min_p: torch.Tensor,
@@ -142,24 +148,23 @@ def _nucleus(weights: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 def _redraw_outside_nucleus(weights: torch.Tensor, tokens: torch.Tensor, top_p: torch.Tensor, random: RowRandom,
-                            rows: torch.Tensor | slice) -> torch.Tensor:
-    """Rejection sampling of top_p over whole rows. Each draw is from the kept tokens above the row's pivot,
-    which still hold its whole nucleus, so an accepted token is distributed exactly as top_p sampling."""
+                            batch_rows: torch.Tensor, nucleus_rows: list[int]) -> None:
+    """Rejection sampling of top_p over whole rows (`nucleus_rows` of `weights`, which are rows `batch_rows` of
+    the batch), in place on `tokens`. Each draw is from the kept tokens above the row's pivot, which still hold
+    its whole nucleus, so an accepted token is distributed exactly as top_p sampling."""
     limit = top_p * weights.sum(dim=-1)
-    batch_rows = torch.arange(len(tokens), device=tokens.device) if isinstance(rows, slice) else rows
-    pending = (top_p < 1).nonzero()[:, 0]
+    pending = to_device(nucleus_rows, weights.device, torch.int64)
     for draw in itertools.count(1):
-        candidates = weights if len(pending) == len(weights) else weights[pending]  # all rows: no copy
+        candidates = weights if len(nucleus_rows) == len(weights) and draw == 1 else weights[pending]  # no copy
         drawn_weight = candidates.gather(1, tokens[pending, None])
         outside = torch.where(candidates > drawn_weight, candidates, 0.0).sum(dim=-1) >= limit[pending]
         pending = pending[outside]  # a sync: the loop ends when no row is left
         if not len(pending):
-            return tokens
+            return
         above_pivot = candidates[outside]
         above_pivot.masked_fill_(above_pivot <= drawn_weight[outside], 0.0)
         weights[pending] = above_pivot
         tokens[pending] = _draw(above_pivot, random.uniform(draw, batch_rows[pending]))
-    raise AssertionError("unreachable")
 
 
 def _draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
