@@ -2,8 +2,8 @@
 inverse CDF needs a single number per token).
 
 Unseeded rows share one batched draw from torch's generator. A seeded row reads its own counter-based stream:
-the n-th output of SplitMix64 started from its key (seed + choice index, as vLLM), where n counts the tokens the
-choice has sampled. So its tokens depend on its seed alone, not on what else is in the batch, and no per-request
+the n-th output of SplitMix64 started from a mix of its key (seed + choice index, as vLLM), where n counts the
+tokens the choice has sampled. So its tokens depend on its seed alone, not on what else is in the batch, and no per-request
 generator has to be drawn from row by row."""
 from __future__ import annotations
 
@@ -47,9 +47,8 @@ class RowRandom:
         self.streams = splitmix64_output(to_device(keys, device, torch.int64))
         self.first_draws = to_device([r.num_output_tokens * DRAWS_PER_TOKEN for r in requests], device, torch.int64)
 
-    def uniform(self, draw: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The `draw`-th uniform of this token (0 first) for each row, or for `rows` only."""
-        index = slice(None) if rows is None else rows
+    def uniform(self, draw: int, index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """The `draw`-th uniform of this token (0 first) for the rows `index` takes."""
         unseeded = torch.rand(self.seeded[index].shape, dtype=torch.float64, device=self.seeded.device)
         if not self.any_seeded:
             return unseeded
