@@ -91,12 +91,9 @@ class EngineCore:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
         arrival_time = arrival_time or time.time()
-        sequences = []
-        for index, seq_id in enumerate(seq_ids):
-            seq = Request(seq_id, request_id, index, token_ids, params, max_tokens, arrival_time)
-            if params.seed is not None:  # each choice its own stream, as vLLM: seed + index
-                seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed + index)
-            sequences.append(seq)
+        # A seeded choice samples from its own stream, seed + index (as vLLM): engine/row_random.py.
+        sequences = [Request(seq_id, request_id, index, token_ids, params, max_tokens, arrival_time)
+                     for index, seq_id in enumerate(seq_ids)]
         if params.structured_outputs is not None:
             self.structured_output.attach(sequences, params.structured_outputs, self.tokenizer)
         self.output_processor.add_request(request_id, text, token_ids, params, arrival_time)

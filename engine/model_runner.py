@@ -165,15 +165,16 @@ class ModelRunner:
 
     def profile_run(self, sampler: Sampler) -> None:
         """The step that needs the most memory besides the KV cache: max_num_batched_tokens of prefill, then
-        max_num_seqs rows sampled with every costly setting (a top-k/top-p sort of the whole vocabulary,
-        penalty state, logprobs), all on a throwaway cache."""
+        max_num_seqs rows sampled with every costly setting (top-p over the whole vocabulary, penalty state,
+        seeded streams, logprobs), all on a throwaway cache."""
         num_tokens, max_num_seqs = self.config.max_num_batched_tokens, self.config.max_num_seqs
         seq_len = min(num_tokens, self.config.max_model_len)
         num_seqs = -(-num_tokens // seq_len)
         blocks_per_seq = -(-seq_len // self.block_size)
         self.allocate_kv_cache(num_seqs * blocks_per_seq)
-        heavy = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, min_p=0.05, repetition_penalty=1.1,
-                               frequency_penalty=0.1, logprobs=20)
+        # top_p without top_k samples over the whole vocabulary: the sampler's largest temporaries.
+        heavy = SamplingParams(temperature=0.8, top_p=0.95, repetition_penalty=1.1, frequency_penalty=0.1, logprobs=20,
+                               seed=0)
         prompts = [_dummy_request(i, seq_len, heavy, range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
                    for i in range(num_seqs)]
         rows = [_dummy_request(num_seqs + i, seq_len, heavy, []) for i in range(max_num_seqs)]  # all read row 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 import enum
 import time
 
-import torch
-
 from engine.sampling_params import SamplingParams
 
 
@@ -50,8 +48,7 @@ class Request:
         self.num_cached_blocks = 0  # leading blocks already offered to the prefix cache
         self.pending_forks: list[Request] = []  # sibling choices that fork from this one once its prompt is prefilled
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
-        self.generator: torch.Generator | None = None  # per-request RNG when a seed is given
-        self.penalty_state = None  # sampler.PenaltyState, made on first use by a request with penalties
+        self.penalty_state = None  # penalties.PenaltyState, made on first use by a request with penalties
         self.grammar = None  # its structured output's matcher, advanced by each sampled token
 
     @property

@@ -47,6 +47,7 @@ def test_bf16_weights_are_allocated_once_not_in_fp32_first():
 
 class CountingSampler(Sampler):
     def __init__(self) -> None:
+        super().__init__()
         self.batches: list[list] = []
 
     def __call__(self, logits, requests):
@@ -64,7 +65,8 @@ def test_profile_step_samples_max_num_seqs_rows_with_every_costly_setting():
     runner.profile_run(sampler)
     [rows] = sampler.batches
     assert len(rows) == engine_config.max_num_seqs
-    assert all(p.top_p < 1 and p.top_k and p.uses_penalties and p.logprobs and not p.greedy for p in rows)
+    assert all(p.top_p < 1 and not p.top_k and p.uses_penalties and p.logprobs and p.seed is not None and not p.greedy
+               for p in rows)
 
 
 def test_after_warm_up_serving_varied_batches_launches_no_new_kernel_variant(launches, tmp_path):
