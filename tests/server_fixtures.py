@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import jsonschema
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -132,6 +133,11 @@ def leaves_server_idle(server: Server) -> Iterator[None]:
     waiting or holding KV blocks), so that one failing test cannot break the tests after it."""
     yield
     server.wait_until_idle(timeout=30)
+
+
+def openai_client(server: Server) -> openai.OpenAI:
+    """The official client on the server's /v1, with its key if it has one, and no retries: a test sees every error."""
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.api_key or "unused", max_retries=0)
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import openai
 import pytest
 from openai.types.responses import Response
 
-from server_fixtures import Server, leaves_server_idle, running_server  # noqa: F401 (autouse fixture)
+from server_fixtures import Server, leaves_server_idle, openai_client, running_server  # noqa: F401 (autouse fixture)
 from test_server_responses import RESPONSES, STREAM_EVENT, run_agent, strict_response, undeclared_fields
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -38,7 +38,7 @@ def server() -> Server:
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 def create(client: openai.OpenAI, **body) -> Response:

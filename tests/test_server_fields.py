@@ -8,7 +8,7 @@ import uuid
 import openai
 import pytest
 
-from server_fixtures import Server, leaves_server_idle, running_server, validate  # noqa: F401 (autouse fixture)
+from server_fixtures import Server, leaves_server_idle, openai_client, running_server, validate  # noqa: F401 (autouse fixture)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -28,7 +28,7 @@ def server() -> Server:
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

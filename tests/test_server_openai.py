@@ -9,7 +9,8 @@ import sys
 import openai
 import pytest
 
-from server_fixtures import REPO, Server, free_port, leaves_server_idle, running_server, validate  # noqa: F401 (autouse)
+from server_fixtures import (REPO, Server, free_port, leaves_server_idle, openai_client,  # noqa: F401 (autouse)
+                             running_server, validate)
 
 API_KEY = "test-key"
 MODEL = "tokmodel-test"
@@ -25,7 +26,7 @@ def server() -> Server:
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0)
+    return openai_client(server)
 
 
 def chat(client: openai.OpenAI, **kwargs):

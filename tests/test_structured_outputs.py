@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from engine import LLM, SamplingParams
 from engine.structured_output import StructuredOutputsParams
-from server_fixtures import Server, leaves_server_idle, running_server  # noqa: F401 (autouse fixture)
+from server_fixtures import Server, leaves_server_idle, openai_client, running_server  # noqa: F401 (autouse fixture)
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 20},
@@ -105,7 +105,7 @@ def server() -> Server:
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 def test_openai_parse_returns_a_validated_pydantic_object(client):

@@ -11,7 +11,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from server_fixtures import Server, leaves_server_idle, running_server, validate  # noqa: F401 (autouse fixture)
+from server_fixtures import Server, leaves_server_idle, openai_client, running_server, validate  # noqa: F401 (autouse fixture)
 
 MODEL = "SmolLM2-135M-Instruct"
 CHAT = "/v1/chat/completions"
@@ -36,7 +36,7 @@ def server() -> Server:
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 def assert_valid_calls(calls: list[dict], names: set[str] = set(SCHEMAS)) -> None:
