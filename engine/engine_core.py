@@ -10,8 +10,7 @@ import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig
-from engine.errors import EngineDeadError
-from engine.failure_isolation import find_failing_rows, is_fatal
+from engine.failure_isolation import find_failing_rows, raise_if_fatal
 from engine.kv_cache_manager import KVCacheManager
 from engine.loader import end_token_ids, iter_weights, load_tokenizer, resolve_model
 from engine.metrics import EngineStats
@@ -135,8 +134,7 @@ class EngineCore:
         return self.sampler(logits, output.sample_requests)
 
     def _fail_culprits(self, output: SchedulerOutput, error: Exception) -> list[RequestOutput]:
-        if is_fatal(error):
-            raise EngineDeadError(f"the engine hit an unrecoverable error: {error}") from error
+        raise_if_fatal(error)
         rows = find_failing_rows(self._execute, output) or range(len(output.requests))  # none alone: the batch
         request_ids = list(dict.fromkeys(output.requests[row].parent_id for row in rows))
         logger.error("step failed (%s: %s); failing the requests that cause it: %s", type(error).__name__, error,

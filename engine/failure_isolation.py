@@ -14,9 +14,10 @@ from engine.errors import EngineDeadError
 from engine.scheduler import SchedulerOutput
 
 
-def is_fatal(error: BaseException) -> bool:
+def raise_if_fatal(error: BaseException) -> None:
     """A CUDA error leaves the device context unusable: nothing after it can be trusted, so the engine dies."""
-    return isinstance(error, torch.AcceleratorError) or "CUDA error" in str(error)
+    if isinstance(error, torch.AcceleratorError) or "CUDA error" in str(error):
+        raise EngineDeadError(f"the engine hit an unrecoverable error: {error}") from error
 
 
 def find_failing_rows(run: Callable[[SchedulerOutput], object], output: SchedulerOutput) -> list[int]:
@@ -38,8 +39,7 @@ def _fails(run: Callable[[SchedulerOutput], object], output: SchedulerOutput) ->
     try:
         run(output)
     except Exception as error:
-        if is_fatal(error):
-            raise EngineDeadError(f"the engine hit an unrecoverable error: {error}") from error
+        raise_if_fatal(error)
         return True
     return False
 

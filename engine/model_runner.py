@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
 from engine.config import EngineConfig
+from engine.device_copy import to_device
 from engine.models import get_model_class
 from engine.request import Request
 from engine.sampler import Sampler
@@ -96,30 +97,24 @@ class ModelRunner:
         slot_mapping = block_tables[row_of_token, positions // self.block_size] * self.block_size + positions % self.block_size
         num_decodes = int(np.searchsorted(num_new != 1, True))
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(slot_mapping, torch.int64),
-            block_tables=self._to_device(block_tables, torch.int32),
-            seq_lens=self._to_device(seq_lens, torch.int32),
-            query_start_loc=self._to_device(query_start_loc, torch.int32),
+            slot_mapping=to_device(slot_mapping, self.device, torch.int64),
+            block_tables=to_device(block_tables, self.device, torch.int32),
+            seq_lens=to_device(seq_lens, self.device, torch.int32),
+            query_start_loc=to_device(query_start_loc, self.device, torch.int32),
             num_decodes=num_decodes,
             num_prefill_tokens=int(query_start_loc[-1] - num_decodes),
             decode_groups=self._decode_groups(seq_lens[:num_decodes]),
             max_prefill_seq_len=int(seq_lens[num_decodes:].max(initial=0)),
         )
         sample_tokens = query_start_loc[1:][order[output.sample_rows]] - 1
-        return (self._to_device(token_ids, torch.int64), self._to_device(positions, torch.int64), meta,
-                self._to_device(sample_tokens, torch.int64))
+        return (to_device(token_ids, self.device, torch.int64), to_device(positions, self.device, torch.int64), meta,
+                to_device(sample_tokens, self.device, torch.int64))
 
     def _decode_groups(self, decode_seq_lens: np.ndarray) -> list[tuple[int, int, int]]:
         """Split the (longest first) decodes into equal-count groups; each pads only to its own longest."""
         num_groups = DECODE_GROUPS if self.config.kernel_backend == "torch" else 1
         bounds = np.linspace(0, len(decode_seq_lens), min(num_groups, len(decode_seq_lens)) + 1).astype(int)
         return [(int(s), int(e), int(decode_seq_lens[s])) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-
-    def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
 
     def warm_up(self) -> None:
         """Compile every Triton kernel variant serving will use, before serving: a compile takes seconds on a
