@@ -4,7 +4,8 @@ setup(
     name="tokmodel",
     version="0.1.0",
     description="A continuous-batching LLM serving engine in Python with a paged KV cache and an OpenAI-compatible API",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "server", "server.*"]),
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "server", "server.*", "bench",
+                                    "bench.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",

@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the checkout
 
-from benchmarks.common import RESULTS_DIR, machine_info, save_json  # noqa: E402
+from bench.common import RESULTS_DIR, machine_info, save_json  # noqa: E402
 from benchmarks.gpu_check_plan import CPU_DRY_RUN, H100, Plan  # noqa: E402
 from benchmarks.gpu_check_report import draw, summary_table, withhold_hardware_verdicts  # noqa: E402
 from benchmarks.gpu_check_steps import REPO, STARTED, STARTED_ENV, STEPS, log  # noqa: E402

@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere in the checkout
 
-from benchmarks.common import machine_info  # noqa: E402
+from bench.common import machine_info  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.engine_core import EngineCore  # noqa: E402
 from engine.request import Request  # noqa: E402

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the checkout
 
-from benchmarks.common import default_result_path, machine_info, save_bar_chart, save_json  # noqa: E402
+from bench.common import default_result_path, machine_info, save_bar_chart, save_json  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 
 PEERS = ("tokmodel", "hf-generate", "hf-generate-batch", "hf-cb")

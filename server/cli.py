@@ -12,6 +12,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING
 
+from bench.cli import add_bench_command
 from server.logging_config import LOG_LEVEL_ENV, configure_logging
 from server.response_store import DEFAULT_MAX_STORED_RESPONSES
 from server.startup import UsageError, bind_socket, check_device, check_model
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_serve_command(commands, common)
     add_generate_command(commands, common)
+    add_bench_command(commands, common)
     return parser
 
 

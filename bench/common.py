@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: where a run happened, and how its figures are saved."""
+"""Helpers shared by the benchmarks and `tokmodel bench`: where a run happened, and how its figures are saved."""
 from __future__ import annotations
 
 import datetime
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"  # in a checkout
 
 
 def machine_info(device: str) -> dict:
