@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from bench import latency as bench_latency
+from bench import profile as bench_profile
 from bench import throughput as bench_throughput
 from bench.serve import add_serve_args, run_serve
 from server.startup import UsageError
@@ -30,6 +31,14 @@ def add_bench_command(commands: argparse._SubParsersAction, common: argparse.Arg
                                "decode steps), as vllm bench latency", description=bench_latency.__doc__)
     bench_latency.add_latency_args(latency)
     latency.set_defaults(run=_usage_errors(bench_latency.run_latency))
+
+
+def add_profile_command(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser("profile", parents=[common], help="profile a short workload (in process, or a "
+                                 "running server): trace, host/device split, per-kernel roofline table",
+                                 description=bench_profile.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_profile.add_profile_args(parser)
+    parser.set_defaults(run=_usage_errors(bench_profile.run_profile))
 
 
 def _usage_errors(run: Callable[[argparse.Namespace], object]) -> Callable[[argparse.Namespace], int]:

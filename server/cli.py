@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING
 
-from bench.cli import add_bench_command
+from bench.cli import add_bench_command, add_profile_command
 from server.logging_config import LOG_LEVEL_ENV, configure_logging
 from server.response_store import DEFAULT_MAX_STORED_RESPONSES
 from server.startup import UsageError, bind_socket, check_device, check_model
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(commands, common)
     add_generate_command(commands, common)
     add_bench_command(commands, common)
+    add_profile_command(commands, common)
     return parser
 
 
