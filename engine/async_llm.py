@@ -15,7 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator, TypeVar
 
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
@@ -24,6 +25,9 @@ from engine.errors import EngineDeadError
 from engine.metrics import EngineStats
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.profiler import EngineProfiler
 
 logger = logging.getLogger("tokmodel.engine")
 T = TypeVar("T")
@@ -48,6 +52,7 @@ class AsyncLLM:
         self._stats = self.core.get_stats()
         self._running = True
         self.dead_error: EngineDeadError | None = None  # set once the engine cannot go on
+        self._profiler: EngineProfiler | None = None  # made by the first start_profile
         self._thread = threading.Thread(target=self._run, name="tokmodel-engine", daemon=True)
         self._thread.start()
 
@@ -106,6 +111,29 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
+    async def start_profile(self, trace_dir: str) -> None:
+        """Start torch.profiler over the engine (engine/profiler.py), as vLLM's AsyncLLM.start_profile. It runs on
+        the engine thread: the profiler records the ops of the thread that starts it."""
+        from engine.profiler import EngineProfiler
+
+        def start() -> None:
+            self._profiler = self._profiler or EngineProfiler(self.core, trace_dir)
+            self._profiler.start()
+
+        await self._in_engine_thread(start)
+
+    async def stop_profile(self) -> Path:
+        """Stop the profiler; returns the trace's path. RuntimeError when it is not running."""
+        if self._profiler is None:
+            raise RuntimeError("the profiler is not running")
+        return await self._in_engine_thread(self._profiler.stop)
+
+    async def _in_engine_thread(self, work: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(("call", work, loop, future))
+        return await future
+
     def abort(self, request_id: str) -> None:
         """Abort a request; a stream still open gets its last output, with finish_reason "abort"."""
         self._commands.put(("abort", request_id))
@@ -148,6 +176,8 @@ class AsyncLLM:
             elif command[0] == "abort_all":
                 for request_id in list(self.core.output_processor.states):
                     self._abort(request_id)
+            elif command[0] == "call":
+                self._call(*command[1:])
             self._stats = self.core.get_stats()
 
     def _add_request(self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_time: float) -> None:
@@ -159,6 +189,15 @@ class AsyncLLM:
             logger.exception("adding request %s failed", request_id)
             self.core.abort_request(request_id)  # whatever part of it got in
             self._deliver(request_id, RuntimeError(f"adding the request failed: {type(error).__name__}"))
+
+    @staticmethod
+    def _call(work: Callable[[], T], loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        try:
+            result = work()
+        except Exception as error:  # the caller's to handle; the engine goes on
+            loop.call_soon_threadsafe(future.set_exception, error)
+        else:
+            loop.call_soon_threadsafe(future.set_result, result)
 
     def _abort(self, request_id: str) -> None:
         output = self.core.abort_request(request_id)

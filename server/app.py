@@ -14,6 +14,7 @@ from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.errors import OpenAIError, error_response
 from server.metrics import ServerMetrics
+from server.profiling import add_profiler_routes
 from server.response_store import DEFAULT_MAX_STORED_RESPONSES, ResponseStore
 from server.responses import create_response, retrieve_response
 from server.state import STATE, ServerState
@@ -38,6 +39,7 @@ class ServerOptions:
     stats_interval_s: float = 10.0  # how often a busy server logs its stats line
     tool_call_parser: str | None = None  # with --enable-auto-tool-choice: a name in tool_parsers.TOOL_PARSERS
     max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES  # --max-stored-responses
+    profiler_dir: str | None = None  # --profiler-config's torch_profiler_dir: serves /start_profile, /stop_profile
 
 
 @web.middleware
@@ -99,4 +101,6 @@ def build_app(llm: AsyncLLM, options: ServerOptions) -> web.Application:
     app.router.add_get("/metrics", info.metrics)
     app.router.add_post("/tokenize", tokenization.tokenize)
     app.router.add_post("/detokenize", tokenization.detokenize)
+    if options.profiler_dir:
+        add_profiler_routes(app, options.profiler_dir)
     return app
