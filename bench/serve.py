@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import json
 import os
 import time
@@ -180,6 +181,7 @@ async def served_model(base_url: str, headers: dict[str, str]) -> str:
         raise BenchmarkError(f"cannot reach {base_url}: {type(e).__name__}: {e}") from None
 
 
+@functools.cache  # a sweep, or a run per --base-url, counts with one tokenizer
 def load_tokenizer(name: str | None, model: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 

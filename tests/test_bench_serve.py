@@ -19,7 +19,7 @@ from bench import datasets
 from bench.endpoint import RequestFuncOutput
 from bench.metrics import calculate_metrics
 from server.cli import main
-from server_fixtures import free_port, openai_client, running_server
+from server_fixtures import free_port, openai_client, running_server, validate
 
 MODEL = "SmolLM2-135M-Instruct"  # TokModel's default model: bench serve then uses its tokenizer
 
@@ -197,8 +197,14 @@ def test_requests_that_fail_mid_stream_are_counted_failed_with_their_errors(tmp_
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server("--dtype", "float32", "--max-model-len", "512") as s:
+def trace_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("traces")
+
+
+@pytest.fixture(scope="module")
+def server(trace_dir: Path):
+    config = json.dumps({"profiler": "torch", "torch_profiler_dir": str(trace_dir)})
+    with running_server("--dtype", "float32", "--max-model-len", "512", "--profiler-config", config) as s:
         yield s
 
 
@@ -229,3 +235,30 @@ def test_a_sweep_over_two_endpoints_draws_one_chart(server, tmp_path: Path) -> N
     assert [r["request_rate"] for r in runs] == [8, float("inf")] * 2
     assert all(r["completed"] == 1 and r["endpoint"] == "/v1/chat/completions" for r in runs)
     assert sweep.with_suffix(".png").stat().st_size > 0
+
+
+def test_tokmodel_profile_drives_the_servers_profiler(server, trace_dir: Path, tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    assert main(["profile", "--base-url", server.base_url, "--num-prompts", "2", "--input-len", "16",
+                 "--output-len", "3", "--no-limits", "--output-json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert Path(report["trace"]).parent == trace_dir and report["device"] == "cpu"
+    calls = {row["name"]: row["calls"] for row in report["kernels"]}
+    num_layers = 30  # SmolLM2-135M: each step runs each layer's norms, and the final norm once
+    assert report["steps"] >= 3 and calls["rms_norm"] == report["steps"] * (2 * num_layers + 1)
+    assert calls["prefill_attention"] >= 1 and calls["write_kv_cache"] == report["steps"] * num_layers
+
+
+def test_stopping_a_profiler_that_is_not_running_is_an_openai_error(server) -> None:
+    response = server.post("/stop_profile", {})
+    assert response.status == 409 and "not running" in response.json()["error"]["message"]
+    validate(response.json(), "ErrorResponse")
+
+
+@pytest.mark.parametrize("config, message", [('{"profiler": "nsys"}', '"profiler" must be "torch"'),
+                                             ('{"profiler": "torch"}', "torch_profiler_dir"),
+                                             ("{", "not JSON")])
+def test_a_bad_profiler_config_is_refused_before_the_model_loads(config: str, message: str, capsys) -> None:
+    assert main(["serve", "--profiler-config", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokmodel: error: --profiler-config") and message in err
