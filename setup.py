@@ -6,6 +6,7 @@ setup(
     description="A continuous-batching LLM serving engine in Python with a paged KV cache and an OpenAI-compatible API",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "server", "server.*", "bench",
                                     "bench.*"]),
+    package_data={"bench": ["configs/*.json"]},  # the model shapes of --shape
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",
