@@ -142,14 +142,19 @@ def _key_value(item: str) -> tuple[str, str]:
 def run_serve(args: argparse.Namespace) -> list[dict]:
     """Every (base URL, rate) run, each printed as a table; saved and drawn as asked. Raises BenchmarkError when
     every request of a run failed (after printing and saving it)."""
+    return asyncio.run(serve_runs(args))
+
+
+async def serve_runs(args: argparse.Namespace) -> list[dict]:
+    """run_serve for a caller already on an event loop."""
     args = checked(args)
     results = []
     for base_url in args.base_url:
-        model = args.model or asyncio.run(served_model(base_url, args.headers))
+        model = args.model or await served_model(base_url, args.headers)
         tokenizer = load_tokenizer(args.tokenizer, model)
         requests = sample_requests(args, tokenizer)
         for rate in args.rates:
-            result, outputs = asyncio.run(benchmark(args, base_url, model, requests, tokenizer, rate))
+            result, outputs = await benchmark(args, base_url, model, requests, tokenizer, rate)
             print_table(result, args)
             results.append(result)
             if args.save_result or args.plot:

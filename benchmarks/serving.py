@@ -24,12 +24,12 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere in the checkout
 
-from bench.serve import add_serve_args, run_serve  # noqa: E402
+from bench.serve import add_serve_args, serve_runs  # noqa: E402
 
 PROMPT_LEN = 32
 
 
-def run_load(base_url: str, args: argparse.Namespace, extra_body: dict) -> dict:
+async def run_load(base_url: str, args: argparse.Namespace, extra_body: dict) -> dict:
     """`tokmodel bench serve` (bench/serve.py) on base_url: args.num_requests streaming chat requests of random
     PROMPT_LEN-token prompts, args.concurrency at a time, args.max_tokens each, after args.warmup untimed ones;
     summarized in this script's keys (benchmarks/gpu_check_report.py reads them)."""
@@ -45,7 +45,7 @@ def run_load(base_url: str, args: argparse.Namespace, extra_body: dict) -> dict:
         argv += ["--header", f"Authorization=Bearer {args.api_key}"]
     parser = argparse.ArgumentParser()
     add_serve_args(parser)
-    (result,) = run_serve(parser.parse_args(argv))
+    (result,) = await serve_runs(parser.parse_args(argv))
     stats = lambda metric: {"mean": round(result[f"mean_{metric}_ms"], 2),  # noqa: E731
                             "p50": round(result[f"p50_{metric}_ms"], 2), "p99": round(result[f"p99_{metric}_ms"], 2)}
     return {"completed": result["completed"], "failed": result["failed"],
@@ -142,10 +142,10 @@ def main() -> None:
     if args.offline:
         reports.append({"server": "offline", **config, "dtype": args.dtype, **run_offline(args)})
     for base_url in args.base_url:
-        reports.append({"server": base_url, **config, **run_load(base_url, args, _extra(args, "tokmodel"))})
+        reports.append({"server": base_url, **config, **asyncio.run(run_load(base_url, args, _extra(args, "tokmodel")))})
     for kind in args.launch:
         with launched(kind, args) as base_url:
-            report = run_load(base_url, args, _extra(args, kind))
+            report = asyncio.run(run_load(base_url, args, _extra(args, kind)))
             reports.append({"server": kind, **config, "dtype": args.dtype, **report})
     rates = {r["server"]: r["output_tok_s"] for r in reports}
     if "offline" in rates and "tokmodel" in rates:
