@@ -13,7 +13,6 @@ from server.startup import UsageError
 
 
 def add_bench_command(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-
     parser = commands.add_parser("bench", help="benchmark a server (serve) or the engine in-process "
                                  "(throughput, latency), with vLLM's flags and result keys")
     kinds = parser.add_subparsers(title="benchmarks", metavar="BENCHMARK", required=True)
