@@ -83,15 +83,9 @@ def log(message: str) -> None:
 # ---- systems: each builds itself, warms up, then returns a function that runs a workload and checks it ----
 
 def setup_tokmodel(args: argparse.Namespace, config: EngineConfig) -> Callable[[Workload], None]:
-    return tokmodel_runner(build_tokmodel(args, config))
-
-
-def build_tokmodel(args: argparse.Namespace, config: EngineConfig):
-    return build_llm(config)
-
-
-def tokmodel_runner(llm) -> Callable[[Workload], None]:
     from engine import SamplingParams
+
+    llm = build_llm(config)
 
     def run(workload: Workload) -> None:
         params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in workload.output_lens]
@@ -191,111 +185,6 @@ def setup_hf_cb(args: argparse.Namespace, config: EngineConfig) -> Callable[[Wor
     return run
 
 
-class PhaseTimer:
-    """Wall time per named phase, by wrapping callables in place: the engine itself is not edited.
-    Phases nest (forward holds the kernels, attention holds gather and SDPA); the report says which holds which."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self.originals: list[tuple[object, str, object]] = []
-
-    def wrap(self, owner, attr: str, name: str) -> None:
-        original = getattr(owner, attr)
-        self.originals.append((owner, attr, original))
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-                self.calls[name] = self.calls.get(name, 0) + 1
-
-        setattr(owner, attr, timed)
-
-    def reset(self) -> None:
-        self.seconds.clear()
-        self.calls.clear()
-
-    def unwrap(self) -> None:
-        for owner, attr, original in reversed(self.originals):
-            setattr(owner, attr, original)
-        self.originals.clear()
-
-
-LINEAR = "linear (qkv, o, gate_up, down)"
-# phase -> the phase it is part of; kernels are those of kernels/reference.py (kernel_backend="torch")
-PROFILE_TREE = {
-    "step": None, "schedule": "step", "mark_scheduled": "step", "execute_model": "step", "sample": "step",
-    "scheduler.update": "step", "output_processor.process": "step", "finish_requests": "step",
-    "prepare_inputs": "execute_model", "forward": "execute_model", "lm_head": "execute_model",
-    "embedding": "forward", LINEAR: "forward", "rms_norm": "forward",
-    "rotary_embedding": "forward", "silu_and_mul": "forward", "write_kv_cache": "forward",
-    "paged_decode_attention": "forward", "prefill_attention": "forward",
-    "attn: _gather_kv": "attention (decode + prefill)", "attn: _key_mask": "attention (decode + prefill)",
-    "attn: _sdpa": "attention (decode + prefill)",
-}
-
-
-def profile_tokmodel(args: argparse.Namespace, config: EngineConfig, workload: Workload, vocab_size: int) -> dict:
-    """One timed tokmodel run with every phase of a step timed (CPU: wall time is compute time, no sync needed).
-    The kernels are timed for kernel_backend="torch" only (kernels/reference.py)."""
-    from kernels import reference
-
-    timer = PhaseTimer()
-    for name in ("write_kv_cache", "paged_decode_attention", "prefill_attention", "rms_norm", "rotary_embedding",
-                 "silu_and_mul"):  # before the model is built: get_ops reads the module's attributes
-        timer.wrap(reference, name, name)
-    for name in ("_gather_kv", "_key_mask", "_sdpa"):  # module globals, looked up at call time
-        timer.wrap(reference, name, f"attn: {name}")
-    llm = build_tokmodel(args, config)
-    run = tokmodel_runner(llm)
-    _instrument_engine(timer, llm.engine)
-    run(tiny_workload(vocab_size))
-    timer.reset()
-    start = time.perf_counter()
-    run(workload)
-    total = time.perf_counter() - start
-    timer.unwrap()
-    rows = _phase_rows(timer, total)
-    for name, row in rows.items():
-        log(f"{name:<40} {row['s']:>8.3f} s {row['pct_of_run']:>6.1f} % {row['ms_per_step']:>9.2f} ms/step  "
-            f"in {row['part_of']}")
-    return {"elapsed_s": round(total, 3), "steps": timer.calls.get("step", 0),
-            "output_tokens_per_s": round(workload.num_output_tokens / total, 2), "phases": rows}
-
-
-def _instrument_engine(timer: PhaseTimer, core) -> None:
-    from torch import nn
-
-    runner = core.runner
-    for owner, attr, name in ((core, "step", "step"), (core.scheduler, "schedule", "schedule"),
-                              (core.output_processor, "mark_scheduled", "mark_scheduled"),
-                              (runner, "execute_model", "execute_model"), (runner, "_prepare_inputs", "prepare_inputs"),
-                              (runner.model, "forward", "forward"), (runner.model, "compute_logits", "lm_head"),
-                              (runner.model.model.embed_tokens, "forward", "embedding"), (core, "sampler", "sample"),
-                              (core.scheduler, "update", "scheduler.update"),
-                              (core.output_processor, "process", "output_processor.process"),
-                              (core.scheduler, "finish_requests", "finish_requests"),
-                              (nn.Linear, "forward", LINEAR)):  # every Linear; lm_head's share is taken out after
-        timer.wrap(owner, attr, name)
-
-
-def _phase_rows(timer: PhaseTimer, total: float) -> dict[str, dict]:
-    seconds = dict(timer.seconds)
-    seconds[LINEAR] = seconds.get(LINEAR, 0.0) - seconds.get("lm_head", 0.0)
-    for parent in ("step", "execute_model", "forward"):
-        children = sum(seconds.get(n, 0.0) for n, p in PROFILE_TREE.items() if p == parent)
-        seconds[f"{parent}: rest"] = seconds.get(parent, 0.0) - children
-    seconds["outside step (add_request, LLM loop)"] = total - seconds.get("step", 0.0)
-    steps = max(timer.calls.get("step", 0), 1)
-    parents = PROFILE_TREE | {f"{p}: rest": p for p in ("step", "execute_model", "forward")}
-    return {name: {"s": round(seconds.get(name, 0.0), 3), "pct_of_run": round(100 * seconds.get(name, 0.0) / total, 1),
-                   "ms_per_step": round(1000 * seconds.get(name, 0.0) / steps, 2), "part_of": parents.get(name)}
-            for name in [*PROFILE_TREE, *(k for k in seconds if k not in PROFILE_TREE)]}
-
-
 def _cb_warmup(config: EngineConfig) -> bool:
     """transformers' batching manager warms up on every call by default: it pre-captures CUDA graphs, and on the
     CPU (no graphs) it only runs dummy batches at the largest sizes, about 15 s per call on a 2-core CPU. That is
@@ -360,8 +249,6 @@ def add_throughput_args(parser: argparse.ArgumentParser) -> None:
     peers.add_argument("--peers", default="tokmodel",
                        help=f"comma-separated systems to run, from {','.join(PEERS)} (default: tokmodel)")
     peers.add_argument("--hf-batch-size", type=int, default=32, help="requests per padded hf-generate batch")
-    parser.add_argument("--profile", action="store_true",
-                        help="time tokmodel only, with a per-phase breakdown of its steps (model forward per op kind)")
     parser.add_argument("--output", nargs="?", const="auto",
                         help="write the JSON here (alone: benchmarks/results/throughput-<device>-<dtype>-<date>.json) "
                              "and a bar chart of output tok/s next to it (.png)")
@@ -412,13 +299,10 @@ def run(args: argparse.Namespace) -> dict:
     vocab_size = AutoConfig.from_pretrained(resolve_model(config.model, config.load_format)).vocab_size
     workload = make_workload(args, vocab_size)
     report = new_report(args, config, workload)
-    if args.profile:
-        report["profile"] = profile_tokmodel(args, config, workload, vocab_size)
-    else:
-        for name in sorted(set(args.peers), key=PEERS.index):  # tokmodel first: its memory is freed before peers load
-            report["results"][name] = measure(name, args, config, workload, vocab_size)
-        report["machine"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)  # other jobs skew timings
-        report |= compare(report["results"])
+    for name in sorted(set(args.peers), key=PEERS.index):  # tokmodel first: its memory is freed before peers load
+        report["results"][name] = measure(name, args, config, workload, vocab_size)
+    report["machine"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)  # other jobs skew timings
+    report |= compare(report["results"])
     print(json.dumps(report, indent=2))
     if args.output:
         write_outputs(report, args, config)
@@ -451,19 +335,17 @@ def compare(results: dict[str, dict]) -> dict:
 
 
 def write_outputs(report: dict, args: argparse.Namespace, config: EngineConfig) -> None:
-    """The JSON, and next to it a bar chart of useful output tok/s per system (not for --profile)."""
-    tag = config.dtype + ("-profile" if args.profile else "")
-    path = default_result_path("throughput", config.device, tag) if args.output == "auto" else Path(args.output)
+    """The JSON, and next to it a bar chart of useful output tok/s per system."""
+    path = default_result_path("throughput", config.device, config.dtype) if args.output == "auto" else Path(args.output)
     save_json(report, path)
     log(f"wrote {path}")
-    if report["results"]:
-        machine = report["machine"]
-        title = (f"{report['model']}, {config.dtype}, {config.device}\n{args.num_prompts} requests, prompts "
-                 f"{args.input_len_min}-{args.input_len_max}, outputs {args.output_len_min}-{args.output_len_max} tokens\n"
-                 f"{machine['cpu'] if config.device == 'cpu' else machine.get('gpu', '')}, "
-                 f"{machine['torch_threads']} torch thread(s), load average {machine['load_average_1m']}")
-        save_bar_chart({k: v["output_tokens_per_s"] for k, v in report["results"].items()}, path.with_suffix(".png"),
-                       title, "useful output tokens/s")
+    machine = report["machine"]
+    title = (f"{report['model']}, {config.dtype}, {config.device}\n{args.num_prompts} requests, prompts "
+             f"{args.input_len_min}-{args.input_len_max}, outputs {args.output_len_min}-{args.output_len_max} tokens\n"
+             f"{machine['cpu'] if config.device == 'cpu' else machine.get('gpu', '')}, "
+             f"{machine['torch_threads']} torch thread(s), load average {machine['load_average_1m']}")
+    save_bar_chart({k: v["output_tokens_per_s"] for k, v in report["results"].items()}, path.with_suffix(".png"),
+                   title, "useful output tokens/s")
 
 
 if __name__ == "__main__":
