@@ -8,6 +8,7 @@ A request fails, with its error kept, on a status other than 200, a connection e
 carries an error object, or a stream with no output at all: nothing is hidden or made up."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ async def send_request(request: RequestFuncInput, session: aiohttp.ClientSession
                     output.itl.append(now - last)
                 last = now
                 output.generated_text += text
-    except (aiohttp.ClientError, TimeoutError, ValueError) as e:  # ValueError: a chunk that is not JSON
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:  # ValueError: a chunk that is not JSON
         output.error = f"{type(e).__name__}: {e}"
         return output
     output.latency = last - output.start_time

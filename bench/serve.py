@@ -182,7 +182,7 @@ async def served_model(base_url: str, headers: dict[str, str]) -> str:
                 if response.status != 200:
                     raise BenchmarkError(f"GET {base_url}/v1/models: HTTP {response.status}; give --model")
                 return (await response.json())["data"][0]["id"]
-    except (aiohttp.ClientError, TimeoutError) as e:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         raise BenchmarkError(f"cannot reach {base_url}: {type(e).__name__}: {e}") from None
 
 
