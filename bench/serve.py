@@ -68,7 +68,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--max-concurrency", type=int, help="most requests in flight at once (default: no limit)")
     load.add_argument("--num-warmups", type=int, default=0, help="requests sent before the measured run")
     load.add_argument("--sweep-request-rates", help="comma-separated rates (inf allowed): one run per rate and "
-                      "--base-url, and a chart of throughput against latency")
+                      "--base-url, then a JSON of them all and a chart of throughput against latency")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: every request runs its full length")
     sampling.add_argument("--temperature", type=float, default=0.0, help="(default: 0, greedy, as vLLM's)")
@@ -166,8 +166,10 @@ async def serve_runs(args: argparse.Namespace) -> list[dict]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps([_headline(r) for r in results], indent=2) + "\n")
         print(f"sweep: {path}")
-        if args.plot:
+        try:
             print(f"chart: {plot_sweep(results, path.with_suffix('.png'))}")
+        except RuntimeError as e:  # no matplotlib: the sweep's JSON stands without its chart
+            print(f"no chart: {e}")
     if failed := [r for r in results if r["completed"] == 0]:
         errors = [e for e in failed[0]["errors"] if e]
         raise BenchmarkError(f"all {failed[0]['failed']} requests to {failed[0]['base_url']} failed: {errors[0]}")

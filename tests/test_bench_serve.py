@@ -228,7 +228,7 @@ def test_a_run_against_tokmodel_serve_counts_what_the_server_reports(server, tok
 
 def test_a_sweep_over_two_endpoints_draws_one_chart(server, tmp_path: Path) -> None:
     assert bench("--base-url", server.base_url, "--base-url", server.base_url.replace("127.0.0.1", "localhost"), "--backend", "openai-chat",
-                 "--num-prompts", "1", "--random-output-len", "2", "--sweep-request-rates", "8,inf", "--plot",
+                 "--num-prompts", "1", "--random-output-len", "2", "--sweep-request-rates", "8,inf",
                  "--result-dir", str(tmp_path)) == 0
     (sweep,) = tmp_path.glob("sweep-*.json")
     runs = json.loads(sweep.read_text())
