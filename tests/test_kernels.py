@@ -19,6 +19,7 @@ from kernels import KernelOps, get_ops
 from kernels import reference as ref
 from kernels import compile_count, decode_attention, triton_ops
 from kernels.decode_attention import choose_num_splits, decode_with_splits
+from kernels.fused_moe import moe_align_block_size
 from tests.kernel_launches import launches  # noqa: F401 (fixture)
 
 if TYPE_CHECKING:
@@ -273,6 +274,78 @@ def test_rotary_embedding_rotates_query_and_key_in_place(rotary_dim: int, is_neo
 def test_silu_and_mul_matches_reference(target: Target) -> None:
     x = torch.randn(2, 3, 2 * 1100 * target.scale, device=target.device).to(target.dtype)  # d spans column blocks
     _assert_close(triton_ops.silu_and_mul(x), ref.silu_and_mul(x), target)
+
+
+
+class MoeCase(NamedTuple):
+    num_experts: int
+    top_k: int
+    num_tokens: int
+    only_experts: tuple[int, ...] = ()  # route every token to these experts only, leaving the others empty
+
+
+# Expert counts 4..16, top-k 1..6 (up to every expert), single tokens and batches on both sides of the small/large
+# block threshold (tokens <= experts); experts without tokens among many, and routing that skips the first and
+# last experts.
+MOE_CASES = {
+    "e4-top1-1tok": MoeCase(4, 1, 1),
+    "e8-top2-3tok": MoeCase(8, 2, 3),
+    "e8-top2-21tok-large-blocks": MoeCase(8, 2, 21),
+    "e16-top4-5tok-mostly-empty": MoeCase(16, 4, 5),
+    "e6-top6-every-expert": MoeCase(6, 6, 4),
+    "e8-top2-two-experts-only": MoeCase(8, 2, 19, only_experts=(2, 5)),
+}
+MOE_HIDDEN, MOE_INTERMEDIATE = 72, 40  # neither a multiple of a GEMM block: row and column tails are masked
+
+
+def _moe_inputs(case: MoeCase, num_tokens: int, target: Target) -> tuple[torch.Tensor, ...]:
+    """hidden_states, w13, w2 (scaled so every output is O(1)), fp32 routing weights and distinct expert ids."""
+    device, h, i, e = target.device, MOE_HIDDEN, MOE_INTERMEDIATE, case.num_experts
+    hidden = torch.randn(num_tokens, h, device=device).to(target.dtype)
+    w13 = (torch.randn(e, 2 * i, h, device=device) / h**0.5).to(target.dtype)
+    w2 = (torch.randn(e, h, i, device=device) / i**0.5).to(target.dtype)
+    scores = torch.rand(num_tokens, e, device=device)
+    if case.only_experts:
+        scores[:, list(case.only_experts)] += 1.0
+    topk_weights, topk_ids = scores.softmax(dim=-1).topk(case.top_k, dim=-1)
+    return hidden, w13, w2, topk_weights, topk_ids
+
+
+@pytest.mark.parametrize("target", ATTENTION_TARGETS)
+@pytest.mark.parametrize("case", MOE_CASES.values(), ids=MOE_CASES.keys())
+def test_fused_moe_matches_reference(case: MoeCase, target: Target) -> None:
+    inputs = _moe_inputs(case, _grow(case.num_tokens, target), target)
+    if case.only_experts:
+        assert set(inputs[-1].unique().tolist()) == set(case.only_experts)
+    _assert_close(triton_ops.fused_moe(*inputs), ref.fused_moe(*inputs), target)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_moe_align_block_size_gives_each_block_one_experts_pairs(block_size: int) -> None:
+    num_experts, num_tokens, top_k = 7, 10, 3
+    topk_ids = torch.rand(num_tokens, num_experts).topk(top_k, dim=-1).indices
+    topk_ids[topk_ids == 3] = 4  # expert 3 gets no token
+    sorted_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, block_size, num_experts)
+    num_pairs, padded = topk_ids.numel(), int(num_post_padded)
+    counts = torch.bincount(topk_ids.flatten(), minlength=num_experts)
+    assert padded == int(((counts + block_size - 1) // block_size * block_size).sum())
+    valid = sorted_ids[:padded][sorted_ids[:padded] < num_pairs].long()
+    assert sorted(valid.tolist()) == list(range(num_pairs)), "every (token, k) pair appears once"
+    for block in range(padded // block_size):
+        pairs = sorted_ids[block * block_size:(block + 1) * block_size].long()
+        pairs = pairs[pairs < num_pairs]
+        assert len(pairs) > 0, "a block of padding only"
+        assert (topk_ids.flatten()[pairs] == expert_ids[block]).all()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter only: counts the variants an H100 would compile")
+def test_fused_moe_launches_one_variant_per_gemm_and_block_config(launches: set[tuple]) -> None:
+    case = MoeCase(8, 2, 0)
+    target = Target("cpu", torch.float32, 0.0, 0.0, 1)
+    for num_tokens in (1, 2, 7, 8, 9, 33, 100):  # up to 8 tokens: small blocks; more: large
+        triton_ops.fused_moe(*_moe_inputs(case, num_tokens, target))
+    # gate_up and down, each with small and large blocks; one SiLU-and-mul.
+    assert Counter(name for name, *_ in launches) == {"_fused_moe_kernel": 4, "_silu_and_mul_kernel": 1}
 
 
 class Step(NamedTuple):
