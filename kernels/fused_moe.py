@@ -6,7 +6,8 @@ epilogue scales each pair's row by its routing weight; a sum over the top-k rows
 
 Compiled variants: the block sizes depend only on whether the batch is small (decode) or large (prefill), and the
 values that change from step to step (the padded length, the pair count, the metadata pointers) are
-do_not_specialize, so per model and dtype the GEMM compiles four kernels: {gate_up, down} x {small, large}.
+do_not_specialize, and so is top_k (one variant serves every model's), so per model and dtype the GEMM compiles
+four kernels: {gate_up, down (which scales by the routing weight)} x {small, large blocks}.
 """
 from __future__ import annotations
 
@@ -63,13 +64,12 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int,
 
 
 @triton.jit(do_not_specialize=("sorted_token_ids_ptr", "expert_ids_ptr", "num_tokens_post_padded_ptr",
-                               "max_padded", "num_pairs"))
+                               "max_padded", "num_pairs", "top_k"))
 def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_token_ids_ptr, expert_ids_ptr,
-                      num_tokens_post_padded_ptr, N, K, max_padded, num_pairs,
-                      stride_am, stride_be, stride_bn, stride_cm,
-                      TOP_K: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
+                      num_tokens_post_padded_ptr, N, K, max_padded, num_pairs, top_k,
+                      stride_am, stride_be, stride_bn, stride_cm, MUL_ROUTED_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """c[pair] = a[pair // TOP_K] @ b[expert(pair)]^T (times the pair's routing weight) for the BLOCK_M sorted
+    """c[pair] = a[pair // top_k] @ b[expert(pair)]^T (times the pair's routing weight) for the BLOCK_M sorted
     pairs and BLOCK_N output columns of this program. a [rows, K], b [experts, N, K], c [pairs, N]."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(max_padded, BLOCK_M)
@@ -87,7 +87,7 @@ def _fused_moe_kernel(a_ptr, b_ptr, c_ptr, topk_weights_ptr, sorted_token_ids_pt
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + (pairs // TOP_K)[:, None] * stride_am + offs_k[None, :]
+    a_ptrs = a_ptr + (pairs // top_k)[:, None] * stride_am + offs_k[None, :]
     # Columns past N wrap around instead of being masked: their loads stay in bounds, their stores are masked.
     b_ptrs = b_ptr + expert * stride_be + (offs_n % N)[None, :] * stride_bn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -123,9 +123,8 @@ def _grouped_gemm(a: torch.Tensor, weight: torch.Tensor, routing: _Routing, top_
     grid = (triton.cdiv(max_padded, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _fused_moe_kernel[grid](
         a, weight, out, routing.topk_weights, routing.sorted_token_ids, routing.expert_ids,
-        routing.num_tokens_post_padded, n, k, max_padded, num_pairs,
-        a.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
-        TOP_K=top_k, MUL_ROUTED_WEIGHT=mul_routed_weight, PRECISION=dot_precision(a.dtype),
+        routing.num_tokens_post_padded, n, k, max_padded, num_pairs, top_k,
+        a.stride(0), weight.stride(0), weight.stride(1), out.stride(0), MUL_ROUTED_WEIGHT=mul_routed_weight, PRECISION=dot_precision(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
     return out
 
