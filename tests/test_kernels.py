@@ -457,6 +457,10 @@ def test_benchmark_counts_compulsory_bytes_and_causal_flops() -> None:
     assert bench.rotary_traffic(3, 4, 2, 8, 2).bytes == 2 * 3 * 6 * 8 * 2 + 3 * (8 * 4 + 8)
     assert bench.silu_and_mul_traffic(3, 16, 2).bytes == (3 * 32 + 3 * 16) * 2
     assert bench.kv_write_traffic(3, 2, 8, 2).bytes == 2 * (2 * 3 * 2 * 8 * 2) + 3 * 8
+    # 3 tokens, top-2 of 4 experts (hidden 8, intermediate 5), 2 of them hit: hidden in and out, the 2 experts'
+    # gate, up and down weights, an fp32 weight and an int64 id per pair; gate_up (2 x 5 x 8) and down per pair.
+    moe = bench.fused_moe_traffic(3, 2, bench.MoeShape(num_experts=4, top_k=2, hidden=8, intermediate=5), 2)
+    assert moe == (2 * 3 * 8 * 2 + 2 * 3 * 8 * 5 * 2 + 3 * 2 * (4 + 8), 2 * 3 * 2 * (2 * 5 * 8 + 8 * 5))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="with CUDA present the benchmark runs")
