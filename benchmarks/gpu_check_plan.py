@@ -54,7 +54,7 @@ class Plan(NamedTuple):
 H100 = Plan(
     name="h100", device="cuda", dtype="bfloat16", kernel_dtype=torch.bfloat16, model_overrides={},
     # 485 s in all: the 8 minutes less the orchestrator's own start was 470 s, before the kernels step took
-    # 15 s more for the fused MoE (4 variants to compile, 12 timings). Estimates until a GPU run measures the
+    # 15 s more for the fused MoE (4 variants to compile, 6 timings). Estimates until a GPU run measures the
     # steps: tests compile ~100 kernel variants; throughput runs transformers to 256 x ~1000 output tokens.
     step_time_limit_s={"tests": 140, "kernels": 70, "throughput": 170, "decode_latency": 40, "serving": 35,
                        "compile_stalls": 30},
