@@ -7,7 +7,8 @@ epilogue scales each pair's row by its routing weight; a sum over the top-k rows
 Compiled variants: the block sizes depend only on whether the batch is small (decode) or large (prefill), and the
 values that change from step to step (the padded length, the pair count, the metadata pointers) are
 do_not_specialize, and so is top_k (one variant serves every model's), so per model and dtype the GEMM compiles
-four kernels: {gate_up, down (which scales by the routing weight)} x {small, large blocks}.
+four kernels: {gate_up, down (which scales by the routing weight)} x {small, large blocks}; the alignment three
+(its count, and its placement per block size).
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ class GemmConfig(NamedTuple):
 
 # vLLM's untuned defaults (fused_moe.get_default_config): small row blocks waste little padding when experts get
 # few tokens each; large ones reuse each weight tile over more tokens.
+# Alignment tiles: a program of the alignment kernels one-hot encodes a chunk of pairs against every expert,
+# ALIGN_TILE elements (so fewer pairs per chunk for more experts), and sums ALIGN_ROWS chunks' counts at a time.
+ALIGN_TILE = 16384
+ALIGN_ROWS = 16
 SMALL_BATCH_CONFIG = GemmConfig(block_m=16, block_n=32, block_k=64, group_m=1)
 LARGE_BATCH_CONFIG = GemmConfig(block_m=64, block_n=64, block_k=32, group_m=8)
 
@@ -41,26 +46,81 @@ def choose_config(num_tokens: int, num_experts: int) -> GemmConfig:
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_size: int,
                          num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The (token, k) pairs sorted by expert, each expert's run padded to a multiple of block_size. Returns
-    sorted_token_ids (int32, pair index token * top_k + k; padding holds num_pairs, past every pair),
-    expert_ids (int32, the expert of each block) and num_tokens_post_padded (int32 [1], the padded length).
-    The tensors are as long as the padded length can be, a bound known without reading topk_ids on the host,
-    so no step waits for the device; blocks past num_tokens_post_padded are skipped by the kernel."""
-    flat = topk_ids.flatten().long()
+    """The (token, k) pairs sorted by expert (in pair order within one), each expert's run padded to a multiple
+    of block_size. Returns sorted_token_ids (int32, pair index token * top_k + k; padding holds num_pairs, past
+    every pair), expert_ids (int32, the expert of each block) and num_tokens_post_padded (int32 [1], the padded
+    length). The tensors are as long as the padded length can be, a bound known without reading topk_ids on the
+    host, so no step waits for the device; the GEMM skips blocks past num_tokens_post_padded. Two launches (a
+    count per chunk of pairs, then the placement), where torch ops would take some twenty: a decode step runs
+    this in every MoE layer."""
+    flat = topk_ids.flatten()
     num_pairs, device = flat.numel(), flat.device
     # Each expert that gets a token pads by at most block_size - 1, and at most num_pairs experts get one.
     max_blocks = triton.cdiv(num_pairs + min(num_pairs, num_experts) * (block_size - 1), block_size)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
-    padded_counts = (counts + block_size - 1).div(block_size, rounding_mode="floor") * block_size
-    padded_ends = padded_counts.cumsum(0)
-    order = torch.argsort(flat, stable=True)
-    experts = flat[order]
-    rank_in_expert = torch.arange(num_pairs, device=device) - (counts.cumsum(0) - counts)[experts]
-    sorted_token_ids = torch.full((max_blocks * block_size,), num_pairs, dtype=torch.int32, device=device)
-    sorted_token_ids[(padded_ends - padded_counts)[experts] + rank_in_expert] = order.to(torch.int32)
-    block_starts = torch.arange(0, max_blocks * block_size, block_size, device=device)
-    expert_ids = torch.searchsorted(padded_ends, block_starts, right=True).clamp_(max=num_experts - 1)
-    return sorted_token_ids, expert_ids.to(torch.int32), padded_ends[-1:].to(torch.int32)
+    experts_pow2 = triton.next_power_of_2(num_experts)
+    chunk = max(16, ALIGN_TILE // experts_pow2)
+    num_chunks = triton.cdiv(num_pairs, chunk)
+    chunk_counts = torch.empty(num_chunks, experts_pow2, dtype=torch.int32, device=device)
+    sorted_token_ids = torch.empty(max_blocks * block_size, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    num_tokens_post_padded = torch.empty(1, dtype=torch.int32, device=device)
+    _count_experts_kernel[(num_chunks,)](flat, chunk_counts, num_pairs, EXPERTS=experts_pow2, CHUNK=chunk,
+                                         num_warps=8)
+    _align_kernel[(num_chunks,)](flat, chunk_counts, sorted_token_ids, expert_ids, num_tokens_post_padded,
+                                 num_pairs, num_chunks, num_experts, max_blocks, BLOCK_SIZE=block_size,
+                                 EXPERTS=experts_pow2, CHUNK=chunk, ROWS=ALIGN_ROWS, num_warps=8)
+    return sorted_token_ids, expert_ids, num_tokens_post_padded
+
+
+@triton.jit(do_not_specialize=("num_pairs",))
+def _count_experts_kernel(topk_ids_ptr, chunk_counts_ptr, num_pairs, EXPERTS: tl.constexpr, CHUNK: tl.constexpr):
+    """chunk_counts[chunk, e]: the pairs of this chunk of CHUNK that go to expert e."""
+    chunk = tl.program_id(0)
+    pairs = chunk * CHUNK + tl.arange(0, CHUNK)
+    # Pairs past the end read expert EXPERTS, which no column matches.
+    ids = tl.load(topk_ids_ptr + pairs, mask=pairs < num_pairs, other=EXPERTS)
+    one_hot = (ids[:, None] == tl.arange(0, EXPERTS)[None, :]).to(tl.int32)
+    tl.store(chunk_counts_ptr + chunk * EXPERTS + tl.arange(0, EXPERTS), tl.sum(one_hot, axis=0))
+
+
+@triton.jit(do_not_specialize=("num_pairs", "num_chunks", "max_blocks"))
+def _align_kernel(topk_ids_ptr, chunk_counts_ptr, sorted_token_ids_ptr, expert_ids_ptr, num_tokens_post_padded_ptr,
+                  num_pairs, num_chunks, num_experts, max_blocks,
+                  BLOCK_SIZE: tl.constexpr, EXPERTS: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr):
+    """Each program places its chunk's pairs: expert e's run starts at its padded start plus the pairs of e in
+    earlier chunks, then the pair's rank among e's pairs of this chunk. Program 0 also writes the padding, the
+    expert of every block and the padded length."""
+    chunk = tl.program_id(0)
+    experts = tl.arange(0, EXPERTS)
+    counts = tl.zeros((EXPERTS,), dtype=tl.int32)
+    earlier = tl.zeros((EXPERTS,), dtype=tl.int32)
+    for first in range(0, num_chunks, ROWS):
+        rows = first + tl.arange(0, ROWS)
+        tile = tl.load(chunk_counts_ptr + rows[:, None] * EXPERTS + experts[None, :], mask=(rows < num_chunks)[:, None],
+                       other=0)
+        counts += tl.sum(tile, axis=0)
+        earlier += tl.sum(tl.where((rows < chunk)[:, None], tile, 0), axis=0)
+    padded = (counts + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+
+    pairs = chunk * CHUNK + tl.arange(0, CHUNK)
+    ids = tl.load(topk_ids_ptr + pairs, mask=pairs < num_pairs, other=EXPERTS)
+    one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(one_hot, axis=0) * one_hot, axis=1) - 1
+    slots = tl.sum((starts + earlier)[None, :] * one_hot, axis=1) + rank
+    tl.store(sorted_token_ids_ptr + slots, pairs, mask=pairs < num_pairs)
+
+    if chunk == 0:
+        tl.store(num_tokens_post_padded_ptr, tl.sum(padded, axis=0))
+        pad = tl.arange(0, BLOCK_SIZE)
+        pad_slots = (starts + counts)[:, None] + pad[None, :]
+        tl.store(sorted_token_ids_ptr + pad_slots, num_pairs, mask=(counts[:, None] + pad[None, :]) < padded[:, None])
+        for first in range(0, max_blocks, CHUNK):
+            blocks = first + tl.arange(0, CHUNK)
+            # A block's expert: the number of runs that end at or before its start (empty runs end where they begin).
+            expert = tl.sum((ends[None, :] <= (blocks * BLOCK_SIZE)[:, None]).to(tl.int32), axis=1)
+            tl.store(expert_ids_ptr + blocks, tl.minimum(expert, num_experts - 1), mask=blocks < max_blocks)
 
 
 @triton.jit(do_not_specialize=("sorted_token_ids_ptr", "expert_ids_ptr", "num_tokens_post_padded_ptr",

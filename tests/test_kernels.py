@@ -321,16 +321,24 @@ def test_fused_moe_matches_reference(case: MoeCase, target: Target) -> None:
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_moe_align_block_size_gives_each_block_one_experts_pairs(block_size: int) -> None:
-    num_experts, num_tokens, top_k = 7, 10, 3
-    topk_ids = torch.rand(num_tokens, num_experts).topk(top_k, dim=-1).indices
+@pytest.mark.parametrize(("num_experts", "num_tokens"), [(7, 10), (100, 150)], ids=["one-chunk", "several-chunks"])
+def test_moe_align_block_size_gives_each_block_one_experts_pairs(num_experts: int, num_tokens: int,
+                                                                 block_size: int) -> None:
+    top_k = 3
+    device = "cuda" if HAS_CUDA else "cpu"
+    topk_ids = torch.rand(num_tokens, num_experts, device=device).topk(top_k, dim=-1).indices
     topk_ids[topk_ids == 3] = 4  # expert 3 gets no token
     sorted_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, block_size, num_experts)
     num_pairs, padded = topk_ids.numel(), int(num_post_padded)
     counts = torch.bincount(topk_ids.flatten(), minlength=num_experts)
+    assert counts[3] == 0
     assert padded == int(((counts + block_size - 1) // block_size * block_size).sum())
-    valid = sorted_ids[:padded][sorted_ids[:padded] < num_pairs].long()
+    placed = sorted_ids[:padded].long()
+    valid = placed[placed < num_pairs]
+    assert (placed[placed >= num_pairs] == num_pairs).all(), "padding holds num_pairs"
     assert sorted(valid.tolist()) == list(range(num_pairs)), "every (token, k) pair appears once"
+    by_expert = topk_ids.flatten()[valid]
+    assert (valid.diff()[by_expert[1:] == by_expert[:-1]] > 0).all(), "pairs in order within an expert"
     for block in range(padded // block_size):
         pairs = sorted_ids[block * block_size:(block + 1) * block_size].long()
         pairs = pairs[pairs < num_pairs]
@@ -345,7 +353,9 @@ def test_fused_moe_launches_one_variant_per_gemm_and_block_config(launches: set[
     for num_tokens in (1, 2, 7, 8, 9, 33, 100):  # up to 8 tokens: small blocks; more: large
         triton_ops.fused_moe(*_moe_inputs(case, num_tokens, target))
     # gate_up and down, each with small and large blocks; one SiLU-and-mul.
-    assert Counter(name for name, *_ in launches) == {"_fused_moe_kernel": 4, "_silu_and_mul_kernel": 1}
+    # The alignment: its count, and its placement per block size.
+    assert Counter(name for name, *_ in launches) == {"_count_experts_kernel": 1, "_align_kernel": 2,
+                                                      "_fused_moe_kernel": 4, "_silu_and_mul_kernel": 1}
 
 
 class Step(NamedTuple):
