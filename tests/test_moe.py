@@ -82,11 +82,13 @@ def test_fused_moe_layer_matches_transformers_block_on_saved_weights(saved_block
     family, block, weights = saved_block
     per_expert = [name for name in weights if name.startswith("experts.")]
     assert per_expert and all(name.endswith(".weight") for name in per_expert), "saved as one tensor per expert"
-    layer = _layer(family, backend, weights)
+    # With CUDA present Triton compiles for the GPU (else it runs in the interpreter): the layer goes there.
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    layer = _layer(family, backend, weights).to(device)
     hidden = torch.randn(1, 11, family.config.hidden_size)
     with torch.no_grad():
         expected = block(hidden)[0]
-        actual = layer(hidden[0])
+        actual = layer(hidden[0].to(device)).cpu()
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=2e-5)
 
 
