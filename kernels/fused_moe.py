@@ -31,12 +31,14 @@ class GemmConfig(NamedTuple):
 
 # vLLM's untuned defaults (fused_moe.get_default_config): small row blocks waste little padding when experts get
 # few tokens each; large ones reuse each weight tile over more tokens.
+SMALL_BATCH_CONFIG = GemmConfig(block_m=16, block_n=32, block_k=64, group_m=1)
+LARGE_BATCH_CONFIG = GemmConfig(block_m=64, block_n=64, block_k=32, group_m=8)
+
+
 # Alignment tiles: a program of the alignment kernels one-hot encodes a chunk of pairs against every expert,
 # ALIGN_TILE elements (so fewer pairs per chunk for more experts), and sums ALIGN_ROWS chunks' counts at a time.
 ALIGN_TILE = 8192
 ALIGN_ROWS = 16
-SMALL_BATCH_CONFIG = GemmConfig(block_m=16, block_n=32, block_k=64, group_m=1)
-LARGE_BATCH_CONFIG = GemmConfig(block_m=64, block_n=64, block_k=32, group_m=8)
 
 
 def choose_config(num_tokens: int, num_experts: int) -> GemmConfig:
