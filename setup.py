@@ -25,8 +25,8 @@ setup(
         "client": ["openai>=1.0"],  # examples/chat_client.py
         # matplotlib: the GPU check's dry run (tests/test_gpu_check.py) draws its chart too; pydantic-ai and
         # instructor: structured-output client libraries in the tests
-        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "matplotlib", "openai-agents", "instructor>=1.17",
-                 "pydantic-ai-slim[openai]"],
+        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "matplotlib", "openai-agents",
+                 "instructor>=1.17", "pydantic-ai-slim[openai]"],
         "bench": ["matplotlib", "accelerate", "transformers[serving]"],
     },
     entry_points={"console_scripts": ["tokmodel=server.cli:main"]},
