@@ -36,7 +36,7 @@ async def generate(state: ServerState, prompt: str | list[int], params: Sampling
                    request_id: str) -> AsyncIterator[RequestOutput]:
     """The engine's DELTA outputs for one prompt. Closing this generator (the handler's task cancelled on
     disconnect, or an exception) closes the engine's, which aborts the request and frees its blocks."""
-    tracker = state.metrics.track()
+    tracker = state.metrics.track(params)
     try:
         async with aclosing(state.llm.generate(prompt, params, request_id)) as outputs:
             async for out in outputs:
