@@ -120,7 +120,8 @@ class AsyncLLM:
             outputs = await asyncio.gather(*(
                 self._last_output(beam.tokens, params.step_params, f"{request_id}-beam-{len(steps)}-{index}")
                 for index, beam in enumerate(search.beams)))
-            failed = [out.outputs[0].finish_reason for out in outputs if out.outputs[0].finish_reason in ("abort", "error")]
+            reasons = [out.outputs[0].finish_reason for out in outputs]
+            failed = [reason for reason in reasons if reason in ("abort", "error")]
             if failed:
                 return RequestOutput(request_id, text, token_ids, [CompletionOutput(0, "", [], failed[0])], True)
             search.advance(outputs)

@@ -38,7 +38,8 @@ class BeamSearchParams:
         if not (type(self.length_penalty) in (int, float) and math.isfinite(self.length_penalty)):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
         SamplingParams(max_tokens=self.max_tokens)
-        self.step_params = SamplingParams(max_tokens=1, temperature=self.temperature, logprobs=max(2 * self.beam_width, self.logprobs or 0),
+        self.step_params = SamplingParams(max_tokens=1, temperature=self.temperature,
+                                          logprobs=max(2 * self.beam_width, self.logprobs or 0),
                                           output_kind=RequestOutputKind.FINAL_ONLY)
 
 
@@ -109,7 +110,8 @@ class BeamSearchInstance:
                                          skip_special_tokens=self.params.skip_special_tokens)
         return ranked
 
-    def request_output(self, request_id: str, prompt: str | None, tokenizer, metrics: dict[str, float]) -> RequestOutput:
+    def request_output(self, request_id: str, prompt: str | None, tokenizer,
+                       metrics: dict[str, float]) -> RequestOutput:
         """The search's result as one finished output with a choice per beam, as vLLM's server returns it."""
         choices = [CompletionOutput(index, beam.text, beam.tokens[self.prompt_len:], beam.finish_reason,
                                     beam.stop_reason, beam.logprobs if self.params.logprobs is not None else None)

@@ -25,7 +25,8 @@ def beam_search_params(body: dict, params: SamplingParams) -> BeamSearchParams |
                           param="temperature")
     unsupported = [name for name in _UNSUPPORTED if getattr(params, name) != getattr(_DEFAULTS, name)]
     if params.structured_outputs is not None:  # from a structured-outputs field, or else from tool_choice
-        unsupported.append(next((name for name in STRUCTURED_OUTPUT_FIELDS if body.get(name) is not None), "tool_choice"))
+        named = [name for name in STRUCTURED_OUTPUT_FIELDS if body.get(name) is not None]
+        unsupported.append(named[0] if named else "tool_choice")
     if unsupported:
         raise bad_request(f"{unsupported[0]} is not supported with use_beam_search", param=unsupported[0])
     try:

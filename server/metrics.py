@@ -37,7 +37,8 @@ _ENGINE_GAUGES = {"num_requests_running": ("num_running_reqs", "Number of reques
 _ENGINE_COUNTERS = {"num_preemptions": ("num_preemptions", "Cumulative number of preemption from the engine."),
                     "prefix_cache_queries": ("prefix_cache_queries",
                                              "Prefix cache queries, in terms of number of queried tokens."),
-                    "prefix_cache_hits": ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
+                    "prefix_cache_hits": ("prefix_cache_hits",
+                                          "Prefix cache hits, in terms of number of cached tokens."),
                     "prompt_tokens": ("num_prompt_tokens", "Number of prefill tokens processed."),
                     "generation_tokens": ("num_generation_tokens", "Number of generation tokens processed.")}
 
@@ -100,6 +101,27 @@ class _EngineStatsCollector:
         return family
 
 
+_TOKENS = None  # buckets 1, 2, 5, 10, ... up to max_model_len, as vLLM's token-count histograms
+_REQUEST_HISTOGRAMS = {  # vLLM's name: its help text and buckets
+    "time_to_first_token_seconds": ("Histogram of time to first token in seconds.", TIME_TO_FIRST_TOKEN_BUCKETS),
+    "inter_token_latency_seconds": ("Histogram of inter-token latency in seconds.", INTER_TOKEN_LATENCY_BUCKETS),
+    "request_time_per_output_token_seconds": ("Histogram of time_per_output_token_seconds per request.",
+                                              INTER_TOKEN_LATENCY_BUCKETS),
+    "e2e_request_latency_seconds": ("Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS),
+    "request_queue_time_seconds": ("Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS),
+    "request_inference_time_seconds": ("Histogram of time spent in RUNNING phase for request.",
+                                       REQUEST_LATENCY_BUCKETS),
+    "request_prefill_time_seconds": ("Histogram of time spent in PREFILL phase for request.", REQUEST_LATENCY_BUCKETS),
+    "request_decode_time_seconds": ("Histogram of time spent in DECODE phase for request.", REQUEST_LATENCY_BUCKETS),
+    "request_prompt_tokens": ("Number of prefill tokens processed.", _TOKENS),
+    "request_generation_tokens": ("Number of generation tokens processed.", _TOKENS),
+    "request_max_num_generation_tokens": ("Histogram of maximum number of requested generation tokens.", _TOKENS),
+    "request_params_n": ("Histogram of the n request parameter.", REQUEST_PARAMS_N_BUCKETS),
+    "request_params_max_tokens": ("Histogram of the max_tokens request parameter.", _TOKENS),
+    "request_num_preemptions": ("Number of preemptions per finished request.", REQUEST_NUM_PREEMPTIONS_BUCKETS),
+}
+
+
 class ServerMetrics:
     """One registry per server, so that several apps in one process (tests) never collide."""
 
@@ -109,39 +131,15 @@ class ServerMetrics:
         self.labels = (llm.model_name, ENGINE_INDEX)
         self.max_model_len = llm.max_model_len
         token_buckets = build_1_2_5_buckets(llm.max_model_len)
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]):
-            return Histogram(f"tokmodel:{name}", doc, LABELS, buckets=buckets, registry=self.registry).labels(*self.labels)
-
-        self.ttft = histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                              TIME_TO_FIRST_TOKEN_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-                             INTER_TOKEN_LATENCY_BUCKETS)
-        self.tpot = histogram("request_time_per_output_token_seconds",
-                              "Histogram of time_per_output_token_seconds per request.", INTER_TOKEN_LATENCY_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                             REQUEST_LATENCY_BUCKETS)
-        self.queue = histogram("request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
-                               REQUEST_LATENCY_BUCKETS)
-        self.inference = histogram("request_inference_time_seconds",
-                                   "Histogram of time spent in RUNNING phase for request.", REQUEST_LATENCY_BUCKETS)
-        self.prefill = histogram("request_prefill_time_seconds",
-                                 "Histogram of time spent in PREFILL phase for request.", REQUEST_LATENCY_BUCKETS)
-        self.decode = histogram("request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
-                                REQUEST_LATENCY_BUCKETS)
-        self.prompt_tokens = histogram("request_prompt_tokens", "Number of prefill tokens processed.", token_buckets)
-        self.generation_tokens = histogram("request_generation_tokens", "Number of generation tokens processed.",
-                                           token_buckets)
-        self.max_generation_tokens = histogram("request_max_num_generation_tokens",
-                                               "Histogram of maximum number of requested generation tokens.",
-                                               token_buckets)
-        self.params_n = histogram("request_params_n", "Histogram of the n request parameter.", REQUEST_PARAMS_N_BUCKETS)
-        self.params_max_tokens = histogram("request_params_max_tokens", "Histogram of the max_tokens request parameter.",
-                                           token_buckets)
-        self.num_preemptions = histogram("request_num_preemptions", "Number of preemptions per finished request.",
-                                         REQUEST_NUM_PREEMPTIONS_BUCKETS)
+        self.histograms = {
+            name: Histogram(f"tokmodel:{name}", doc, LABELS, buckets=buckets or token_buckets,
+                            registry=self.registry).labels(*self.labels)
+            for name, (doc, buckets) in _REQUEST_HISTOGRAMS.items()}
         self.success = Counter("tokmodel:request_success", "Count of successfully processed requests.",
                                [*LABELS, "finished_reason"], registry=self.registry)
+
+    def observe(self, name: str, value: float) -> None:
+        self.histograms[name].observe(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -188,7 +186,7 @@ class RequestTracker:
             if last is not None and new_tokens:
                 gap = (now - last) / new_tokens  # a delta with several tokens: they shared the gap
                 for _ in range(new_tokens):
-                    self.metrics.itl.observe(gap)
+                    self.metrics.observe("inter_token_latency_seconds", gap)
             if new_tokens:
                 self.last_token_time[choice.index] = now
             if choice.finish_reason is not None:
@@ -209,18 +207,20 @@ class RequestTracker:
         arrival, scheduled = times["arrival_time"], times["first_scheduled_time"]
         first_token, last_token = times["first_token_time"], times["last_token_time"]
         m = self.metrics
-        m.ttft.observe(first_token - arrival)
-        m.e2e.observe(times["finished_time"] - arrival)
-        m.queue.observe(scheduled - arrival)
-        m.prefill.observe(first_token - scheduled)
-        m.decode.observe(last_token - first_token)
-        m.inference.observe(last_token - scheduled)
+        m.observe("time_to_first_token_seconds", first_token - arrival)
+        m.observe("e2e_request_latency_seconds", times["finished_time"] - arrival)
+        m.observe("request_queue_time_seconds", scheduled - arrival)
+        m.observe("request_prefill_time_seconds", first_token - scheduled)
+        m.observe("request_decode_time_seconds", last_token - first_token)
+        m.observe("request_inference_time_seconds", last_token - scheduled)
         longest = max(self.choice_tokens.values())  # choices decode side by side: the longest sets the pace
-        m.tpot.observe((last_token - first_token) / (longest - 1) if longest > 1 else 0.0)
-        m.prompt_tokens.observe(self.num_prompt_tokens)
-        m.generation_tokens.observe(self.num_tokens)
-        m.max_generation_tokens.observe(longest)
-        m.params_n.observe(self.params.n)
+        m.observe("request_time_per_output_token_seconds",
+                  (last_token - first_token) / (longest - 1) if longest > 1 else 0.0)
+        m.observe("request_prompt_tokens", self.num_prompt_tokens)
+        m.observe("request_generation_tokens", self.num_tokens)
+        m.observe("request_max_num_generation_tokens", longest)
+        m.observe("request_params_n", self.params.n)
         max_tokens = self.params.max_tokens
-        m.params_max_tokens.observe(max_tokens if max_tokens is not None else m.max_model_len - self.num_prompt_tokens)
-        m.num_preemptions.observe(times["num_preemptions"])
+        m.observe("request_params_max_tokens",
+                  max_tokens if max_tokens is not None else m.max_model_len - self.num_prompt_tokens)
+        m.observe("request_num_preemptions", times["num_preemptions"])

@@ -18,7 +18,8 @@ NUM_BLOCKS = 8  # 128 tokens of KV cache: two long requests at once must preempt
 PROMPT = "Hello my name is Robert and I love magic"
 TIME_TO_FIRST_TOKEN = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                        20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
-INTER_TOKEN = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
+INTER_TOKEN = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0]
 REQUEST_LATENCY = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0, 1920.0, 7680.0]
 TOKENS_1_2_5 = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]  # vLLM's build_1_2_5_buckets(max_model_len=1024)
@@ -44,7 +45,8 @@ def server() -> Server:
 
 
 def scrape(server: Server) -> dict:
-    return {family.name: family for family in text_string_to_metric_families(server.request("GET", "/metrics").body.decode())}
+    text = server.request("GET", "/metrics").body.decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
 
 
 def value(families: dict, sample_name: str, **labels: str) -> float:
@@ -65,7 +67,8 @@ def test_every_vllm_metric_has_its_type_labels_and_buckets(server):
                               temperature=0.0)
     families = scrape(server)
     model = client.models.list().data[0].id
-    expected_types = ({f"tokmodel:{name}": "gauge" for name in GAUGES + ["num_requests_waiting_by_reason", "cache_config_info"]}
+    gauges = GAUGES + ["num_requests_waiting_by_reason", "cache_config_info"]
+    expected_types = ({f"tokmodel:{name}": "gauge" for name in gauges}
                       | {f"tokmodel:{name}": "counter" for name in COUNTERS + ["request_success"]}
                       | {f"tokmodel:{name}": "histogram" for name in HISTOGRAMS})
     for name, kind in expected_types.items():
