@@ -18,12 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, TypeVar
 
+from engine.beam_search import BeamSearchInstance, BeamSearchParams
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType
 from engine.errors import EngineDeadError
 from engine.metrics import EngineStats
-from engine.outputs import RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -133,6 +134,37 @@ class AsyncLLM:
         future = loop.create_future()
         self._commands.put(("call", work, loop, future))
         return await future
+
+    async def beam_search(self, prompt: PromptType, params: BeamSearchParams, request_id: str) -> RequestOutput:
+        """One finished output with a choice per beam, best first (engine/beam_search.py); each step's beams run
+        as requests `<request_id>-beam-<step>-<beam>`. A step that fails or is aborted ends the search with its
+        finish reason. Raises as generate does."""
+        arrival_time = time.time()
+        text, token_ids, max_tokens = await self._in_tokenizer_thread(lambda tokenizer: self.core.process_inputs(
+            prompt, SamplingParams(max_tokens=params.max_tokens), tokenizer))
+        search = BeamSearchInstance(token_ids, max_tokens, params, self.core.eos_token_ids)
+        steps: list[list[RequestOutput]] = []
+        while not search.done:
+            outputs = await asyncio.gather(*(
+                self._last_output(beam.tokens, params.step_params, f"{request_id}-beam-{len(steps)}-{index}")
+                for index, beam in enumerate(search.beams)))
+            reasons = [out.outputs[0].finish_reason for out in outputs]
+            failed = [reason for reason in reasons if reason in ("abort", "error")]
+            if failed:
+                return RequestOutput(request_id, text, token_ids, [CompletionOutput(0, "", [], failed[0])], True)
+            search.advance(outputs)
+            steps.append(outputs)
+        times = [out.metrics for step in steps for out in step]
+        metrics = {"arrival_time": arrival_time, "first_scheduled_time": steps[0][0].metrics["first_scheduled_time"],
+                   "first_token_time": steps[0][0].metrics["first_token_time"],
+                   "last_token_time": max(t["last_token_time"] for t in times), "finished_time": time.time(),
+                   "num_preemptions": sum(t["num_preemptions"] for t in times)}
+        return search.request_output(request_id, text, self.tokenizer, metrics)
+
+    async def _last_output(self, token_ids: list[int], params: SamplingParams, request_id: str) -> RequestOutput:
+        async for output in self.generate({"prompt_token_ids": token_ids}, params, request_id):
+            last = output
+        return last
 
     def abort(self, request_id: str) -> None:
         """Abort a request; a stream still open gets its last output, with finish_reason "abort"."""

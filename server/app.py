@@ -87,7 +87,7 @@ async def check_api_key(request: web.Request, handler) -> web.StreamResponse:
 def build_app(llm: AsyncLLM, options: ServerOptions) -> web.Application:
     app = web.Application(middlewares=[track_in_flight, openai_errors, check_api_key], client_max_size=MAX_BODY_BYTES)
     tool_parser = TOOL_PARSERS[options.tool_call_parser] if options.tool_call_parser else None
-    app[STATE] = ServerState(llm, ServerMetrics(llm, llm.model_name), options.api_key, options.max_waiting_requests,
+    app[STATE] = ServerState(llm, ServerMetrics(llm), options.api_key, options.max_waiting_requests,
                              options.log_requests, responses=ResponseStore(options.max_stored_responses),
                              tool_parser=tool_parser)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
