@@ -24,6 +24,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # CPU budget; None: 4 GiB
     num_gpu_blocks_override: int | None = None
     served_model_name: str | None = None
+    enforce_eager: bool = False  # no CUDA graphs: every decode step runs eagerly
+    async_scheduling: bool = False  # schedule step N+1 while the device runs step N
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
