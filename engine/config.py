@@ -25,6 +25,9 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     served_model_name: str | None = None
     enforce_eager: bool = False  # no CUDA graphs: every decode step runs eagerly
+    # Tests: pad decode steps to the CUDA graph sizes and run them eagerly on the static step buffers, the path
+    # a graph replays, without capture (a CPU has no graphs).
+    eager_graph_padding: bool = False
     async_scheduling: bool = False  # schedule step N+1 while the device runs step N
 
     def __post_init__(self) -> None:

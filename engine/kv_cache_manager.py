@@ -96,6 +96,7 @@ class KVCacheManager:
         (private,) = self.pool.allocate(1)
         self.pool.free([shared])
         request.block_ids[index] = private.block_id
+        request.num_synced_blocks = min(request.num_synced_blocks, index)
         self.blocks_to_copy.append((shared.block_id, private.block_id))
 
     def _update_hashes(self, request: Request, num_full_blocks: int) -> None:
