@@ -15,11 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from transformers import LlamaConfig
 
 from benchmarks.common import machine_info
 from benchmarks.random_model import save_stand_in_tokenizer
-from engine import EngineConfig, SamplingParams
+from engine import EngineConfig, RequestOutputKind, SamplingParams
 from engine.engine_core import EngineCore
 
 
@@ -47,10 +48,10 @@ def timed(owner: object, name: str, spent: list[float]) -> None:
 
 def measure(args: argparse.Namespace, model_dir: Path) -> dict:
     engine = EngineCore(EngineConfig(model=str(model_dir), load_format="dummy", device="cpu", dtype="float32",
-                                     max_num_seqs=args.num_seqs, max_num_batched_tokens=max(2048, args.num_seqs),
-                                     async_scheduling=args.async_scheduling))
+                                     max_num_seqs=args.num_seqs, max_num_batched_tokens=max(2048, args.num_seqs)))
     params = SamplingParams(temperature=0, max_tokens=args.warm_steps + args.steps + 8, ignore_eos=True,
-                            stop=["@@@"] if args.stop_strings else [])
+                            stop=["@@@"] if args.stop_strings else [],
+                            output_kind=RequestOutputKind[args.output_kind.upper()])
     for i in range(args.num_seqs):
         engine.add_request(str(i), [(i * 7 + t) % 90 for t in range(args.prompt_len)], params)
     for _ in range(args.warm_steps):  # the prompts' prefills, then a few decodes
@@ -68,7 +69,7 @@ def measure(args: argparse.Namespace, model_dir: Path) -> dict:
         step_ms.append(step * 1e3)
         host_ms.append((step - sum(model_s[first_model_call:])) * 1e3)
     return {"num_seqs": args.num_seqs, "steps": args.steps, "vocab_size": args.vocab_size,
-            "stop_strings": args.stop_strings, "async_scheduling": engine.config.async_scheduling,
+            "stop_strings": args.stop_strings, "output_kind": args.output_kind, "torch_threads": args.threads,
             "step_ms_median": round(statistics.median(step_ms), 3), "host_ms_median": round(statistics.median(host_ms), 3),
             "host_ms_min": round(min(host_ms), 3)}
 
@@ -81,8 +82,11 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--stop-strings", action="store_true", help="every request has a stop string (detokenizes)")
-    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--output-kind", choices=["final_only", "delta", "cumulative"], default="final_only",
+                        help="final_only: as LLM.generate; delta: as the server streams")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (one keeps a shared machine's noise low)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args, tiny_model_dir(Path(tmp), args.vocab_size))
     print(json.dumps(result | {"machine": machine_info("cpu")}, indent=1))

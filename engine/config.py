@@ -28,7 +28,6 @@ class EngineConfig:
     # Tests: pad decode steps to the CUDA graph sizes and run them eagerly on the static step buffers, the path
     # a graph replays, without capture (a CPU has no graphs).
     eager_graph_padding: bool = False
-    async_scheduling: bool = False  # schedule step N+1 while the device runs step N
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
