@@ -4,7 +4,7 @@ A tiny random-weight Llama (one layer, hidden 64) keeps the forward near free; t
 timed apart and subtracted, so what remains is the engine's own work between kernel launches. All requests
 decode together (prefill steps are not timed). Prints one JSON object.
 
-    python -m benchmarks.step_overhead --num-seqs 256
+    python -m benchmarks.step_overhead --num-seqs 256 [--output-kind delta] [--output]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from benchmarks.common import machine_info
+from benchmarks.common import default_result_path, machine_info, save_json
 from benchmarks.random_model import save_stand_in_tokenizer
 from engine import EngineConfig, RequestOutputKind, SamplingParams
 from engine.engine_core import EngineCore
@@ -84,12 +84,16 @@ def main() -> None:
     parser.add_argument("--stop-strings", action="store_true", help="every request has a stop string (detokenizes)")
     parser.add_argument("--output-kind", choices=["final_only", "delta", "cumulative"], default="final_only",
                         help="final_only: as LLM.generate; delta: as the server streams")
+    parser.add_argument("--output", action="store_true", help="also write benchmarks/results/step-overhead-cpu-*.json")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one keeps a shared machine's noise low)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args, tiny_model_dir(Path(tmp), args.vocab_size))
-    print(json.dumps(result | {"machine": machine_info("cpu")}, indent=1))
+    result |= {"machine": machine_info("cpu")}
+    print(json.dumps(result, indent=1))
+    if args.output:
+        save_json(result, default_result_path("step-overhead", "cpu", args.output_kind.replace("_", "-")))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from tests.reference import hf_greedy
 
 PROMPTS = ["The capital of France is", "List three colors:", "Once upon a time, in a land far away,",
            "def fibonacci(n):", "The best way to learn a language is"]
-MAX_TOKENS = 10
+MAX_TOKENS = 6
 
 
 def make_engine(**overrides) -> EngineCore:
