@@ -251,6 +251,8 @@ def run_fast_path(plan: Plan, work_dir: Path) -> dict:
                          "graphs_captured": captured}
         goals.append(goal(f"{name}: requests whose graph decode differs from eager", check.num_prompts - same, 0,
                           at_most=True, on_hardware=False, detail=f"of {check.num_prompts}, greedy fp32"))
+        if not plan.is_dry_run:  # a failed capture falls back to eager decode, which would match trivially
+            goals.append(goal(f"{name}: CUDA graphs captured", captured, 1, detail="decode batch sizes"))
     return {"figures": figures, "goals": goals}
 
 

@@ -2,6 +2,7 @@
 of the rows that sample. Owns the weights and the KV cache."""
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from engine.scheduler import NewRequestData, SchedulerOutput
 from kernels import get_ops
 from kernels.decode_attention import MIN_SPLIT_TOKENS
 
+logger = logging.getLogger("tokmodel.engine")
 CPU_KV_CACHE_BYTES = 2 << 30
 DECODE_GROUPS = 3  # on a one-off CPU timing of 32 decodes of 100-380 tokens, 3 groups beat 1, 2 and 4
 
@@ -132,12 +134,9 @@ class ModelRunner:
         buf.slot_mapping[:num_tokens] = (buf.block_tables[row_of_token, positions // self.block_size] * self.block_size
                                          + positions % self.block_size)
         buf.seq_lens[:num_reqs] = seq_lens
-        if padded > num_reqs:  # padding rows: one token at position 0, written nowhere, attending one cached key
-            query_start_loc[num_reqs + 1:] = np.arange(num_tokens + 1, num_tokens + padded - num_reqs + 1)
-            buf.input_ids[num_tokens:padded] = 0
-            buf.positions[num_tokens:padded] = 0
-            buf.slot_mapping[num_tokens:padded] = -1
-            buf.seq_lens[num_reqs:padded] = 1
+        num_padding = padded - num_reqs
+        if num_padding:
+            self._pad_decodes(num_reqs, num_padding)
         order = np.empty_like(batch_order)
         order[batch_order] = np.arange(num_reqs)
         num_sample_rows = len(output.sample_rows)
@@ -145,22 +144,33 @@ class ModelRunner:
         self.buffers.copy_to_device(padded)
         dev = self.buffers.dev
         meta = AttentionMetadata(
-            slot_mapping=dev.slot_mapping[:num_tokens + padded - num_reqs],
+            slot_mapping=dev.slot_mapping[:num_tokens + num_padding],
             block_tables=dev.block_tables[:padded],
             seq_lens=dev.seq_lens[:padded],
             query_start_loc=dev.query_start_loc[:padded + 1],
-            num_decodes=num_decodes + padded - num_reqs,
+            num_decodes=num_decodes + num_padding,
             num_prefill_tokens=num_tokens - num_decodes,
-            decode_groups=self._decode_groups(buf.seq_lens[:num_decodes + padded - num_reqs]),
+            decode_groups=self._decode_groups(buf.seq_lens[:num_decodes + num_padding]),
             max_prefill_seq_len=int(seq_lens[num_decodes:].max(initial=0)),
         )
-        return num_tokens + padded - num_reqs, num_sample_rows, meta
+        return num_tokens + num_padding, num_sample_rows, meta
+
+    def _pad_decodes(self, num_reqs: int, num_padding: int) -> None:
+        """Padding rows after a decode-only step's num_reqs rows: one token at position 0, written nowhere (slot
+        -1), attending one cached key (seq_len 1; its block-table row holds valid ids, so the key is finite)."""
+        buf, padded = self.buffers.np, num_reqs + num_padding
+        buf.query_start_loc[num_reqs + 1:padded + 1] = buf.query_start_loc[num_reqs] + np.arange(1, num_padding + 1)
+        buf.input_ids[num_reqs:padded] = 0
+        buf.positions[num_reqs:padded] = 0
+        buf.slot_mapping[num_reqs:padded] = -1
+        buf.seq_lens[num_reqs:padded] = 1
 
     def _decode_groups(self, decode_seq_lens: np.ndarray) -> list[tuple[int, int, int]]:
-        """Split the (longest first) decodes into equal-count groups; each pads only to its own longest."""
+        """Split the decodes (longest first on the torch path) into equal-count groups; each pads only to its own
+        longest. The Triton kernel reads each sequence's own length: one group, whose longest sets the splits."""
         num_groups = DECODE_GROUPS if self.config.kernel_backend == "torch" else 1
         bounds = np.linspace(0, len(decode_seq_lens), min(num_groups, len(decode_seq_lens)) + 1).astype(int)
-        return [(int(s), int(e), int(decode_seq_lens[s])) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        return [(int(s), int(e), int(decode_seq_lens[s:e].max())) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
 
     def warm_up(self) -> None:
         """Compile every Triton kernel variant serving will use, before serving: a compile takes seconds on a
@@ -186,17 +196,23 @@ class ModelRunner:
         context, so it is fixed per size; splits past a shorter context are empty and weigh nothing."""
         if not self.uses_cuda_graphs:
             return
+        try:
+            for size in reversed(self.graphs.sizes):
+                self._capture(size)
+        except Exception:  # serving eagerly beats not serving; the GPU check's fast_path step reports it
+            logger.exception("capturing CUDA graphs failed: decode runs eagerly (as with enforce_eager)")
+            self.graphs = DecodeGraphs([])
+
+    def _capture(self, size: int) -> None:
         buf, dev = self.buffers.np, self.buffers.dev
-        for size in reversed(self.graphs.sizes):
-            buf.input_ids[:size], buf.positions[:size], buf.slot_mapping[:size] = 0, 0, -1
-            buf.seq_lens[:size], buf.block_tables[:size] = 1, 0
-            buf.query_start_loc[:size + 1] = np.arange(size + 1)
-            self.buffers.copy_to_device(size)
-            meta = AttentionMetadata(dev.slot_mapping[:size], dev.block_tables[:size], dev.seq_lens[:size],
-                                     dev.query_start_loc[:size + 1], num_decodes=size, num_prefill_tokens=0,
-                                     decode_groups=[(0, size, self.config.max_model_len)], max_prefill_seq_len=0)
-            self.graphs.capture(size, lambda: self.model(dev.input_ids[:size], dev.positions[:size], self.kv_caches,
-                                                         meta))
+        buf.input_ids[:size], buf.positions[:size], buf.slot_mapping[:size] = 0, 0, -1
+        buf.seq_lens[:size], buf.block_tables[:size] = 1, 0
+        buf.query_start_loc[:size + 1] = np.arange(size + 1)
+        self.buffers.copy_to_device(size)
+        meta = AttentionMetadata(dev.slot_mapping[:size], dev.block_tables[:size], dev.seq_lens[:size],
+                                 dev.query_start_loc[:size + 1], num_decodes=size, num_prefill_tokens=0,
+                                 decode_groups=[(0, size, self.config.max_model_len)], max_prefill_seq_len=0)
+        self.graphs.capture(size, lambda: self.model(dev.input_ids[:size], dev.positions[:size], self.kv_caches, meta))
 
     def _dummy_step(self, seq_lens: list[int], num_new: list[int], sample_rows: list[int]) -> torch.Tensor:
         """Run sequences of seq_lens tokens (zeros) computing their last num_new, each on its own blocks from
