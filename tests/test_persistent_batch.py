@@ -95,3 +95,10 @@ def test_decode_steps_padded_to_graph_sizes_give_identical_outputs(plain_outputs
     assert run_mixed_traffic(engine) == plain_outputs
     assert any(padded > real for real, padded in padded_sizes), f"no step was padded: {padded_sizes}"
     assert all(padded in capture_sizes(6) for _, padded in padded_sizes)
+
+
+def test_enforce_eager_flag_reaches_the_engine_config():
+    from server.cli import build_parser, checked_engine_config
+
+    for argv, eager in ((["serve"], False), (["serve", "--enforce-eager"], True)):
+        assert checked_engine_config(build_parser().parse_args(argv)).enforce_eager is eager
