@@ -24,6 +24,10 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # CPU budget; None: 4 GiB
     num_gpu_blocks_override: int | None = None
     served_model_name: str | None = None
+    enforce_eager: bool = False  # no CUDA graphs: every decode step runs eagerly
+    # Tests: pad decode steps to the CUDA graph sizes and run them eagerly on the static step buffers, the path
+    # a graph replays, without capture (a CPU has no graphs).
+    eager_graph_padding: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

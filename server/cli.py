@@ -92,6 +92,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="seed of the engine's random state (default: 0)")
     group.add_argument("--kernel-backend", choices=["torch", "triton"],
                        help="attention and fused kernels (default: triton on cuda, torch on cpu)")
+    group.add_argument("--enforce-eager", action="store_true", default=None,
+                       help="no CUDA graphs: run every decode step eagerly (graphs need --kernel-backend triton)")
 
 
 def checked_engine_config(args: argparse.Namespace) -> EngineConfig:
