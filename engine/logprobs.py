@@ -1,13 +1,15 @@
 """Logprobs of the raw distribution (before penalties, bias and every filter, as vLLM's default
-"raw_logprobs"), for the rows that ask for them: the sampled token's and the top `logprobs`."""
+"raw_logprobs"), for the rows that ask for them: the sampled token's and the top `logprobs`; and the prompt
+logprobs of the prompt positions whose requests ask for them."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 from engine.device_copy import to_device
-from engine.outputs import SampleLogprobs
+from engine.outputs import Logprob, SampleLogprobs
 
 
 class RawLogprobs(NamedTuple):
@@ -40,4 +42,27 @@ def gather_logprobs(raw: RawLogprobs | None, token_ids: torch.Tensor, asked: lis
                                                             sampled.tolist()):
         n = asked[row]
         out[row] = dict(zip(top_ids[:n], top_values[:n])) | {token_id: logprob}
+    return out
+
+
+PROMPT_ROWS_PER_SLICE = 256  # bounds the [rows, vocab] logits a long prompt chunk holds at once
+
+
+def prompt_logprobs(hidden: torch.Tensor, compute_logits: Callable[[torch.Tensor], torch.Tensor],
+                    target_ids: list[int], num_top: int) -> list[dict[int, Logprob]]:
+    """Per row of `hidden` (the position before each target token): the target's Logprob, then the top
+    `num_top` (-1: the whole vocabulary), as vLLM's prompt logprobs. Rank 1 is the most likely token."""
+    out: list[dict[int, Logprob]] = []
+    targets = to_device(target_ids, hidden.device, torch.int64)
+    for start in range(0, len(target_ids), PROMPT_ROWS_PER_SLICE):
+        logprobs = torch.log_softmax(compute_logits(hidden[start:start + PROMPT_ROWS_PER_SLICE]).float(), dim=-1)
+        target = targets[start:start + PROMPT_ROWS_PER_SLICE, None]
+        target_logprobs = logprobs.gather(1, target)
+        ranks = (logprobs >= target_logprobs).sum(-1)
+        k = logprobs.shape[1] if num_top == -1 else num_top
+        top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], target[:, :0])
+        for token_id, logprob, rank, ids, values in zip(target[:, 0].tolist(), target_logprobs[:, 0].tolist(),
+                                                        ranks.tolist(), top_ids.tolist(), top_values.tolist()):
+            top = {i: Logprob(v, r) for r, (i, v) in enumerate(zip(ids, values), start=1)}
+            out.append({token_id: Logprob(logprob, rank)} | top)
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import mmap
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,7 +14,9 @@ from torch import nn
 from engine.attention_metadata import AttentionMetadata
 from engine.config import EngineConfig
 from engine.device_copy import to_device
+from engine.logprobs import prompt_logprobs
 from engine.models import get_model_class
+from engine.outputs import Logprob
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
@@ -23,6 +26,13 @@ from kernels.decode_attention import MIN_SPLIT_TOKENS
 
 CPU_KV_CACHE_BYTES = 2 << 30
 DECODE_GROUPS = 3  # on a one-off CPU timing of 32 decodes of 100-380 tokens, 3 groups beat 1, 2 and 4
+
+
+class ModelRunnerOutput(NamedTuple):
+    logits: torch.Tensor  # fp32 [num_sample_rows, vocab]
+    # For each request asking for prompt logprobs whose prompt this step computes: the Logprobs of its prompt
+    # tokens from len(request.prompt_logprobs) + 1 on, in order.
+    prompt_logprobs: list[tuple[Request, list[dict[int, Logprob]]]]
 
 
 class ModelRunner:
@@ -69,17 +79,25 @@ class ModelRunner:
         self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(self.num_layers)]
 
     @torch.inference_mode()
-    def execute_model(self, output: SchedulerOutput) -> torch.Tensor:
-        """fp32 logits [num_sample_rows, vocab_size]."""
+    def execute_model(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        """The logits of the sample rows, and the prompt logprobs of the requests that ask for them (only their
+        rows go through the lm_head: the other requests' prompts cost nothing extra)."""
         if output.blocks_to_copy:
             self._copy_blocks(output.blocks_to_copy)
-        input_ids, positions, meta, sample_tokens = self._prepare_inputs(output)
+        input_ids, positions, meta, sample_tokens, token_starts = self._prepare_inputs(output)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden[sample_tokens]).float()
+        logits = self.model.compute_logits(hidden[sample_tokens]).float()
+        prompt = [(request, prompt_logprobs(hidden[rows], self.model.compute_logits,
+                                            request.prompt_token_ids[first + 1:first + 1 + len(hidden[rows])],
+                                            request.sampling_params.prompt_logprobs))
+                  for request, first, rows in _prompt_logprob_rows(output, token_starts)]
+        return ModelRunnerOutput(logits, prompt)
 
-    def _prepare_inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Decodes first, then prefill chunks. The last tensor indexes the token whose hidden state each
-        sample row reads (the last scheduled token of its request)."""
+    def _prepare_inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                                 torch.Tensor, list[int]]:
+        """Decodes first, then prefill chunks. The fourth tensor indexes the token whose hidden state each
+        sample row reads (the last scheduled token of its request); the list says where each request's tokens
+        start in the batch."""
         requests = output.requests
         num_new = np.asarray(output.num_scheduled_tokens, dtype=np.int64)
         seq_lens = np.array([r.num_computed_tokens for r in requests], dtype=np.int64) + num_new
@@ -108,7 +126,7 @@ class ModelRunner:
         )
         sample_tokens = query_start_loc[1:][order[output.sample_rows]] - 1
         return (to_device(token_ids, self.device, torch.int64), to_device(positions, self.device, torch.int64), meta,
-                to_device(sample_tokens, self.device, torch.int64))
+                to_device(sample_tokens, self.device, torch.int64), query_start_loc[:-1][order].tolist())
 
     def _decode_groups(self, decode_seq_lens: np.ndarray) -> list[tuple[int, int, int]]:
         """Split the (longest first) decodes into equal-count groups; each pads only to its own longest."""
@@ -173,8 +191,24 @@ class ModelRunner:
         prompts = [_dummy_request(i, seq_len, heavy, range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
                    for i in range(num_seqs)]
         rows = [_dummy_request(num_seqs + i, seq_len, heavy, []) for i in range(max_num_seqs)]  # all read row 0
-        logits = self.execute_model(SchedulerOutput(prompts, [seq_len] * num_seqs, rows, [0] * max_num_seqs, [], 0))
-        sampler(logits, rows)
+        step = self.execute_model(SchedulerOutput(prompts, [seq_len] * num_seqs, rows, [0] * max_num_seqs, [], 0))
+        sampler(step.logits, rows)
+
+
+def _prompt_logprob_rows(output: SchedulerOutput, token_starts: list[int]) -> list[tuple[Request, int, slice]]:
+    """(request, first prompt position, its rows in the batch) for each request asking for prompt logprobs that
+    computes prompt positions it has none for yet. Position t predicts prompt token t + 1, so the last prompt
+    position (which predicts the first output token) has none; a preempted prompt's recompute adds none twice."""
+    rows = []
+    for request, num_new, token_start in zip(output.requests, output.num_scheduled_tokens, token_starts):
+        if request.sampling_params.prompt_logprobs is None or request.index:
+            continue  # the other choices fork from choice 0, which holds the request's prompt logprobs
+        computed, done = request.num_computed_tokens, len(request.prompt_logprobs)
+        assert done >= min(computed, request.num_prompt_tokens - 1), "prompt logprobs would skip positions"
+        first, end = max(computed, done), min(computed + num_new, request.num_prompt_tokens - 1)
+        if first < end:
+            rows.append((request, first, slice(token_start + first - computed, token_start + end - computed)))
+    return rows
 
 
 def _dummy_request(index: int, num_tokens: int, params: SamplingParams, block_ids: Iterable[int]) -> Request:
