@@ -11,9 +11,9 @@ from server.choices import Choice
 from server.errors import bad_request
 from server.fields import CHAT_REFUSED, check_fields
 from server.generation import generate_many
-from server.logprobs import chat_logprobs
-from server.protocol import (CHAT_FIELDS, chat_prompt, check_model, check_types, read_json, require_tokenizer,
-                             sampling_params, stream_options, vocab_size)
+from server.logprobs import chat_logprobs, prompt_logprobs_json
+from server.protocol import (CHAT_FIELDS, chat_prompt, chat_template_options, check_model, check_types, read_json,
+                             require_tokenizer, sampling_params, stream_options, vocab_size)
 from server.serving import Completion
 from server.state import STATE
 from server.tool_parsers import DeltaMessage, ToolCall, ToolCallDelta, ToolParser, extract_tool_calls
@@ -24,9 +24,13 @@ class ChatCompletion(Completion):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, *args, tool_calling: ToolCalling, **kwargs) -> None:
+    def __init__(self, *args, tool_calling: ToolCalling, role: str, echo: str, **kwargs) -> None:
+        """role: the answer's (the assistant's, or with add_generation_prompt false the last message's); echo: the
+        text the answer starts with (the last message's, when the request echoes a message of that role)."""
         super().__init__(*args, **kwargs)
         self.tool_calling = tool_calling
+        self.role = role
+        self.echo = echo
         self._parsers: dict[int, ToolParser | None] = {}  # per streamed choice
 
     def chunk_choice(self, index: int, delta: CompletionOutput, first: bool) -> dict | None:
@@ -41,23 +45,34 @@ class ChatCompletion(Completion):
             message, called = _delta_message(parser.feed(delta.text, final=delta.finished), first), parser.tools_called
             if not (first or message or delta.finish_reason or (delta.token_ids and self.top_logprobs is not None)):
                 return None
-        message = {"role": "assistant"} | message if first else message
+        if first:
+            message = {"role": self.role} | message | {"content": self.echo + (message.get("content") or "")}
         return {"index": index, "delta": message, "logprobs": self._logprobs(delta.token_ids, delta.logprobs),
                 "finish_reason": _finish_reason(delta.finish_reason, called)}
 
     def final_choice(self, index: int, choice: Choice) -> dict:
         parser = self.tool_calling.new_parser()
         extracted = extract_tool_calls(parser, choice.text) if parser is not None else None
-        message = {"role": "assistant", "content": extracted.content if extracted else choice.text, "refusal": None}
+        content = self.echo + (extracted.content if extracted else choice.text)
+        message = {"role": self.role, "content": content, "refusal": None}
         if extracted and extracted.tool_calls:
             message["tool_calls"] = [_tool_call(call) for call in extracted.tool_calls]
         return {"index": index, "message": message, "logprobs": self._logprobs(choice.token_ids, choice.logprobs),
-                "finish_reason": _finish_reason(choice.finish_reason, "tool_calls" in message)}
+                "finish_reason": _finish_reason(choice.finish_reason, "tool_calls" in message),
+                "stop_reason": choice.stop_reason, "token_ids": self.token_ids(choice.token_ids)}
+
+    def response_fields(self) -> dict:
+        logprobs = self.collector.prompt_logprobs.get(0)
+        return {"prompt_logprobs": prompt_logprobs_json(logprobs),
+                "prompt_token_ids": self.token_ids(self.collector.prompt_token_ids[0])}
+
+    def chunk_fields(self, index: int, first: bool) -> dict:
+        return {"prompt_token_ids": self.collector.prompt_token_ids[0]} if first and self.return_token_ids else {}
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None) -> dict | None:
         if self.top_logprobs is None or not logprobs:
             return None
-        return chat_logprobs(self.tokenizer, token_ids, logprobs, self.top_logprobs)
+        return chat_logprobs(self.token_name, token_ids, logprobs, self.top_logprobs)
 
 
 def _finish_reason(reason: str | None, tools_called: bool) -> str | None:
@@ -98,9 +113,14 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
                              {"logprobs": "top_logprobs", "max_tokens": max_name}, tool_calling.structured_outputs)
     require_tokenizer(state.llm)
     tool_calling.adjust_request(params, state.llm.tokenizer)
-    prompt = await chat_prompt(state.llm, chat_messages(body), tool_calling.template_tools())
+    template = chat_template_options(body, state)
+    messages = chat_messages(body)
+    prompt = await chat_prompt(state.llm, messages, tool_calling.template_tools(), options=template)
+    role = "assistant" if template.add_generation_prompt else body["messages"][-1]["role"]
+    # As vLLM: echo repeats the last message when it is of the answer's role (the message the answer continues).
+    echo = messages[-1]["content"] if body.get("echo") and body["messages"][-1]["role"] == role else ""
     completion = ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", state.llm.model_name, params.n, options,
-                                top_logprobs, state.llm.tokenizer, tool_calling=tool_calling)
+                                top_logprobs, state.llm.tokenizer, body, tool_calling=tool_calling, role=role, echo=echo)
     return await completion.respond(request, generate_many(state, [prompt], params, completion.id))
 
 
