@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 
 
 def bad_words_token_ids(bad_words: list[str], tokenizer: PreTrainedTokenizerBase | None) -> list[list[int]]:
-    """Each word's tokens as it starts a text and, when that is a different first token of as many tokens, as it
-    follows a space (vLLM's rule), so the word is banned in both places."""
+    """Each word's tokens as it starts a text and as it follows a space, so the word is banned in both places.
+    (vLLM keeps the second only when it has as many tokens as the first, so "Berlin", two tokens alone but one
+    after a space, would still be generated mid-text.)"""
     if bad_words and tokenizer is None:
         raise ValueError("bad_words needs a tokenizer, and this model has none")
     token_ids: list[list[int]] = []
@@ -25,7 +26,7 @@ def bad_words_token_ids(bad_words: list[str], tokenizer: PreTrainedTokenizerBase
         bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
         spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
         token_ids.append(bare)
-        if spaced[0] != bare[0] and len(spaced) == len(bare):
+        if spaced != bare:
             token_ids.append(spaced)
     return token_ids
 
