@@ -51,15 +51,16 @@ def chat(client: openai.OpenAI, messages: list[dict] = MESSAGES, **kwargs):
 
 def test_prompt_logprobs_match_transformers_across_prefill_chunks_and_skip_the_prefix_cache(client, hf_model,
                                                                                             tokenizer):
+    ids = tokenizer.encode(LONG_PROMPT)
+    assert len(ids) > 16, "the prompt must span several prefill chunks"
+    with torch.no_grad():
+        reference = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
     for attempt in range(2):  # the second time the prompt is in the prefix cache, which prompt logprobs must skip
         completion = complete(client, LONG_PROMPT, max_tokens=1, temperature=0, prompt_logprobs=2,
                               return_token_ids=True)
         [choice] = completion.choices
-        ids = choice.prompt_token_ids
-        assert len(ids) > 16, "the prompt must span several prefill chunks"
+        assert choice.prompt_token_ids == ids
         assert completion.usage.prompt_tokens_details.cached_tokens == 0
-        with torch.no_grad():
-            reference = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
         prompt_logprobs = choice.prompt_logprobs
         assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(ids)
         for position, token_id in enumerate(ids[1:], start=1):
@@ -228,7 +229,7 @@ def test_tokenizer_info_describes_the_tokenizer_and_the_servers_template(server,
 
 def test_load_counts_generation_requests_in_flight(server):
     assert server.request("GET", "/load").json() == {"server_load": 0}
-    events = server.stream("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 64, "ignore_eos": True,
+    events = server.stream("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 16, "ignore_eos": True,
                                                      "stream": True})
     next(events)
     assert server.request("GET", "/load").json() == {"server_load": 1}
