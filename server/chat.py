@@ -46,14 +46,18 @@ class ChatCompletion(Completion):
             if not (first or message or delta.finish_reason or (delta.token_ids and self.top_logprobs is not None)):
                 return None
         if first:
-            message = {"role": self.role} | message | {"content": self.echo + (message.get("content") or "")}
+            message = {"role": self.role} | message
+            if self.echo:
+                message["content"] = self.echo + (message.get("content") or "")
         return {"index": index, "delta": message, "logprobs": self._logprobs(delta.token_ids, delta.logprobs),
                 "finish_reason": _finish_reason(delta.finish_reason, called)}
 
     def final_choice(self, index: int, choice: Choice) -> dict:
         parser = self.tool_calling.new_parser()
         extracted = extract_tool_calls(parser, choice.text) if parser is not None else None
-        content = self.echo + (extracted.content if extracted else choice.text)
+        content = extracted.content if extracted else choice.text
+        if self.echo:
+            content = self.echo + (content or "")
         message = {"role": self.role, "content": content, "refusal": None}
         if extracted and extracted.tool_calls:
             message["tool_calls"] = [_tool_call(call) for call in extracted.tool_calls]
