@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from server import info, tokenization
-from server.chat import create_chat_completion
+from server.chat import create_batch_chat_completion, create_chat_completion
 from server.completions import create_completion
 from server.errors import OpenAIError, bad_request, error_response
 from server.metrics import ServerMetrics
@@ -27,7 +27,8 @@ logger = logging.getLogger("tokmodel.server")
 MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any prompt that fits a context; a larger body is a 413
 _OPEN_PATHS = ("/health", "/ping", "/load", "/version", "/metrics")  # probes and scrapers carry no API key
 # What GET /load counts: the routes that run the model (vLLM's load_aware_call).
-_LOAD_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/invocations"})
+_LOAD_PATHS = frozenset({"/v1/chat/completions", "/v1/chat/completions/batch", "/v1/completions", "/v1/responses",
+                         "/invocations"})
 
 
 @dataclass
@@ -123,6 +124,7 @@ def build_app(llm: AsyncLLM, options: ServerOptions) -> web.Application:
                              trust_request_chat_template=options.trust_request_chat_template,
                              server_load=0 if options.enable_server_load_tracking else None)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
+    app.router.add_post("/v1/chat/completions/batch", create_batch_chat_completion)
     app.router.add_post("/v1/completions", create_completion)
     app.router.add_post("/v1/responses", create_response)
     app.router.add_get("/v1/responses/{response_id}", retrieve_response)

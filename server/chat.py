@@ -24,13 +24,14 @@ class ChatCompletion(Completion):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, *args, tool_calling: ToolCalling, role: str, echo: str, **kwargs) -> None:
-        """role: the answer's (the assistant's, or with add_generation_prompt false the last message's); echo: the
-        text the answer starts with (the last message's, when the request echoes a message of that role)."""
+    def __init__(self, *args, tool_calling: ToolCalling, roles: list[str], echoes: list[str], **kwargs) -> None:
+        """Per conversation (one, or a batch's): roles, its answer's role (the assistant's, or with
+        add_generation_prompt false its last message's); echoes, the text its answer starts with (its last
+        message's, when the request echoes a message of that role)."""
         super().__init__(*args, **kwargs)
         self.tool_calling = tool_calling
-        self.role = role
-        self.echo = echo
+        self.roles = roles
+        self.echoes = echoes
         self._parsers: dict[int, ToolParser | None] = {}  # per streamed choice
 
     def chunk_choice(self, index: int, delta: CompletionOutput, first: bool) -> dict | None:
@@ -46,9 +47,9 @@ class ChatCompletion(Completion):
             if not (first or message or delta.finish_reason or (delta.token_ids and self.top_logprobs is not None)):
                 return None
         if first:
-            message = {"role": self.role} | message
-            if self.echo:
-                message["content"] = self.echo + (message.get("content") or "")
+            message = {"role": self.roles[self.collector.prompt_of(index)]} | message
+            if echo := self.echoes[self.collector.prompt_of(index)]:
+                message["content"] = echo + (message.get("content") or "")
         return {"index": index, "delta": message, "logprobs": self._logprobs(delta.token_ids, delta.logprobs),
                 "finish_reason": _finish_reason(delta.finish_reason, called)}
 
@@ -56,9 +57,9 @@ class ChatCompletion(Completion):
         parser = self.tool_calling.new_parser()
         extracted = extract_tool_calls(parser, choice.text) if parser is not None else None
         content = extracted.content if extracted else choice.text
-        if self.echo:
-            content = self.echo + (content or "")
-        message = {"role": self.role, "content": content, "refusal": None}
+        if echo := self.echoes[self.collector.prompt_of(index)]:
+            content = echo + (content or "")
+        message = {"role": self.roles[self.collector.prompt_of(index)], "content": content, "refusal": None}
         if extracted and extracted.tool_calls:
             message["tool_calls"] = [_tool_call(call) for call in extracted.tool_calls]
         return {"index": index, "message": message, "logprobs": self._logprobs(choice.token_ids, choice.logprobs),
@@ -66,6 +67,9 @@ class ChatCompletion(Completion):
                 "stop_reason": choice.stop_reason, "token_ids": self.token_ids(choice.token_ids)}
 
     def response_fields(self) -> dict:
+        """The prompt's logprobs and ids; a batch of several conversations has no one prompt (null)."""
+        if len(self.roles) > 1:
+            return {"prompt_logprobs": None, "prompt_token_ids": None}
         logprobs = self.collector.prompt_logprobs.get(0)
         return {"prompt_logprobs": prompt_logprobs_json(logprobs),
                 "prompt_token_ids": self.token_ids(self.collector.prompt_token_ids[0])}
@@ -103,8 +107,24 @@ def _tool_call_delta(call: ToolCallDelta) -> dict:
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
     body = await read_json(request)
+    return await _respond(request, body, [body.get("messages")])
+
+
+async def create_batch_chat_completion(request: web.Request) -> web.StreamResponse:
+    """vLLM's POST /v1/chat/completions/batch: `messages` holds several conversations, answered in one response
+    whose choice i (with n = 1) answers conversation i; not streamed."""
+    body = await read_json(request)
+    conversations = body.get("messages")
+    if not isinstance(conversations, list) or not conversations or not all(isinstance(c, list) for c in conversations):
+        raise bad_request("messages must be a non-empty array of conversations (arrays of messages)", param="messages")
+    if body.get("stream"):
+        raise bad_request("stream is not available on /v1/chat/completions/batch", param="stream")
+    return await _respond(request, body, conversations)
+
+
+async def _respond(request: web.Request, body: dict, conversations: list) -> web.StreamResponse:
+    state = request.app[STATE]
     check_fields(body, CHAT_FIELDS, CHAT_REFUSED)
     check_types(body, CHAT_FIELDS)
     check_model(body, state.llm.model_name)
@@ -118,14 +138,18 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     require_tokenizer(state.llm)
     tool_calling.adjust_request(params, state.llm.tokenizer)
     template = chat_template_options(body, state)
-    messages = chat_messages(body)
-    prompt = await chat_prompt(state.llm, messages, tool_calling.template_tools(), options=template)
-    role = "assistant" if template.add_generation_prompt else body["messages"][-1]["role"]
-    # As vLLM: echo repeats the last message when it is of the answer's role (the message the answer continues).
-    echo = messages[-1]["content"] if body.get("echo") and body["messages"][-1]["role"] == role else ""
+    prompts, roles, echoes = [], [], []
+    for conversation in conversations:
+        messages = chat_messages({"messages": conversation})
+        prompts.append(await chat_prompt(state.llm, messages, tool_calling.template_tools(), options=template))
+        role = "assistant" if template.add_generation_prompt else conversation[-1]["role"]
+        # As vLLM: echo repeats the last message when it is of the answer's role (the message the answer goes on).
+        echoes.append(messages[-1]["content"] if body.get("echo") and conversation[-1]["role"] == role else "")
+        roles.append(role)
     completion = ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", state.llm.model_name, params.n, options,
-                                top_logprobs, state.llm.tokenizer, body, tool_calling=tool_calling, role=role, echo=echo)
-    return await completion.respond(request, generate_many(state, [prompt], params, completion.id))
+                                top_logprobs, state.llm.tokenizer, body, tool_calling=tool_calling, roles=roles,
+                                echoes=echoes)
+    return await completion.respond(request, generate_many(state, prompts, params, completion.id))
 
 
 def _top_logprobs(body: dict) -> int | None:

@@ -248,3 +248,15 @@ def test_ping_and_invocations_are_sagemakers_health_and_generation_routes(server
     assert text_response.status == 200 and text_response.json()["object"] == "text_completion"
     neither = server.post("/invocations", {"input": "Hi"})
     assert neither.status == 400 and "messages" in neither.json()["error"]["message"]
+
+
+def test_batch_chat_answers_each_conversation_as_chat_does(client, server):
+    conversations = [MESSAGES, [{"role": "user", "content": "Name a color."}]]
+    body = {"messages": conversations, "temperature": 0, "max_tokens": 6}
+    batch = server.post("/v1/chat/completions/batch", body).json()
+    singles = [chat(client, conversation, **GREEDY | {"max_tokens": 6}).choices[0].message.content
+               for conversation in conversations]
+    assert [c["index"] for c in batch["choices"]] == [0, 1]
+    assert [c["message"]["content"] for c in batch["choices"]] == singles
+    streamed = server.post("/v1/chat/completions/batch", body | {"stream": True})
+    assert streamed.status == 400 and streamed.json()["error"]["param"] == "stream"
