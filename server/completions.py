@@ -34,9 +34,10 @@ class TextCompletion(Completion):
     def chunk_choice(self, index: int, delta: CompletionOutput, first: bool) -> dict | None:
         if not (first or delta.text or delta.finish_reason or delta.token_ids):
             return None
-        echo = self.echoed[self.collector.prompt_of(index)] if first else ""
-        # Offsets count from the start of the choice's text, which already holds this delta.
-        offset = len(echo) + len(self.collector.choices[index].text) - len(delta.text)
+        echoed = self.echoed[self.collector.prompt_of(index)]
+        echo = echoed if first else ""
+        # Offsets count from the start of the choice's text (the echo, then the text, which holds this delta).
+        offset = len(echoed) + len(self.collector.choices[index].text) - len(delta.text)
         choice = {"index": index, "text": echo + delta.text, "finish_reason": delta.finish_reason,
                   "logprobs": self._logprobs(index, delta.token_ids, delta.logprobs, offset, first and bool(echo))}
         if first and self.return_token_ids:

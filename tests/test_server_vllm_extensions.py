@@ -103,6 +103,15 @@ def test_echo_with_logprobs_scores_the_prompt_tokens_first(client, tokenizer):
     assert logprobs.token_logprobs[1:len(choice.prompt_token_ids)] == pytest.approx(prompt_scores)
 
 
+def test_streamed_echo_with_logprobs_matches_the_full_response(client):
+    full = complete(client, echo=True, logprobs=1, **GREEDY).choices[0]
+    chunks = list(complete(client, echo=True, logprobs=1, stream=True, **GREEDY))
+    choices = [c for chunk in chunks for c in chunk.choices]
+    assert "".join(c.text for c in choices) == full.text
+    assert [t for c in choices if c.logprobs for t in c.logprobs.tokens] == full.logprobs.tokens
+    assert [t for c in choices if c.logprobs for t in c.logprobs.text_offset] == full.logprobs.text_offset
+
+
 def test_completion_logprobs_give_the_sampled_token_and_up_to_k_more(client):
     [choice] = complete(client, logprobs=3, temperature=1.0, max_tokens=8, seed=1).choices
     for token, logprob, top in zip(choice.logprobs.tokens, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
@@ -141,7 +150,7 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, server):
     assert completion.choices[0].prompt_token_ids == server.post("/tokenize", {"prompt": PROMPT}).json()["tokens"][-4:]
 
 
-def test_include_stop_str_in_output_and_min_tokens_holding_back_stop_strings(client):
+def test_include_stop_str_in_output_and_min_tokens_holding_back_stop_strings(client, tokenizer):
     text = complete(client, **GREEDY).choices[0].text
     stop = text[3:6]
     end = text.find(stop) + len(stop)
@@ -149,6 +158,10 @@ def test_include_stop_str_in_output_and_min_tokens_holding_back_stop_strings(cli
     kept = complete(client, stop=[stop], include_stop_str_in_output=True, **GREEDY).choices[0]
     assert (cut.text, cut.finish_reason, cut.stop_reason) == (text[:end - len(stop)], "stop", stop)
     assert (kept.text, kept.finish_reason, kept.stop_reason) == (text[:end], "stop", stop)
+    [plain] = complete(client, return_token_ids=True, **GREEDY).choices
+    stop_token = plain.token_ids[2]
+    with_token = complete(client, stop_token_ids=[stop_token], include_stop_str_in_output=True, **GREEDY).choices[0]
+    assert with_token.stop_reason == stop_token and with_token.text.endswith(tokenizer.decode([stop_token]))
     held = complete(client, stop=[stop], min_tokens=6, return_token_ids=True, ignore_eos=True,
                     **GREEDY | {"max_tokens": 12}).choices[0]
     assert len(held.token_ids) > 6 and held.text.startswith(text[:end]), "the early stop string must not count"
