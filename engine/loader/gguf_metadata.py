@@ -7,7 +7,10 @@ from typing import Any
 from gguf import GGUFReader
 
 _MISSING = object()
-SUPPORTED_ARCHITECTURES = ("llama",)
+# GGUF architecture -> (architectures, model_type) of config.json. The three share llama.cpp's tensor names
+# (qwen2 adds biases, qwen3 the q/k norms); only llama's q/k rows are permuted (gguf_weights.py).
+HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+                    "qwen3": ("Qwen3ForCausalLM", "qwen3")}
 
 
 def open_gguf(path: Path) -> GGUFReader:
@@ -18,9 +21,9 @@ def open_gguf(path: Path) -> GGUFReader:
         raise ValueError(f"{path} is not a valid GGUF file ({type(e).__name__}: {e}); "
                          f"the file may be truncated or corrupt") from e
     architecture = field(reader, "general.architecture")
-    if architecture not in SUPPORTED_ARCHITECTURES:
+    if architecture not in HF_ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+                         f"(supported: {', '.join(HF_ARCHITECTURES)})")
     return reader
 
 
@@ -35,14 +38,15 @@ def field(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
 
 
 def hf_config(reader: GGUFReader) -> dict[str, Any]:
-    """config.json of a LlamaForCausalLM, with the values transformers' own GGUF loader derives."""
+    """config.json of the file's architecture, with the values transformers' own GGUF loader derives."""
     arch = field(reader, "general.architecture")
     num_heads = field(reader, f"{arch}.attention.head_count")
     hidden_size = field(reader, f"{arch}.embedding_length")
     tensor_names = {t.name for t in reader.tensors}
+    architecture, model_type = HF_ARCHITECTURES[arch]
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "hidden_size": hidden_size,
         "intermediate_size": field(reader, f"{arch}.feed_forward_length"),
         "num_hidden_layers": field(reader, f"{arch}.block_count"),

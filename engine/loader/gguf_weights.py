@@ -1,4 +1,5 @@
-"""GGUF tensors as Hugging Face Llama parameters: dequantized, renamed, Q/K rows restored."""
+"""GGUF tensors as Hugging Face parameters (Llama, Qwen2, Qwen3): dequantized, renamed, Llama's Q/K rows
+restored."""
 from __future__ import annotations
 
 import re
@@ -17,22 +18,23 @@ _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)")
 
 
 def hf_name(gguf_name: str) -> str:
-    """The HF Llama parameter name of a llama.cpp tensor name."""
-    base = gguf_name.removesuffix(".weight")
-    if base != gguf_name:
+    """The HF parameter name of a llama.cpp tensor name (a weight, or a bias: Qwen2's q/k/v)."""
+    base, _, kind = gguf_name.rpartition(".")
+    if kind in ("weight", "bias"):
         if base in _GLOBAL_NAMES:
-            return f"{_GLOBAL_NAMES[base]}.weight"
+            return f"{_GLOBAL_NAMES[base]}.{kind}"
         match = _LAYER_TENSOR.fullmatch(base)
         if match and match.group(2) in _LAYER_NAMES:
-            return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
+            return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{kind}"
     # rope_freqs (Llama 3.1 scaling) lands here too: HF needs it as config.rope_scaling, which
     # GGUF does not record, so loading without it would silently change the model.
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama equivalent")
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face equivalent")
 
 
 def hf_tensors(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -41,9 +43,9 @@ def hf_tensors(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str
         name = hf_name(tensor.name)
         # dequantize() gives numpy order (GGUF dims reversed), which is HF's [out, in].
         weights = dequantize(tensor.data, tensor.tensor_type)
-        if ".q_proj." in name:
+        if config["model_type"] == "llama" and ".q_proj." in name:  # llama.cpp permutes llama's q/k alone
             weights = unpermute_rows(weights, config["num_attention_heads"])
-        elif ".k_proj." in name:
+        elif config["model_type"] == "llama" and ".k_proj." in name:
             weights = unpermute_rows(weights, config["num_key_value_heads"])
         # np.array copies: F32 tensors come back as views of the read-only file mapping.
         yield name, torch.from_numpy(np.array(weights, dtype=np.float32))
