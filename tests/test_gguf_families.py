@@ -1,5 +1,5 @@
-"""GGUF files of the Qwen2 and Qwen3 architectures convert as the default model's does, and the engine then gives
-transformers' greedy tokens, transformers reading the same file with its own GGUF loader.
+"""GGUF files of the Qwen2, Qwen3, Gemma 2 and Phi-3 architectures convert as the default model's does, and the
+engine then gives transformers' greedy tokens, transformers reading the same file with its own GGUF loader.
 
 The files are written here from random transformers models: tensor names from the gguf package's own map
 (HF name -> llama.cpp name), with a byte-level BPE tokenizer of 256 bytes, one merge and an end token."""
@@ -10,7 +10,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, Gemma2Config, Phi3Config, Qwen2Config, Qwen3Config
 
 from engine import LLM, SamplingParams
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -27,6 +27,14 @@ CONFIGS = {
     "qwen3": Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, initializer_range=0.2),
+    # head_dim 256: llama.cpp's query scale for Gemma 2 (not 27B) and transformers' default query_pre_attn_scalar.
+    "gemma2": Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=256, query_pre_attn_scalar=256,
+                           sliding_window=8, max_position_embeddings=256, initializer_range=0.2),
+    "phi3": Phi3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       original_max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
+                       bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1),
 }
 MAX_TOKENS = 16
 
@@ -46,6 +54,10 @@ def _write_gguf(model: torch.nn.Module, arch: str, path: Path) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    if arch == "gemma2":
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(TOKENS)
@@ -53,9 +65,12 @@ def _write_gguf(model: torch.nn.Module, arch: str, path: Path) -> None:
     writer.add_token_merges(["Ġ t"])
     writer.add_bos_token_id(VOCAB - 1)
     writer.add_eos_token_id(VOCAB - 1)
+    writer.add_pad_token_id(0)
     model_arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     names = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
     for name, tensor in model.named_parameters():  # a tied lm_head is listed once, as llama.cpp drops it
+        if arch == "gemma2" and name.endswith("norm.weight"):
+            tensor = tensor + 1  # llama.cpp stores Gemma's norms as the factor itself
         writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.detach().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -69,7 +84,12 @@ def test_gguf_converts_to_the_weights_and_tokens_of_transformers_gguf_loader(arc
     monkeypatch.setenv("TOKMODEL_CACHE", str(tmp_path / "cache"))  # the conversion's cache
     torch.manual_seed(0)
     path = tmp_path / f"{arch}.gguf"
-    _write_gguf(AutoModelForCausalLM.from_config(CONFIGS[arch]), arch, path)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch])
+    with torch.no_grad():  # norms and biases off their initial ones and zeros, so that no two are alike
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.2 * torch.randn(param.shape))
+    _write_gguf(model, arch, path)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
 
     converted = dict(iter_weights(resolve_model(str(path))))
