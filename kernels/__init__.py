@@ -15,6 +15,7 @@ class KernelOps(NamedTuple):
     rms_norm: Callable
     rotary_embedding: Callable
     silu_and_mul: Callable
+    gelu_tanh_and_mul: Callable
     fused_moe: Callable
 
 

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.activation import tanh
+
 TILE_N = 32  # keys per tile: a tile may straddle cache blocks, each key finds its block through the table
 MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more in the merge than it gains in parallelism
 MAX_SPLITS = 32  # a power of two: the merge kernel's constexpr width
@@ -40,17 +42,20 @@ def paged_offsets(table_row_ptr, pos, valid, BLOCK_SIZE: tl.constexpr, stride_bl
 
 
 @triton.jit
-def attend_tile(acc, m, l, q, k_ptr, v_ptr, rows, valid, visible, offs_d, d_mask, qk_scale,
-                PRECISION: tl.constexpr):
+def attend_tile(acc, m, l, q, k_ptr, v_ptr, rows, valid, visible, offs_d, d_mask, qk_scale, soft_cap,
+                PRECISION: tl.constexpr, SOFT_CAP: tl.constexpr):
     """One online-softmax step of q [M, D] against a tile of keys.
 
     rows [N]: cache offsets of the tile's keys; valid [N]: keys that exist (others are not loaded);
     visible [M, N] (or broadcastable): which query row sees which key. m is the running max of the base-2
-    scores, l the running sum of their exponentials, acc the unnormalised output."""
+    scores, l the running sum of their exponentials, acc the unnormalised output. qk_scale and soft_cap are
+    score_scales' (the cap folded into base 2)."""
     kv_mask = valid[:, None] & d_mask[None, :]
     k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if SOFT_CAP:
+        s = soft_cap * tanh(s)
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps its weights at exactly 0.
@@ -64,11 +69,12 @@ def attend_tile(acc, m, l, q, k_ptr, v_ptr, rows, valid, visible, offs_d, d_mask
 
 @triton.jit(do_not_specialize=("table_ptr", "seq_lens_ptr", "first_seq", "num_splits", "stride_table"))
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, out_ptr, mid_out_ptr, mid_lse_ptr,
-                         qk_scale, window, first_seq, num_splits, group, head_dim,
+                         qk_scale, soft_cap, window, first_seq, num_splits, group, head_dim,
                          stride_q_seq, stride_q_head, stride_out_seq, stride_out_head,
                          stride_table, stride_block, stride_slot, stride_kv_head,
                          BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, DIM: tl.constexpr,
-                         TILE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr):
+                         TILE: tl.constexpr, PRECISION: tl.constexpr, SOFT_CAP: tl.constexpr,
+                         SPLIT_K: tl.constexpr):
     program = tl.program_id(0).to(tl.int64)
     seq = first_seq + program
     kv_head = tl.program_id(1)
@@ -99,7 +105,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, out_ptr, 
         valid = pos < end
         rows = paged_offsets(table_ptr + seq * stride_table, pos, valid, BLOCK_SIZE, stride_block, stride_slot)
         acc, m, l = attend_tile(acc, m, l, q, k_head_ptr, v_head_ptr, rows, valid, valid[None, :],
-                                offs_d, d_mask, qk_scale, PRECISION)
+                                offs_d, d_mask, qk_scale, soft_cap, PRECISION, SOFT_CAP)
 
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     if SPLIT_K:
@@ -136,19 +142,21 @@ def _merge_splits_kernel(mid_out_ptr, mid_lse_ptr, out_ptr, first_seq, num_split
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, seqs: slice, scale: float, max_seq_len: int,
-                           sliding_window: int | None = None, *, out: torch.Tensor) -> None:
+                           sliding_window: int | None = None, logits_soft_cap: float | None = None, *,
+                           out: torch.Tensor) -> None:
     """kernels.reference.paged_decode_attention (the specification), each context cut in as many splits as
     fill the GPU."""
     start, stop = seq_range(seqs, seq_lens)
     # A sliding window bounds the keys any query sees, and so the work there is to split.
     max_keys = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
     num_splits = choose_num_splits((stop - start) * kv_cache.shape[3], max_keys, query.device)
-    decode_with_splits(query, kv_cache, block_tables, seq_lens, seqs, scale, sliding_window, num_splits, out=out)
+    decode_with_splits(query, kv_cache, block_tables, seq_lens, seqs, scale, sliding_window, num_splits,
+                       logits_soft_cap, out=out)
 
 
 def decode_with_splits(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                        seq_lens: torch.Tensor, seqs: slice, scale: float, sliding_window: int | None,
-                       num_splits: int, *, out: torch.Tensor) -> None:
+                       num_splits: int, logits_soft_cap: float | None = None, *, out: torch.Tensor) -> None:
     """paged_decode_attention with the context of every sequence cut into num_splits parts."""
     start, stop = seq_range(seqs, seq_lens)
     num_seqs = stop - start
@@ -165,11 +173,11 @@ def decode_with_splits(query: torch.Tensor, kv_cache: torch.Tensor, block_tables
         mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, mid_out, mid_lse,
-        scale * LOG2E, window_arg(sliding_window), start, num_splits, group, head_dim,
+        *score_scales(scale, logits_soft_cap), window_arg(sliding_window), start, num_splits, group, head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         BLOCK_SIZE=block_size, GROUP=max(16, triton.next_power_of_2(group)), DIM=dim,
-        TILE=TILE_N, PRECISION=dot_precision(kv_cache.dtype), SPLIT_K=split_k,
+        TILE=TILE_N, PRECISION=dot_precision(kv_cache.dtype), SOFT_CAP=logits_soft_cap is not None, SPLIT_K=split_k,
         num_stages=2 if wide_rows(dim, kv_cache.element_size()) else 3)
     if split_k:
         # SPLITS is always MAX_SPLITS (the tail masked off), so the merge compiles once, whatever the split count.
@@ -199,6 +207,16 @@ def dot_precision(dtype: torch.dtype) -> str | None:
 def wide_rows(dim: int, elem: int) -> bool:
     """Key rows over 256 bytes (head dim 256, or fp32 from 128): then fewer K/V tiles fit in shared memory."""
     return dim * elem > 256
+
+
+def score_scales(scale: float, logits_soft_cap: float | None) -> tuple[float, float]:
+    """(qk_scale, soft_cap) as the kernels take them, scores in base 2: without a cap, s = qk.scale.log2(e);
+    with one, s = cap.log2(e) * tanh(qk.scale / cap). The cap is unused without SOFT_CAP."""
+    if logits_soft_cap is None:
+        return scale * LOG2E, 0.0
+    if logits_soft_cap <= 0:
+        raise ValueError(f"logits_soft_cap must be None or > 0, got {logits_soft_cap}")
+    return scale / logits_soft_cap, logits_soft_cap * LOG2E
 
 
 def window_arg(sliding_window: int | None) -> int:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import (LOG2E, attend_tile, check_attention_args, dot_precision, paged_offsets,
+from kernels.decode_attention import (attend_tile, check_attention_args, dot_precision, paged_offsets, score_scales,
                                       seq_range, window_arg, wide_rows)
 
 BLOCK_M = 64  # query rows (token, head) per program
@@ -39,11 +39,11 @@ def _find_sequence(query_start_loc_ptr, program, first_seq, end_seq, BLOCK_Q: tl
 @triton.jit(do_not_specialize=("table_ptr", "seq_lens_ptr", "query_start_loc_ptr", "first_seq", "end_seq",
                                "stride_table"))
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, seq_lens_ptr, query_start_loc_ptr,
-                    qk_scale, window, first_seq, end_seq, group, head_dim,
+                    qk_scale, soft_cap, window, first_seq, end_seq, group, head_dim,
                     stride_q_tok, stride_q_head, stride_out_tok, stride_out_head,
                     stride_table, stride_block, stride_slot, stride_kv_head,
                     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
-                    TILE: tl.constexpr, PRECISION: tl.constexpr):
+                    TILE: tl.constexpr, PRECISION: tl.constexpr, SOFT_CAP: tl.constexpr):
     # Program ids as if the batch began at sequence 0: those of first_seq start where its queries do.
     program = tl.program_id(0) + tl.load(query_start_loc_ptr + first_seq) // BLOCK_Q + first_seq
     kv_head = tl.program_id(1)
@@ -83,7 +83,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, seq_lens_ptr, query
         visible = ((k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
                    & row_mask[:, None])
         acc, m, l = attend_tile(acc, m, l, q, k_head_ptr, v_head_ptr, rows, valid, visible,
-                                offs_d, d_mask, qk_scale, PRECISION)
+                                offs_d, d_mask, qk_scale, soft_cap, PRECISION, SOFT_CAP)
 
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # l is 0 only on masked rows, which are not stored
     tl.store(out_ptr + q_rows[:, None] * stride_out_tok + heads[:, None] * stride_out_head + offs_d[None, :],
@@ -92,7 +92,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, seq_lens_ptr, query
 
 def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, seqs: slice, scale: float,
-                      max_seq_len: int, sliding_window: int | None = None, *, out: torch.Tensor) -> None:
+                      max_seq_len: int, sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                      *, out: torch.Tensor) -> None:
     """kernels.reference.prefill_attention (the specification) in one launch for all the sequences."""
     start, stop = seq_range(seqs, seq_lens)
     num_tokens, num_heads, head_dim = query.shape
@@ -106,9 +107,9 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables:
     # The sequences' tokens are at most num_tokens, so these programs cover them (see the module's docstring).
     _prefill_kernel[(num_tokens // block_q + stop - start, num_kv_heads)](
         query, kv_cache[0], kv_cache[1], out, block_tables, seq_lens, query_start_loc,
-        scale * LOG2E, window_arg(sliding_window), start, stop, group, head_dim,
+        *score_scales(scale, logits_soft_cap), window_arg(sliding_window), start, stop, group, head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, ROWS=rows, DIM=dim, TILE=TILE_N // 2 if wide else TILE_N,
-        PRECISION=dot_precision(kv_cache.dtype), num_stages=2 if wide else 3,
+        PRECISION=dot_precision(kv_cache.dtype), SOFT_CAP=logits_soft_cap is not None, num_stages=2 if wide else 3,
         num_warps=8 if wide else 4)  # wide rows: spread the [ROWS, DIM] accumulator over more registers

@@ -41,36 +41,47 @@ def _key_mask(q_pos: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int, sli
     return mask
 
 
-def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float,
+          logits_soft_cap: float | None) -> torch.Tensor:
     """query [B, H, q, d], key/value [B, kvh, k, d], mask [B, q, k]. The query heads sharing a KV head are
-    folded into the query length, so K/V are read once per KV head instead of being repeated."""
+    folded into the query length, so K/V are read once per KV head instead of being repeated. With a soft cap
+    (Gemma 2) the scores are cap * tanh(scores / cap) before the mask and the softmax, which SDPA cannot do."""
     batch, num_heads, q_len, head_dim = query.shape
     num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads
     folded = query.reshape(batch, num_kv_heads, group * q_len, head_dim)
     mask = mask[:, None, None].expand(batch, 1, group, q_len, mask.shape[-1]).reshape(batch, 1, group * q_len, -1)
-    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
+    if logits_soft_cap is None:
+        out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scale)
+    else:
+        scores = torch.tanh(folded @ key.transpose(-1, -2) * (scale / logits_soft_cap)) * logits_soft_cap
+        weights = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1)
+        out = weights.to(value.dtype) @ value
     return out.reshape(batch, num_heads, q_len, head_dim)
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, seqs: slice, scale: float, max_seq_len: int,
-                           sliding_window: int | None = None, *, out: torch.Tensor) -> None:
+                           sliding_window: int | None = None, logits_soft_cap: float | None = None, *,
+                           out: torch.Tensor) -> None:
     """Sequences seqs of the batch, one query token each (sequence i's is query row i, as decodes come first),
-    attend to their seq_len cached tokens; writes out[seqs]. query and out [num_tokens, num_heads, head_dim]."""
+    attend to their seq_len cached tokens; writes out[seqs]. query and out [num_tokens, num_heads, head_dim].
+    A sliding window shows each query its last sliding_window keys (itself included); logits_soft_cap caps the
+    scaled scores at +-cap with tanh."""
     key, value = _gather_kv(kv_cache, block_tables[seqs], max_seq_len)
     lens = seq_lens[seqs].long()
     mask = _key_mask((lens - 1)[:, None], lens, max_seq_len, sliding_window)
-    out[seqs] = _sdpa(query[seqs][:, :, None].to(key.dtype), key, value, mask, scale)[:, :, 0]
+    out[seqs] = _sdpa(query[seqs][:, :, None].to(key.dtype), key, value, mask, scale, logits_soft_cap)[:, :, 0]
 
 
 def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, seqs: slice, scale: float,
-                      max_seq_len: int, sliding_window: int | None = None, *, out: torch.Tensor) -> None:
+                      max_seq_len: int, sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                      *, out: torch.Tensor) -> None:
     """Variable-length query chunks of sequences seqs of the batch; writes their rows of out. Sequence i owns
     query rows query_start_loc[i]:query_start_loc[i+1], which are its last tokens (positions seq_len - q_len ..
     seq_len - 1), causal within the chunk and attending to the whole cached prefix. Their K/V are already in the
-    cache. query and out [num_tokens, num_heads, head_dim]."""
+    cache. query and out [num_tokens, num_heads, head_dim]; the window and cap as in paged_decode_attention."""
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     for i in range(*seqs.indices(len(lens))):  # per sequence, not per token: prefills are few per step
         start, end, seq_len = starts[i], starts[i + 1], lens[i]
@@ -78,17 +89,23 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables:
         q_pos = torch.arange(seq_len - (end - start), seq_len, device=query.device)[None]
         mask = _key_mask(q_pos, seq_lens[i:i + 1].long(), seq_len, sliding_window)
         q = query[start:end].transpose(0, 1)[None].to(key.dtype)
-        out[start:end] = _sdpa(q, key, value, mask, scale)[0].transpose(0, 1)
+        out[start:end] = _sdpa(q, key, value, mask, scale, logits_soft_cap)[0].transpose(0, 1)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm in fp32. With a residual: returns (norm(x + residual), x + residual)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             weight_offset: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm in fp32 over the last dim. With a residual: returns (norm(x + residual), x + residual).
+    Llama rounds the normalised x to x's dtype before multiplying by weight; with a weight_offset (Gemma's
+    1 + weight) the product is taken in fp32 and rounded once, as Gemma's norm does."""
     if residual is not None:
         x = x + residual
         residual = x
     x32 = x.float()
-    out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if weight_offset:
+        out = (normed * (weight.float() + weight_offset)).to(x.dtype)
+    else:
+        out = normed.to(x.dtype) * weight
     return out if residual is None else (out, residual)
 
 
@@ -114,6 +131,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2 * d] holding gate then up: silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2 * d] holding gate then up: gelu(gate, approximate="tanh") * up (Gemma's GeGLU)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

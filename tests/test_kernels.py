@@ -104,9 +104,11 @@ class AttentionCase(NamedTuple):
     head_dim: int
     block_size: int
     sliding_window: int | None = None
+    logits_soft_cap: float | None = None
 
 
-# Together the cases cover GQA ratios 1, 3, 4, 5, 7, 8, head dims 64, 80, 96, 128, 256 and block sizes 8..128.
+# Together the cases cover GQA ratios 1, 2, 3, 4, 5, 7, 8, head dims 64, 80, 96, 128, 256 and block sizes 8..128,
+# sliding windows, and Gemma 2's soft cap (with a cap of 2 the random scores, ~N(0, 1), are visibly bent).
 ATTENTION_CASES = {
     "mha-d64-bs16": AttentionCase(4, 4, 64, 16),
     "gqa3-d80-bs8": AttentionCase(6, 2, 80, 8),
@@ -114,6 +116,7 @@ ATTENTION_CASES = {
     "gqa5-d96-bs32": AttentionCase(5, 1, 96, 32),
     "gqa7-d256-bs128": AttentionCase(7, 1, 256, 128),
     "gqa8-d64-bs64-window": AttentionCase(16, 2, 64, 64, sliding_window=100),
+    "gqa2-d64-bs16-window-softcap": AttentionCase(4, 2, 64, 16, sliding_window=20, logits_soft_cap=2.0),
 }
 
 # Decode contexts: a single token, under one block, block multiples +- 1 and a long context, in one batch.
@@ -126,7 +129,7 @@ def test_decode_attention_matches_reference_on_mixed_contexts(case: AttentionCas
     lens = [_grow(n, target) for n in DECODE_CONTEXTS]
     cache = _paged_cache(lens, case.block_size, case.num_kv_heads, case.head_dim, target)
     query = _query(len(lens), case.num_heads, case.head_dim, target)
-    args = (query, *cache, slice(None), case.head_dim ** -0.5, max(lens), case.sliding_window)
+    args = (query, *cache, slice(None), case.head_dim ** -0.5, max(lens), case.sliding_window, case.logits_soft_cap)
     _assert_close(_attend(triton_ops.paged_decode_attention, *args), _attend(ref.paged_decode_attention, *args),
                   target)
 
@@ -183,7 +186,8 @@ def test_prefill_attention_matches_reference_with_cached_prefixes(batch: list[tu
     q_lens = torch.tensor([0] + [q_len for _, q_len in chunks], device=target.device)
     query_start_loc = q_lens.cumsum(0).to(torch.int32)
     query = _query(int(q_lens.sum()), case.num_heads, case.head_dim, target)
-    args = (query, *cache, query_start_loc, slice(None), case.head_dim ** -0.5, max(lens), case.sliding_window)
+    args = (query, *cache, query_start_loc, slice(None), case.head_dim ** -0.5, max(lens), case.sliding_window,
+            case.logits_soft_cap)
     _assert_close(_attend(triton_ops.prefill_attention, *args), _attend(ref.prefill_attention, *args), target)
 
 
@@ -239,14 +243,15 @@ def test_kv_write_scatters_tokens_to_their_slots_and_skips_padding(target: Targe
 
 
 @pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
+@pytest.mark.parametrize("weight_offset", [0.0, 1.0], ids=["llama", "gemma"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-def test_rms_norm_matches_reference(with_residual: bool, target: Target) -> None:
+def test_rms_norm_matches_reference(with_residual: bool, weight_offset: float, target: Target) -> None:
     hidden = 96 * target.scale  # not a power of two: the tail of the row is masked
     x = torch.randn(3, 5, hidden, device=target.device).to(target.dtype)
     weight = torch.randn(hidden, device=target.device).to(target.dtype)
     residual = torch.randn_like(x) if with_residual else None
-    actual = triton_ops.rms_norm(x, weight, 1e-6, residual)
-    expected = ref.rms_norm(x, weight, 1e-6, residual)
+    actual = triton_ops.rms_norm(x, weight, 1e-6, residual, weight_offset)
+    expected = ref.rms_norm(x, weight, 1e-6, residual, weight_offset)
     if with_residual:
         _assert_close(actual[1], expected[1], target)
         actual, expected = actual[0], expected[0]
@@ -271,9 +276,19 @@ def test_rotary_embedding_rotates_query_and_key_in_place(rotary_dim: int, is_neo
 
 
 @pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
-def test_silu_and_mul_matches_reference(target: Target) -> None:
+def test_rms_norm_of_heads_cut_from_a_fused_projection_reads_them_where_they_are(target: Target) -> None:
+    num_tokens, num_heads, num_kv_heads, head_dim = 6 * target.scale, 8, 2, 128
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, device=target.device).to(target.dtype)
+    key = qkv[:, num_heads:num_heads + num_kv_heads]  # strided tokens, as Qwen3's k_norm gets them
+    weight = torch.randn(head_dim, device=target.device).to(target.dtype)
+    _assert_close(triton_ops.rms_norm(key, weight, 1e-6), ref.rms_norm(key.contiguous(), weight, 1e-6), target)
+
+
+@pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
+@pytest.mark.parametrize("name", ["silu_and_mul", "gelu_tanh_and_mul"])
+def test_gated_activations_match_reference(name: str, target: Target) -> None:
     x = torch.randn(2, 3, 2 * 1100 * target.scale, device=target.device).to(target.dtype)  # d spans column blocks
-    _assert_close(triton_ops.silu_and_mul(x), ref.silu_and_mul(x), target)
+    _assert_close(getattr(triton_ops, name)(x), getattr(ref, name)(x), target)
 
 
 
@@ -355,7 +370,7 @@ def test_fused_moe_launches_one_variant_per_gemm_and_block_config(launches: set[
     # gate_up and down, each with small and large blocks; one SiLU-and-mul.
     # The alignment: its count, and its placement per block size.
     assert Counter(name for name, *_ in launches) == {"_count_experts_kernel": 1, "_align_kernel": 2,
-                                                      "_fused_moe_kernel": 4, "_silu_and_mul_kernel": 1}
+                                                      "_fused_moe_kernel": 4, "_act_and_mul_kernel": 1}
 
 
 class Step(NamedTuple):
@@ -428,7 +443,7 @@ def test_varied_batches_launch_only_the_kernel_variants_of_the_warm_up(dtype: to
     # hidden size, with a residual, and over a head; one of each other kernel.
     assert Counter(name for name, *_ in warm) == {
         "_decode_split_kernel": 2, "_merge_splits_kernel": 1, "_prefill_kernel": 1, "_write_kv_kernel": 1,
-        "_rms_norm_kernel": 3, "_rotary_kernel": 1, "_silu_and_mul_kernel": 1}
+        "_rms_norm_kernel": 3, "_rotary_kernel": 1, "_act_and_mul_kernel": 1}
     for step in VARIED_STEPS:
         _run_step(ops, step, target)
     assert launches == warm, f"new variants: {launches - warm}"

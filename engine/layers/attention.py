@@ -8,14 +8,19 @@ from kernels import KernelOps
 
 
 class PagedAttention:
-    def __init__(self, ops: KernelOps, num_heads: int, num_kv_heads: int, head_dim: int,
-                 sliding_window: int | None = None) -> None:
+    """scale: the scores' factor (head_dim ** -0.5 unless the model says otherwise, as Gemma's
+    query_pre_attn_scalar); sliding_window: each query sees its last sliding_window keys; logits_soft_cap:
+    scores capped at +-cap by tanh (Gemma 2)."""
+
+    def __init__(self, ops: KernelOps, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
         self.ops = ops
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = scale
         self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -25,9 +30,10 @@ class PagedAttention:
         out = torch.empty_like(query)
         for start, end, max_seq_len in meta.decode_groups:
             self.ops.paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, slice(start, end),
-                                            self.scale, max_seq_len, self.sliding_window, out=out)
+                                            self.scale, max_seq_len, self.sliding_window, self.logits_soft_cap,
+                                            out=out)
         if meta.num_prefills:
             self.ops.prefill_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                        slice(meta.num_decodes, None), self.scale, meta.max_prefill_seq_len,
-                                       self.sliding_window, out=out)
+                                       self.sliding_window, self.logits_soft_cap, out=out)
         return out

@@ -1,102 +1,146 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) over the paged KV cache.
+"""Llama 3.x over the paged KV cache; also Mistral (registered as Llama, as vLLM does: its one difference, a
+sliding window, comes from config.json).
 
-One implementation: Qwen2 adds a bias to q/k/v, Qwen3 an RMSNorm on q and k per head, Mistral a sliding
-window. q/k/v and gate/up are each one fused matmul; the checkpoint's separate matrices are stacked at load.
+These classes are the decoder every dense family builds on: a family file subclasses what differs (the
+attention's biases, scale, soft cap or q/k norm; the decoder layer's norms; the embedding) and names it in its
+causal LM's class attributes `attention_class`, `mlp_class`, `decoder_layer_class` and `model_class`. A
+mixture-of-experts family sets `mlp_class` to a block over `FusedMoE`.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
+from engine.layers.activation import get_act_and_mul
 from engine.layers.attention import PagedAttention
-from engine.layers.rotary import cos_sin_cache
+from engine.layers.layernorm import RMSNorm
+from engine.layers.linear import MergedLinear, QKVLinear
+from engine.layers.rotary import cos_sin_cache, rope_layer_types, rope_parameters
+from engine.models.weight_loading import StackedParams, load_weights
 from kernels import KernelOps
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, ops: KernelOps, size: int, eps: float) -> None:
-        super().__init__()
-        self.ops, self.eps = ops, eps
-        self.weight = nn.Parameter(torch.ones(size))
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return self.ops.rms_norm(x, self.weight, self.eps, residual)
+
+def layer_type(config, layer_idx: int) -> str | None:
+    """"full_attention" or "sliding_attention" where config.json lists a type per layer (Qwen2, Gemma)."""
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types[layer_idx] if layer_types else None
+
+
+def sliding_window(config, layer_idx: int) -> int | None:
+    """The layer's window: per layer type where config.json lists them, else one for all layers (Mistral, Phi-3)."""
+    kind = layer_type(config, layer_idx)
+    if kind is not None:
+        return config.sliding_window if kind == "sliding_attention" else None
+    return getattr(config, "sliding_window", None)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, ops: KernelOps) -> None:
+    def __init__(self, config, ops: KernelOps, layer_idx: int, *, qkv_bias: bool | None = None,
+                 o_bias: bool | None = None, scale: float | None = None, logits_soft_cap: float | None = None,
+                 qk_norm: type[RMSNorm] | None = None) -> None:
+        """The keywords are what families change; by default biases follow config.attention_bias and the scale
+        is head_dim ** -0.5. qk_norm: a norm over each head of q and k, before the rotation (Qwen3, Gemma 3)."""
         super().__init__()
         self.ops = ops
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = head_dim(config)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        o_bias = getattr(config, "attention_bias", False) and config.model_type != "qwen3"
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
-        self.qk_norm = config.model_type == "qwen3"
-        if self.qk_norm:
-            self.q_norm = RMSNorm(ops, self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(ops, self.head_dim, config.rms_norm_eps)
-        window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
-        self.attn = PagedAttention(ops, self.num_heads, self.num_kv_heads, self.head_dim, window)
+        bias = bool(getattr(config, "attention_bias", False))
+        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
+                                  bias if qkv_bias is None else qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias if o_bias is None else o_bias)
+        self.q_norm = self.k_norm = None
+        if qk_norm is not None:
+            self.q_norm = qk_norm(ops, self.head_dim, config.rms_norm_eps)
+            self.k_norm = qk_norm(ops, self.head_dim, config.rms_norm_eps)
+        kind = layer_type(config, layer_idx)
+        ropes = rope_layer_types(config)
+        self.rope_index = ropes.index(kind if kind in ropes else None)
+        self.attn = PagedAttention(ops, self.num_heads, self.num_kv_heads, self.head_dim,
+                                   self.head_dim ** -0.5 if scale is None else scale,
+                                   sliding_window(config, layer_idx), logits_soft_cap)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, rope_cache: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
+        q, k, v = self.qkv_proj(hidden)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # reads the heads in place in qkv; writes new tensors
             q, k = self.q_norm(q), self.k_norm(k)
-        self.ops.rotary_embedding(positions, q, k, rope_cache, True)
+        self.ops.rotary_embedding(positions, q, k, rope_cache[self.rope_index], True)
         out = self.attn(q, k, v, kv_cache, meta)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.o_proj(out.view(-1, self.q_size))
 
 
 class LlamaMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), gate and up in one matmul; act is config.json's (SiLU, or GELU for Gemma)."""
+
     def __init__(self, config, ops: KernelOps) -> None:
         super().__init__()
-        self.ops = ops
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        bias = bool(getattr(config, "mlp_bias", False))
+        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_and_mul = get_act_and_mul(ops, getattr(config, "hidden_activation", None) or config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, ops: KernelOps) -> None:
-        super().__init__()
-        self.self_attn = LlamaAttention(config, ops)
-        self.mlp = LlamaMLP(config, ops)
-        self.input_layernorm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps)
+    norm_class: type[RMSNorm] = RMSNorm
 
-    def forward(self, positions, hidden, residual, rope_cache, kv_cache, meta):
+    def __init__(self, config, ops: KernelOps, layer_idx: int, attention_class: type[nn.Module],
+                 mlp_class: type[nn.Module]) -> None:
+        super().__init__()
+        self.self_attn = attention_class(config, ops, layer_idx)
+        self.mlp = mlp_class(config, ops)
+        self.input_layernorm = self.norm_class(ops, config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = self.norm_class(ops, config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                rope_cache: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, residual): the residual add is fused into the next norm."""
+        hidden, residual = self.attend(positions, hidden, residual, rope_cache, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+    def attend(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+               rope_cache: torch.Tensor, kv_cache: torch.Tensor,
+               meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output, residual): the previous layer's output added to the residual and normed first."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, rope_cache, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.self_attn(positions, hidden, rope_cache, kv_cache, meta), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, ops: KernelOps) -> None:
+    norm_class: type[RMSNorm] = RMSNorm
+
+    def __init__(self, config, ops: KernelOps, make_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, ops) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
+        self.norm = self.norm_class(ops, config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids, positions, rope_cache, kv_caches, meta) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rope_cache: torch.Tensor,
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        hidden, residual = self.embed(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, rope_cache, kv_cache, meta)
         hidden, _ = self.norm(hidden, residual)
@@ -104,24 +148,32 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # checkpoint name -> (our fused parameter, shard index)
-    stacked_params = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    attention_class: type[nn.Module] = LlamaAttention
+    mlp_class: type[nn.Module] = LlamaMLP
+    decoder_layer_class: type[nn.Module] = LlamaDecoderLayer
+    model_class: type[nn.Module] = LlamaModel
+    # (our parameter, checkpoint part, shard id): q/k/v and gate/up are stored apart, computed in one matmul each
+    stacked_params: StackedParams = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"),
+                                     ("qkv_proj", "v_proj", "v"), ("gate_up_proj", "gate_proj", 0),
+                                     ("gate_up_proj", "up_proj", 1)]
 
     def __init__(self, config, ops: KernelOps) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, ops)
+        self.model = self.model_class(config, ops, lambda i: self.decoder_layer_class(
+            config, ops, i, self.attention_class, self.mlp_class))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.logits_soft_cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2
         self.rope_cache: torch.Tensor | None = None  # set by make_rope_cache once the model is on its device
 
     def make_rope_cache(self) -> torch.Tensor:
-        head_dim = self.model.layers[0].self_attn.head_dim
-        rotary_dim = int(head_dim * getattr(self.config, "partial_rotary_factor", 1.0))
-        theta, scaling = _rope_settings(self.config)
-        return cos_sin_cache(rotary_dim, self.config.max_position_embeddings, theta, scaling)
+        """[rope kinds, max_position, rotary_dim] fp32: one cos/sin table per rope of the model (Gemma 3 has one
+        for its global layers, one for its local ones; every other family one); each layer picks its own."""
+        return torch.stack([cos_sin_cache(rope_parameters(self.config, kind), head_dim(self.config),
+                                          self.config.max_position_embeddings)
+                            for kind in rope_layer_types(self.config)])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -129,41 +181,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, self.rope_cache, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        if self.logits_soft_cap is not None:
+            logits = torch.tanh(logits / self.logits_soft_cap) * self.logits_soft_cap
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
-        loaded = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
-                continue
-            for ckpt_name, (fused_name, shard) in self.stacked_params.items():
-                if f".{ckpt_name}." in name:
-                    name = name.replace(ckpt_name, fused_name)
-                    self._load_shard(params[name], tensor, shard)
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(f"checkpoint has unexpected weight {name!r}")
-                params[name].data.copy_(tensor)
-            loaded.add(name)
-        missing = set(params) - loaded - ({"lm_head.weight"} if self.config.tie_word_embeddings else set())
-        if missing:
-            raise ValueError(f"checkpoint lacks weights: {sorted(missing)[:5]}")
-
-    def _load_shard(self, param: nn.Parameter, tensor: torch.Tensor, shard: int) -> None:
-        if param.shape[0] == 2 * tensor.shape[0]:  # gate_up: two equal halves
-            sizes = [tensor.shape[0]] * 2
-        else:  # qkv: q then k, v of equal size
-            kv = self.model.layers[0].self_attn.kv_size
-            sizes = [param.shape[0] - 2 * kv, kv, kv]
-        start = sum(sizes[:shard])
-        param.data[start:start + sizes[shard]].copy_(tensor)
-
-
-def _rope_settings(config) -> tuple[float, dict | None]:
-    """(base, scaling): transformers 5 keeps both in rope_parameters, older versions as attributes."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    scaling = getattr(config, "rope_scaling", None) or params
-    return theta, scaling if scaling.get("rope_type", scaling.get("type", "default")) != "default" else None
+        load_weights(self, weights, self.stacked_params, self.config.tie_word_embeddings)

@@ -1,0 +1,62 @@
+"""Checkpoint weights into a model's parameters, by name: never by shape.
+
+A model names its stacked parameters as vLLM's `stacked_params_mapping`: (our parameter, checkpoint part,
+shard id). A checkpoint tensor whose name holds the part (".q_proj.") goes to that shard of the stacked
+layer (`StackedLinear.load_shard`); every other tensor must match a parameter's name and shape exactly. A
+checkpoint that lacks a parameter, or a part of one, or holds a tensor the model has no place for, is refused.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+StackedParams = list[tuple[str, str, str | int]]
+
+# transformers' precomputed rotary frequencies, saved by some older checkpoints: the engine computes its own.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], stacked_params: StackedParams,
+                 tied_lm_head: bool) -> None:
+    params = dict(model.named_parameters())  # a tied lm_head is the embedding's parameter, listed once
+    loaded: dict[str, set[str | int | None]] = defaultdict(set)
+    for name, tensor in weights:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied_lm_head and name == "lm_head.weight"):
+            continue
+        for fused, part, shard_id in stacked_params:
+            if f".{part}." in name:
+                name = name.replace(f".{part}.", f".{fused}.")
+                _stacked_layer(model, name).load_shard(_param(params, name), tensor, shard_id)
+                loaded[name].add(shard_id)
+                break
+        else:
+            param = _param(params, name)
+            if param.shape != tensor.shape:
+                raise ValueError(f"checkpoint weight {name!r} has shape {tuple(tensor.shape)}, the model "
+                                 f"{tuple(param.shape)}")
+            param.data.copy_(tensor)
+            loaded[name].add(None)
+    missing = [name for name in params if not _complete(model, name, loaded[name])]
+    if missing:
+        raise ValueError(f"checkpoint lacks weights: {missing[:5]}")
+
+
+def _param(params: dict[str, nn.Parameter], name: str) -> nn.Parameter:
+    if name not in params:
+        raise ValueError(f"checkpoint has unexpected weight {name!r}")
+    return params[name]
+
+
+def _stacked_layer(model: nn.Module, param_name: str) -> nn.Module:
+    return model.get_submodule(param_name.rpartition(".")[0])
+
+
+def _complete(model: nn.Module, name: str, shards: set[str | int | None]) -> bool:
+    """Loaded whole, or every part of a stacked layer loaded."""
+    if None in shards:
+        return True
+    parts = getattr(_stacked_layer(model, name), "part_sizes", None)
+    return bool(shards) and parts is not None and shards == set(parts)
