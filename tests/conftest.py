@@ -1,6 +1,7 @@
 """Shared pytest setup for the whole suite."""
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -10,6 +11,17 @@ import torch
 # is decorated (at import), so this must run before any test module imports kernels/.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def tokmodel_logging_restored():
+    """A test that runs the CLI in this process (`tokmodel bench`, `tokmodel profile`) installs its stderr handler
+    on the "tokmodel" logger, without propagation; put the logger back, so that later tests' caplog sees records
+    and no handler writes to a stream pytest has closed."""
+    logger = logging.getLogger("tokmodel")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 @pytest.fixture(scope="session")

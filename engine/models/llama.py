@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
-from engine.layers.activation import get_act_and_mul
+from engine.layers.activation import act_and_mul_op
 from engine.layers.attention import PagedAttention
 from engine.layers.layernorm import RMSNorm
 from engine.layers.linear import MergedLinear, QKVLinear
@@ -89,10 +89,11 @@ class LlamaMLP(nn.Module):
         bias = bool(getattr(config, "mlp_bias", False))
         self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
-        self.act_and_mul = get_act_and_mul(ops, getattr(config, "hidden_activation", None) or config.hidden_act)
+        self.ops = ops
+        self.act_and_mul = act_and_mul_op(getattr(config, "hidden_activation", None) or config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(getattr(self.ops, self.act_and_mul)(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
