@@ -21,9 +21,9 @@ setup(
     ],
     extras_require={
         "client": ["openai>=1.0"],  # examples/chat_client.py
-        # matplotlib: the GPU check's dry run (tests/test_gpu_check.py) draws its chart too; pydantic-ai: a
-        # tool-calling client library in the tests (instructor pins jiter below the openai client's)
-        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "matplotlib", "openai-agents",
+        # matplotlib: the GPU check's dry run (tests/test_gpu_check.py) draws its chart too; pydantic-ai and
+        # instructor: structured-output client libraries in the tests
+        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "matplotlib", "openai-agents", "instructor>=1.17",
                  "pydantic-ai-slim[openai]"],
         "bench": ["matplotlib", "accelerate", "transformers[serving]"],
     },

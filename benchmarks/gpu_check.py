@@ -145,8 +145,9 @@ def _plain(value: object) -> object:
 
 
 def new_report(plan: Plan, steps: dict[str, dict], seconds: float) -> dict:
-    machine = machine_info("cpu")
-    device = next((s["device"] for s in steps.values() if s.get("device")), None) or f"CPU: {machine['cpu']}"
+    machine = machine_info(plan.device)
+    device = machine.get("gpu") or next((s["device"] for s in steps.values() if s.get("device")), None) \
+        or f"CPU: {machine['cpu']}"
     for step in steps.values():
         step.pop("device", None)
     return {"check": "TokModel GPU check (issue 9)", "mode": plan.name, "device": device,

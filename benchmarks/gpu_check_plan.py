@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from benchmarks.kernels import LLAMA_3_8B, Shape, Sweep
+from benchmarks.kernels import LLAMA_3_8B, MOE_SHAPES, MoeShape, Shape, Sweep
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -37,6 +37,7 @@ class Plan(NamedTuple):
     pytest_args: tuple[str, ...]
     kernel_shape: Shape
     kernel_sweep: Sweep
+    moe_shapes: dict[str, MoeShape]  # the fused MoE's model shapes, by name
     decode_goal_from: tuple[int, int]  # (batch, context) from which decode attention is held to its goal
     throughput: Workload
     decode_prompt_len: int
@@ -52,16 +53,21 @@ class Plan(NamedTuple):
 
 H100 = Plan(
     name="h100", device="cuda", dtype="bfloat16", kernel_dtype=torch.bfloat16, model_overrides={},
-    # 470 s in all: the 8 minutes, less the orchestrator's own start. Estimates until a GPU run measures
-    # the steps: tests compile ~100 kernel variants; throughput runs transformers to 256 x ~1000 output tokens.
-    step_time_limit_s={"tests": 140, "kernels": 55, "throughput": 170, "decode_latency": 40, "serving": 35,
+    # 470 s in all: the 8 minutes, less the orchestrator's own start. Sized from the first GPU run (H200,
+    # benchmarks/results/gpu-check-nvidia-h200-2026-11-25.json): tests 93 s (before tests/test_moe.py), kernels
+    # 10 s (before the fused MoE's ~15 s), decode_latency 13 s, serving 32 s, compile_stalls 19 s; throughput's
+    # TokModel half 35 s, generate_batch unfinished after 140 s.
+    step_time_limit_s={"tests": 140, "kernels": 40, "throughput": 180, "decode_latency": 30, "serving": 50,
                        "compile_stalls": 30},
     # The CUDA tests: kernels in bf16 and fp16 at the larger GPU shapes (fp32 is the CPU's job), and every model
     # family against transformers and the Triton backend against the torch one.
-    pytest_args=("tests/test_kernels.py", "tests/test_model_families.py", "-k", "not cuda-float32"),
+    pytest_args=("tests/test_kernels.py", "tests/test_model_families.py", "tests/test_moe.py", "-k",
+                 "not cuda-float32"),
     kernel_shape=LLAMA_3_8B,
     kernel_sweep=Sweep(decode_batches=(1, 64, 256), decode_contexts=(1024, 4096, 8192), prefill_tokens=4096,
-                       elementwise_tokens=(256, 4096), copy_elements=2**30, matmul_size=8192),
+                       elementwise_tokens=(256, 4096), moe_tokens=(1, 64, 4096), copy_elements=2**30,
+                       matmul_size=8192),
+    moe_shapes=MOE_SHAPES,
     decode_goal_from=(64, 1024),
     throughput=Workload(256, (100, 1024), (100, 1024)),  # nano-vllm's bench.py
     decode_prompt_len=128, decode_tokens=128,
@@ -82,7 +88,8 @@ CPU_DRY_RUN = Plan(
                  "(llama and torch) or (silu_and_mul and cpu-float32)"),
     kernel_shape=Shape(num_heads=4, num_kv_heads=2, head_dim=32, block_size=16, hidden=64, intermediate=128),
     kernel_sweep=Sweep(decode_batches=(1, 2), decode_contexts=(32, 64), prefill_tokens=32, elementwise_tokens=(16, 32),
-                       copy_elements=2**20, matmul_size=64),
+                       moe_tokens=(1, 16), copy_elements=2**20, matmul_size=64),
+    moe_shapes={"tiny top-2": MoeShape(num_experts=4, top_k=2, hidden=64, intermediate=32)},
     decode_goal_from=(2, 32),
     throughput=Workload(6, (4, 24), (2, 8)),
     decode_prompt_len=8, decode_tokens=4,

@@ -7,10 +7,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
@@ -87,42 +90,94 @@ def run_kernels(plan: Plan, work_dir: Path) -> dict:
         goal("fused ops / copy bandwidth", worst_fused["frac_of_copy_bw"], 0.8,
              detail=f"worst at {largest} tokens: {worst_fused['kernel']}"),
     ]
+    # The fused MoE's figures stand apart from the goals above: the issue asks for its fractions, not a target.
+    moe = bench.bench_fused_moe(setup, plan.moe_shapes, log)
+    for r in moe:
+        log(f"fused MoE {r['model']}, {r['batch']} tokens: {r['frac_of_copy_bw']:.2f} of copy bandwidth, "
+            f"{r['tflops']:.1f} TFLOP/s ({r['frac_of_matmul']:.2f} of matmul)")
     figures = {"copy_bw_gbps": limits.copy_bw_gbps, "matmul_tflops": limits.matmul_tflops,
                "shape": plan.kernel_shape._asdict(), "dtype": str(plan.kernel_dtype).removeprefix("torch."),
-               "records": records}
+               "records": records, "fused_moe": moe}
     return {"figures": figures, "goals": goals}
 
 
 # ---- 3. end to end ----
 
 def run_throughput(plan: Plan, work_dir: Path) -> dict:
-    """nano-vllm's workload through TokModel and transformers' generate_batch, on the same random weights."""
+    """nano-vllm's workload through TokModel and transformers' generate_batch, on the same random weights.
+    generate_batch runs in its own process with what is left of the step's time: on an H200 it did not finish 64
+    requests in 140 s, and an unfinished peer still bounds the ratio from below."""
     from transformers import AutoConfig
 
     from benchmarks import throughput
 
+    started = time.monotonic()
     model_dir = qwen3_dir(plan, work_dir)
     w = plan.throughput
-    argv = ["--model", str(model_dir), "--device", plan.device, "--dtype", plan.dtype, "--peers",
-            "tokmodel,hf-generate-batch", "--num-prompts", str(w.num_prompts),
+    argv = ["--model", str(model_dir), "--device", plan.device, "--dtype", plan.dtype,
+            "--num-prompts", str(w.num_prompts),
             "--input-len-min", str(w.input_len[0]), "--input-len-max", str(w.input_len[1]),
             "--output-len-min", str(w.output_len[0]), "--output-len-max", str(w.output_len[1])]
-    report = throughput.main(argv)
+    report = throughput.main([*argv, "--peers", "tokmodel"])
     workload = throughput.make_workload(throughput.parse_args(argv), AutoConfig.from_pretrained(model_dir).vocab_size)
-    ours, theirs = report["results"]["tokmodel"], report["results"]["hf-generate-batch"]
-    # generate_batch takes one max_new_tokens, so every request runs to the workload's longest output.
-    computed = len(workload.prompts) * max(workload.output_lens)
+    ours = report["results"]["tokmodel"]
+    # Leave the step a margin to write its result before the orchestrator's limit.
+    deadline = started + plan.step_time_limit_s["throughput"] - 25
+    theirs = _peer_throughput([*argv, "--peers", "hf-generate-batch"], "hf-generate-batch", deadline, work_dir)
+    useful = workload.num_output_tokens
     figures = {"model": "Qwen3-0.6B shape, random weights", "workload": report["workload"],
                "tokmodel": ours, "hf_generate_batch": theirs,
-               "speedup_useful_tokens": ours["output_tokens_per_s"] / theirs["output_tokens_per_s"],
-               "hf_generate_batch_computed_output_tokens_per_s": computed / theirs["elapsed_s"],
                "note": "output tok/s counts each request's own output length; generate_batch takes one "
                        "max_new_tokens, so it computes every request to the longest output "
                        "(computed_output_tokens_per_s), and builds (on CUDA: captures the graphs of) its batching "
                        "manager in every call, as a user of it pays (benchmarks/throughput.py)"}
+    if "output_tokens_per_s" in theirs:
+        figures["speedup_useful_tokens"] = ours["output_tokens_per_s"] / theirs["output_tokens_per_s"]
+        # generate_batch takes one max_new_tokens, so every request runs to the workload's longest output.
+        computed = len(workload.prompts) * max(workload.output_lens)
+        figures["hf_generate_batch_computed_output_tokens_per_s"] = computed / theirs["elapsed_s"]
+        detail = f"useful output tok/s, {len(workload.prompts)} requests"
+    elif "timed_s" in theirs:
+        # Unfinished after timed_s of timing: it made fewer than `useful` tokens in that time.
+        figures["speedup_useful_tokens_at_least"] = ours["output_tokens_per_s"] / (useful / theirs["timed_s"])
+        detail = (f"a lower bound: generate_batch had not finished {len(workload.prompts)} requests after "
+                  f"{theirs['timed_s']:.0f} s of timing")
+    else:
+        detail = "generate_batch did not reach its timed run"
+    value = figures.get("speedup_useful_tokens", figures.get("speedup_useful_tokens_at_least"))
     return {"figures": figures,
-            "goals": [goal("throughput / transformers generate_batch", figures["speedup_useful_tokens"], 3.0,
-                           detail=f"useful output tok/s, {len(workload.prompts)} requests")]}
+            "goals": [goal("throughput / transformers generate_batch", value, 3.0, detail=detail)]}
+
+
+def _peer_throughput(argv: list[str], peer: str, deadline: float, work_dir: Path) -> dict:
+    """benchmarks/throughput.py for one peer in a child process, stopped at the deadline. Its result, or how long
+    its timed run had been going when it was stopped (from the moment it logged "timing")."""
+    output = work_dir / f"throughput-{peer}.json"
+    command = [sys.executable, "-m", "benchmarks.throughput", *argv, "--output", str(output)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    timing_since: list[float] = []
+
+    def follow() -> None:  # echo its log, and note when its timed run begins
+        for line in process.stderr:
+            sys.stderr.write(line)
+            if f"{peer}: timing" in line:
+                timing_since.append(time.monotonic())
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    try:
+        process.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        log(f"{peer}: stopped at the step's deadline")
+        return {"finished": False} | ({"timed_s": round(time.monotonic() - timing_since[0], 1)} if timing_since else {})
+    finally:
+        reader.join(timeout=5)
+    if process.returncode != 0 or not output.exists():
+        raise RuntimeError(f"{peer} exited with {process.returncode}")
+    return json.loads(output.read_text())["results"][peer]
 
 
 def run_decode_latency(plan: Plan, work_dir: Path) -> dict:

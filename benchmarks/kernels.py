@@ -1,4 +1,5 @@
-"""Kernel micro-benchmarks on a CUDA GPU: every Triton kernel at Llama-3-8B shapes.
+"""Kernel micro-benchmarks on a CUDA GPU: every Triton kernel at Llama-3-8B shapes, and the fused MoE at the
+Mixtral-8x7B and Qwen3-30B-A3B shapes.
 
     python -m benchmarks.kernels [--dtype bf16|fp16]
 
@@ -6,7 +7,8 @@ Each kernel is timed with triton.testing.do_bench. Bandwidth is compulsory traff
 every output written once) over time; compared with the copy bandwidth and matmul throughput measured in
 the same run. Attention is compared with torch's scaled_dot_product_attention on the same data held dense
 (unpaged): frac_of_sdpa = sdpa_time / kernel_time, so above 1 means faster than SDPA; prefill against SDPA's
-flash backend. Prints a table and the JSON it writes to benchmarks/results/kernels-<device>-<date>.json.
+flash backend. The fused MoE reads the weights of every expert its tokens go to: a decode batch is bound by
+that read (frac_of_copy_bw), a prefill chunk by its GEMMs (frac_of_matmul). Prints a table and the JSON it writes to benchmarks/results/kernels-<device>-<date>.json.
 
 benchmarks/gpu_check.py runs the same functions with its own sweep, and at tiny sizes on the CPU (the kernels
 in Triton's interpreter, timed with a plain clock) for its dry run.
@@ -44,18 +46,29 @@ class Shape(NamedTuple):
     intermediate: int
 
 
+class MoeShape(NamedTuple):
+    """The dimensions a mixture-of-experts block's fused_moe sees."""
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int  # of one expert
+
+
 class Sweep(NamedTuple):
     """The sizes one run times, and those of its reference measurements."""
     decode_batches: tuple[int, ...]
     decode_contexts: tuple[int, ...]
     prefill_tokens: int
     elementwise_tokens: tuple[int, ...]  # a decode batch and a prefill chunk
+    moe_tokens: tuple[int, ...]  # decode batches (weight-bandwidth bound) and a prefill chunk (compute bound)
     copy_elements: int  # of the copy that measures bandwidth
     matmul_size: int  # n of the n x n x n matmul that measures throughput
 
 
 LLAMA_3_8B = Shape(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, hidden=4096, intermediate=14336)
-FULL_SWEEP = Sweep((64, 128, 256), (1024, 2048, 4096, 8192), 4096, (256, 4096), 2**30, 8192)
+MOE_SHAPES = {"Mixtral-8x7B": MoeShape(num_experts=8, top_k=2, hidden=4096, intermediate=14336),
+              "Qwen3-30B-A3B": MoeShape(num_experts=128, top_k=8, hidden=2048, intermediate=768)}
+FULL_SWEEP = Sweep((64, 128, 256), (1024, 2048, 4096, 8192), 4096, (256, 4096), (1, 64, 4096), 2**30, 8192)
 
 
 class Limits(NamedTuple):
@@ -117,6 +130,15 @@ def silu_and_mul_traffic(num_tokens: int, intermediate: int, elem: int) -> Traff
 def kv_write_traffic(num_tokens: int, num_kv_heads: int, head_dim: int, elem: int) -> Traffic:
     """Key and value read, then written to their slots; one int64 slot per token."""
     return Traffic(4 * num_tokens * num_kv_heads * head_dim * elem + num_tokens * INT64, 0)
+
+
+def fused_moe_traffic(num_tokens: int, num_experts_hit: int, shape: MoeShape, elem: int) -> Traffic:
+    """Hidden states in and out, the weights of every expert some token goes to (read once), the routing
+    (fp32 weight and int64 id per pair); 2 FLOPs per multiply-add of the gate_up and down GEMMs of every pair."""
+    weights = num_experts_hit * 3 * shape.hidden * shape.intermediate * elem
+    routing = num_tokens * shape.top_k * (FP32 + INT64)
+    flops = 2 * num_tokens * shape.top_k * 3 * shape.hidden * shape.intermediate
+    return Traffic(2 * num_tokens * shape.hidden * elem + weights + routing, flops)
 
 
 def measure_limits(device: str, sweep: Sweep, dtype: torch.dtype = torch.bfloat16) -> Limits:
@@ -270,6 +292,28 @@ def bench_elementwise(setup: Setup, progress: Callable[[str], None] = lambda _: 
     return records
 
 
+def bench_fused_moe(setup: Setup, shapes: dict[str, MoeShape],
+                    progress: Callable[[str], None] = lambda _: None) -> list[dict]:
+    """fused_moe at each model's shape for each token count of the sweep, tokens routed to random experts."""
+    dtype, device, records = setup.dtype, setup.device, []
+    elem = torch.finfo(dtype).bits // 8
+    for model, s in shapes.items():
+        w13 = torch.randn(s.num_experts, 2 * s.intermediate, s.hidden, dtype=dtype, device=device)
+        w2 = torch.randn(s.num_experts, s.hidden, s.intermediate, dtype=dtype, device=device)
+        for tokens in setup.sweep.moe_tokens:
+            progress(f"fused MoE, {model} shape, {tokens} tokens")
+            hidden = torch.randn(tokens, s.hidden, dtype=dtype, device=device)
+            scores = torch.rand(tokens, s.num_experts, device=device)
+            topk_weights, topk_ids = scores.softmax(dim=-1).topk(s.top_k, dim=-1)
+            seconds = bench_seconds(lambda: setup.ops.fused_moe(hidden, w13, w2, topk_weights, topk_ids), device)
+            traffic = fused_moe_traffic(tokens, topk_ids.unique().numel(), s, elem)
+            records.append(_record("fused_moe", {"model": model, "batch": tokens, **s._asdict()}, dtype, seconds,
+                                   traffic, setup.limits))
+        del w13, w2
+        _free_cache(device)
+    return records
+
+
 def bench_all(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
     return [record for bench in (bench_decode, bench_prefill, bench_elementwise) for record in bench(setup, progress)]
 
@@ -299,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("benchmarks/kernels.py times the Triton kernels on a CUDA GPU, and this machine has none.")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     limits = measure_limits("cuda", FULL_SWEEP)
-    records = bench_all(Setup(get_ops("triton"), dtype, "cuda", LLAMA_3_8B, FULL_SWEEP, limits))
+    setup = Setup(get_ops("triton"), dtype, "cuda", LLAMA_3_8B, FULL_SWEEP, limits)
+    records = bench_all(setup) + bench_fused_moe(setup, MOE_SHAPES)
     date = datetime.date.today().isoformat()
     report = {"device": torch.cuda.get_device_name(), "date": date,
               "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -133,7 +133,31 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+<<<<<<< HEAD
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2 * d] holding gate then up: gelu(gate, approximate="tanh") * up (Gemma's GeGLU)."""
     gate, up = x.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
+=======
+def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's output: the sum over its k experts e = topk_ids[t, k] of topk_weights[t, k] *
+    w2[e] @ silu_and_mul(w13[e] @ x_t). hidden_states [T, H]; w13 [E, 2I, H] (gate rows, then up rows);
+    w2 [E, H, I]; topk_weights [T, k] (fp32); topk_ids [T, k]. Returns [T, H] in hidden_states' dtype.
+    The (token, k) pairs are sorted by expert and each expert with tokens runs once on all of its own: a loop
+    over experts, not tokens."""
+    num_tokens, top_k = topk_ids.shape
+    flat = topk_ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    rows = hidden_states[order // top_k]
+    out = torch.empty(rows.shape[0], w2.shape[1], dtype=hidden_states.dtype, device=hidden_states.device)
+    start = 0
+    for expert, count in enumerate(torch.bincount(flat, minlength=w13.shape[0]).tolist()):
+        if count:
+            end = start + count
+            out[start:end] = silu_and_mul(rows[start:end] @ w13[expert].T) @ w2[expert].T
+            start = end
+    weighted = torch.empty_like(out)
+    weighted[order] = (out.float() * topk_weights.flatten()[order, None]).to(out.dtype)
+    return weighted.view(num_tokens, top_k, -1).sum(dim=1)
+>>>>>>> main

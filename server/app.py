@@ -15,7 +15,7 @@ from server.completions import create_completion
 from server.errors import OpenAIError, error_response
 from server.metrics import ServerMetrics
 from server.response_store import DEFAULT_MAX_STORED_RESPONSES, ResponseStore
-from server.responses import create_response, retrieve_response
+from server.responses import create_response, delete_response, retrieve_response
 from server.state import STATE, ServerState
 from server.tool_parsers import TOOL_PARSERS
 
@@ -92,6 +92,7 @@ def build_app(llm: AsyncLLM, options: ServerOptions) -> web.Application:
     app.router.add_post("/v1/completions", create_completion)
     app.router.add_post("/v1/responses", create_response)
     app.router.add_get("/v1/responses/{response_id}", retrieve_response)
+    app.router.add_delete("/v1/responses/{response_id}", delete_response)
     app.router.add_get("/v1/models", info.list_models)
     app.router.add_get("/v1/models/{model:.+}", info.retrieve_model)  # served names may hold a slash (org/name)
     app.router.add_get("/health", info.health)

@@ -40,6 +40,10 @@ class ResponseStore:
     def get(self, response_id: str) -> StoredResponse | None:
         return self._responses.get(response_id)
 
+    def delete(self, response_id: str) -> bool:
+        """Forgets the id; a stored response that continued it still holds its turns (as for one forgotten)."""
+        return self._responses.pop(response_id, None) is not None
+
     def put(self, stored: StoredResponse) -> None:
         if self.max_count <= 0:
             return

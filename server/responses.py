@@ -1,4 +1,4 @@
-"""POST /v1/responses and GET /v1/responses/{response_id}: OpenAI's Responses API on the chat path (the chat
+"""POST /v1/responses, GET and DELETE /v1/responses/{response_id}: OpenAI's Responses API on the chat path (the chat
 template, sampling parameters, tool calling, admission and aborts of chat completions), its responses stored in
 memory so that `previous_response_id` can continue them."""
 from __future__ import annotations
@@ -64,6 +64,13 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 async def retrieve_response(request: web.Request) -> web.Response:
     stored = _stored(request.app[STATE].responses, request.match_info["response_id"], "response_id")
     return web.json_response(stored.response)
+
+
+async def delete_response(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    _stored(request.app[STATE].responses, response_id, "response_id")
+    request.app[STATE].responses.delete(response_id)
+    return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
 
 async def _events(builder: ResponseBuilder, outputs: AsyncIterator[tuple[int, RequestOutput]],

@@ -19,6 +19,7 @@ from kernels import KernelOps, get_ops
 from kernels import reference as ref
 from kernels import compile_count, decode_attention, triton_ops
 from kernels.decode_attention import choose_num_splits, decode_with_splits
+from kernels.fused_moe import moe_align_block_size
 from tests.kernel_launches import launches  # noqa: F401 (fixture)
 
 if TYPE_CHECKING:
@@ -290,6 +291,88 @@ def test_gated_activations_match_reference(name: str, target: Target) -> None:
     _assert_close(getattr(triton_ops, name)(x), getattr(ref, name)(x), target)
 
 
+
+class MoeCase(NamedTuple):
+    num_experts: int
+    top_k: int
+    num_tokens: int
+    only_experts: tuple[int, ...] = ()  # route every token to these experts only, leaving the others empty
+
+
+# Expert counts 4..16, top-k 1..6 (up to every expert), single tokens and batches on both sides of the small/large
+# block threshold (tokens <= experts); experts without tokens among many, and routing that skips the first and
+# last experts.
+MOE_CASES = {
+    "e4-top1-1tok": MoeCase(4, 1, 1),
+    "e8-top2-3tok": MoeCase(8, 2, 3),
+    "e8-top2-21tok-large-blocks": MoeCase(8, 2, 21),
+    "e16-top4-5tok-mostly-empty": MoeCase(16, 4, 5),
+    "e6-top6-every-expert": MoeCase(6, 6, 4),
+    "e8-top2-two-experts-only": MoeCase(8, 2, 19, only_experts=(2, 5)),
+}
+MOE_HIDDEN, MOE_INTERMEDIATE = 72, 40  # neither a multiple of a GEMM block: row and column tails are masked
+
+
+def _moe_inputs(case: MoeCase, num_tokens: int, target: Target) -> tuple[torch.Tensor, ...]:
+    """hidden_states, w13, w2 (scaled so every output is O(1)), fp32 routing weights and distinct expert ids."""
+    device, h, i, e = target.device, MOE_HIDDEN, MOE_INTERMEDIATE, case.num_experts
+    hidden = torch.randn(num_tokens, h, device=device).to(target.dtype)
+    w13 = (torch.randn(e, 2 * i, h, device=device) / h**0.5).to(target.dtype)
+    w2 = (torch.randn(e, h, i, device=device) / i**0.5).to(target.dtype)
+    scores = torch.rand(num_tokens, e, device=device)
+    if case.only_experts:
+        scores[:, list(case.only_experts)] += 1.0
+    topk_weights, topk_ids = scores.softmax(dim=-1).topk(case.top_k, dim=-1)
+    return hidden, w13, w2, topk_weights, topk_ids
+
+
+@pytest.mark.parametrize("target", ATTENTION_TARGETS)
+@pytest.mark.parametrize("case", MOE_CASES.values(), ids=MOE_CASES.keys())
+def test_fused_moe_matches_reference(case: MoeCase, target: Target) -> None:
+    inputs = _moe_inputs(case, _grow(case.num_tokens, target), target)
+    if case.only_experts:
+        assert set(inputs[-1].unique().tolist()) == set(case.only_experts)
+    _assert_close(triton_ops.fused_moe(*inputs), ref.fused_moe(*inputs), target)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize(("num_experts", "num_tokens"), [(7, 10), (100, 150)], ids=["one-chunk", "several-chunks"])
+def test_moe_align_block_size_gives_each_block_one_experts_pairs(num_experts: int, num_tokens: int,
+                                                                 block_size: int) -> None:
+    top_k = 3
+    device = "cuda" if HAS_CUDA else "cpu"
+    topk_ids = torch.rand(num_tokens, num_experts, device=device).topk(top_k, dim=-1).indices
+    topk_ids[topk_ids == 3] = 4  # expert 3 gets no token
+    sorted_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, block_size, num_experts)
+    num_pairs, padded = topk_ids.numel(), int(num_post_padded)
+    counts = torch.bincount(topk_ids.flatten(), minlength=num_experts)
+    assert counts[3] == 0
+    assert padded == int(((counts + block_size - 1) // block_size * block_size).sum())
+    placed = sorted_ids[:padded].long()
+    valid = placed[placed < num_pairs]
+    assert (placed[placed >= num_pairs] == num_pairs).all(), "padding holds num_pairs"
+    assert sorted(valid.tolist()) == list(range(num_pairs)), "every (token, k) pair appears once"
+    by_expert = topk_ids.flatten()[valid]
+    assert (valid.diff()[by_expert[1:] == by_expert[:-1]] > 0).all(), "pairs in order within an expert"
+    for block in range(padded // block_size):
+        pairs = sorted_ids[block * block_size:(block + 1) * block_size].long()
+        pairs = pairs[pairs < num_pairs]
+        assert len(pairs) > 0, "a block of padding only"
+        assert (topk_ids.flatten()[pairs] == expert_ids[block]).all()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter only: counts the variants an H100 would compile")
+def test_fused_moe_launches_one_variant_per_gemm_and_block_config(launches: set[tuple]) -> None:
+    case = MoeCase(8, 2, 0)
+    target = Target("cpu", torch.float32, 0.0, 0.0, 1)
+    for num_tokens in (1, 2, 7, 8, 9, 33, 100):  # up to 8 tokens: small blocks; more: large
+        triton_ops.fused_moe(*_moe_inputs(case, num_tokens, target))
+    # gate_up and down, each with small and large blocks; one SiLU-and-mul.
+    # The alignment: its count, and its placement per block size.
+    assert Counter(name for name, *_ in launches) == {"_count_experts_kernel": 1, "_align_kernel": 2,
+                                                      "_fused_moe_kernel": 4, "_silu_and_mul_kernel": 1}
+
+
 class Step(NamedTuple):
     """One step's batch as the runner builds it: decodes (longest first), then prefill chunks (prefix, chunk
     length). The block table is as wide as the longest sequence needs, so its width changes from step to step."""
@@ -399,6 +482,10 @@ def test_benchmark_counts_compulsory_bytes_and_causal_flops() -> None:
     assert bench.rotary_traffic(3, 4, 2, 8, 2).bytes == 2 * 3 * 6 * 8 * 2 + 3 * (8 * 4 + 8)
     assert bench.silu_and_mul_traffic(3, 16, 2).bytes == (3 * 32 + 3 * 16) * 2
     assert bench.kv_write_traffic(3, 2, 8, 2).bytes == 2 * (2 * 3 * 2 * 8 * 2) + 3 * 8
+    # 3 tokens, top-2 of 4 experts (hidden 8, intermediate 5), 2 of them hit: hidden in and out, the 2 experts'
+    # gate, up and down weights, an fp32 weight and an int64 id per pair; gate_up (2 x 5 x 8) and down per pair.
+    moe = bench.fused_moe_traffic(3, 2, bench.MoeShape(num_experts=4, top_k=2, hidden=8, intermediate=5), 2)
+    assert moe == (2 * 3 * 8 * 2 + 2 * 3 * 8 * 5 * 2 + 3 * 2 * (4 + 8), 2 * 3 * 2 * (2 * 5 * 8 + 8 * 5))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="with CUDA present the benchmark runs")

@@ -161,6 +161,17 @@ def test_a_response_with_store_false_can_be_neither_retrieved_nor_continued(serv
     assert reply.json()["error"]["param"] == "previous_response_id"
 
 
+def test_a_deleted_response_can_be_neither_retrieved_nor_continued_nor_deleted_again(server, client):
+    response = create(server, input="Hello", max_output_tokens=1, **GREEDY)
+    deleted = server.request("DELETE", f"{RESPONSES}/{response['id']}")
+    assert deleted.status == 200 and deleted.json() == {"id": response["id"], "object": "response", "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(response["id"])
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(response["id"])
+    assert server.post(RESPONSES, {"input": "Again", "previous_response_id": response["id"]}).status == 404
+
+
 def test_max_stored_responses_bounds_the_store_oldest_forgotten_first():
     with running_server("--max-stored-responses", "1", "--max-model-len", "256") as small:
         first, second = (create(small, input="Hello", max_output_tokens=1, temperature=0) for _ in range(2))

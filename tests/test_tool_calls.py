@@ -166,6 +166,19 @@ def test_pydantic_ai_gets_its_output_through_a_tool_call(server):
     assert isinstance(result.output, Capital)
 
 
+@pytest.mark.parametrize("mode", ["TOOLS", "JSON_SCHEMA"])
+def test_instructor_gets_a_valid_model_on_its_first_try(client, mode):
+    """instructor's two modes for an OpenAI endpoint: a named tool call, and response_format json_schema. One
+    attempt: instructor would otherwise retry with the validation error, hiding an invalid first answer."""
+    import instructor
+
+    structured = instructor.from_openai(client, mode=getattr(instructor.Mode, mode))
+    capital = structured.chat.completions.create(
+        model=MODEL, response_model=Capital, max_retries=1, max_tokens=100, temperature=0.5, seed=3,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert isinstance(capital, Capital)
+
+
 @pytest.mark.parametrize(("change", "param", "says"), [
     ({"tool_choice": {"type": "function", "function": {"name": "get_news"}}}, "tool_choice", "'get_news'"),
     ({"tool_choice": "sometimes"}, "tool_choice", "tool_choice must be"),
