@@ -15,11 +15,8 @@ class KernelOps(NamedTuple):
     rms_norm: Callable
     rotary_embedding: Callable
     silu_and_mul: Callable
-<<<<<<< HEAD
     gelu_tanh_and_mul: Callable
-=======
     fused_moe: Callable
->>>>>>> main
 
 
 def get_ops(backend: str) -> KernelOps:

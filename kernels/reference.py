@@ -133,12 +133,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-<<<<<<< HEAD
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2 * d] holding gate then up: gelu(gate, approximate="tanh") * up (Gemma's GeGLU)."""
     gate, up = x.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
-=======
+
+
 def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     """Each token's output: the sum over its k experts e = topk_ids[t, k] of topk_weights[t, k] *
@@ -160,4 +160,3 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     weighted = torch.empty_like(out)
     weighted[order] = (out.float() * topk_weights.flatten()[order, None]).to(out.dtype)
     return weighted.view(num_tokens, top_k, -1).sum(dim=1)
->>>>>>> main
