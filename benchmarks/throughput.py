@@ -269,7 +269,7 @@ def _instrument_engine(timer: PhaseTimer, core) -> None:
     runner = core.runner
     for owner, attr, name in ((core, "step", "step"), (core.scheduler, "schedule", "schedule"),
                               (core.output_processor, "mark_scheduled", "mark_scheduled"),
-                              (runner, "execute_model", "execute_model"), (runner, "_prepare_inputs", "prepare_inputs"),
+                              (runner, "execute_model", "execute_model"), (runner, "prepare_step", "prepare_inputs"),
                               (runner.model, "forward", "forward"), (runner.model, "compute_logits", "lm_head"),
                               (runner.model.model.embed_tokens, "forward", "embedding"), (core, "sampler", "sample"),
                               (core.scheduler, "update", "scheduler.update"),

@@ -21,6 +21,7 @@ from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType
 from engine.errors import EngineDeadError
+from engine.executor import MultiprocExecutor
 from engine.metrics import EngineStats
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -48,6 +49,8 @@ class AsyncLLM:
         self._stats = self.core.get_stats()
         self._running = True
         self.dead_error: EngineDeadError | None = None  # set once the engine cannot go on
+        if isinstance(self.core.runner, MultiprocExecutor):  # a dead worker is noticed even while the engine idles
+            self.core.runner.on_death = self._die
         self._thread = threading.Thread(target=self._run, name="tokmodel-engine", daemon=True)
         self._thread.start()
 
@@ -119,6 +122,8 @@ class AsyncLLM:
         self._commands.put(("stop",))
         self._thread.join(timeout=30)
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        if not self._thread.is_alive():  # else it still runs the model: a worker stuck in a collective
+            self.core.shutdown()
 
     def _run(self) -> None:
         """The engine thread. A request that fails a step fails alone (the core sees to that); anything that
@@ -166,6 +171,9 @@ class AsyncLLM:
             self._deliver(request_id, output)
 
     def _die(self, error: Exception) -> None:
+        """From the engine thread, or from the executor's monitor when a tensor-parallel worker dies."""
+        if self.dead_error is not None:
+            return
         logger.critical("the engine cannot go on: %s", error, exc_info=error)
         self.dead_error = error if isinstance(error, EngineDeadError) else EngineDeadError(f"engine failed: {error}")
         self._stats = self.core.get_stats()

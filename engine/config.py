@@ -24,6 +24,9 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # CPU budget; None: 4 GiB
     num_gpu_blocks_override: int | None = None
     served_model_name: str | None = None
+    tensor_parallel_size: int = 1  # ranks the model is split over (engine/executor.py)
+    master_addr: str = "127.0.0.1"  # where rank 0 listens for the other ranks to join
+    master_port: int | None = None  # None: a free port (one node only)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -34,6 +37,8 @@ class EngineConfig:
             raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {self.kernel_backend!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.device is None:

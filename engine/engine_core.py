@@ -10,11 +10,11 @@ import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig
+from engine.executor import make_executor
 from engine.failure_isolation import find_failing_rows, raise_if_fatal
 from engine.kv_cache_manager import KVCacheManager
-from engine.loader import end_token_ids, iter_weights, load_tokenizer, resolve_model
+from engine.loader import end_token_ids, load_tokenizer, resolve_model
 from engine.metrics import EngineStats
-from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -37,8 +37,9 @@ class EngineCore:
         self.max_model_len = derive_max_model_len(config.max_model_len, hf_config)
         self.eos_token_ids = frozenset(end_token_ids(self.model_dir, self.tokenizer))
         torch.manual_seed(config.seed)
-        weights = None if config.load_format == "dummy" else iter_weights(self.model_dir)
-        self.runner = ModelRunner(dataclasses.replace(config, max_model_len=self.max_model_len), hf_config, weights)
+        # A ModelRunner, or a MultiprocExecutor over tensor-parallel ranks: the same calls either way.
+        self.runner = make_executor(dataclasses.replace(config, max_model_len=self.max_model_len), hf_config,
+                                    self.model_dir)
         self.sampler = Sampler()
         self.num_blocks = self.runner.determine_num_blocks(self.sampler)
         self.runner.allocate_kv_cache(self.num_blocks)
@@ -151,6 +152,10 @@ class EngineCore:
             return None
         self.scheduler.finish_requests(_sequence_ids(request_id, state.params.n), status)
         return self.output_processor.finish(request_id, status.finish_reason)
+
+    def shutdown(self) -> None:
+        """Release the model's processes and memory; the engine cannot step afterwards."""
+        self.runner.shutdown()
 
     def get_stats(self) -> EngineStats:
         kv = self.kv_cache_manager

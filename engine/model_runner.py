@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import mmap
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from engine.attention_metadata import AttentionMetadata
 from engine.config import EngineConfig
 from engine.device_copy import to_device
+from engine.distributed import TPGroup, tensor_parallel
 from engine.models import get_model_class
 from engine.request import Request
 from engine.sampler import Sampler
@@ -25,19 +27,39 @@ CPU_KV_CACHE_BYTES = 2 << 30
 DECODE_GROUPS = 3  # on a one-off CPU timing of 32 decodes of 100-380 tokens, 3 groups beat 1, 2 and 4
 
 
+class StepInputs(NamedTuple):
+    """One step's inputs as host arrays, all a rank needs to run its forward: rank 0 prepares them from the
+    SchedulerOutput and broadcasts them to the tensor-parallel workers (engine/executor.py)."""
+    token_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    block_tables: np.ndarray  # int32 [rows, widest]
+    seq_lens: np.ndarray
+    query_start_loc: np.ndarray
+    sample_tokens: np.ndarray
+    num_decodes: int
+    blocks_to_copy: list[tuple[int, int]]
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, weights) -> None:
-        """weights: an iterator of (name, tensor) in checkpoint names, or None for random (dummy) weights."""
+    def __init__(self, config: EngineConfig, hf_config, weights, tp: TPGroup = TPGroup()) -> None:
+        """weights: an iterator of (name, tensor or safetensors slice) in checkpoint names, or None for random
+        (dummy) weights. tp: this rank's tensor-parallel group; the model holds its shard, the KV cache its heads."""
         self.config = config
+        self.tp = tp
         self.device = _indexed(torch.device(config.device))
         self.bind_device()
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
-        self.model = _build_model(hf_config, config, weights, self.device, self.dtype)
+        with tensor_parallel(tp):
+            self.model = _build_model(hf_config, config, weights, self.device, self.dtype)
         attn = self.model.model.layers[0].self_attn
         self.num_layers = hf_config.num_hidden_layers
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.kv_caches: list[torch.Tensor] = []
+
+    def shutdown(self) -> None:
+        self.kv_caches = []
 
     def bind_device(self) -> None:
         """Make this runner's GPU the current one of the calling thread (CUDA's current device is per thread):
@@ -50,14 +72,15 @@ class ModelRunner:
         element = torch.tensor([], dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
 
-    def determine_num_blocks(self, sampler: Sampler) -> int:
+    def determine_num_blocks(self, sampler: Sampler | None) -> int:
+        """Blocks of KV cache every rank can hold. sampler: None on the ranks that do not sample."""
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
         if self.device.type == "cuda":
             budget = self._profile_cuda_kv_budget(sampler)
         else:
             budget = self.config.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
-        num_blocks = budget // self.bytes_per_block
+        num_blocks = self.tp.all_min(budget // self.bytes_per_block)
         if num_blocks < 1:
             raise ValueError(f"no memory left for the KV cache (budget {budget / 2**20:.0f} MiB); "
                              f"raise gpu_memory_utilization or kv_cache_memory_bytes")
@@ -71,15 +94,33 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, output: SchedulerOutput) -> torch.Tensor:
         """fp32 logits [num_sample_rows, vocab_size]."""
-        if output.blocks_to_copy:
-            self._copy_blocks(output.blocks_to_copy)
-        input_ids, positions, meta, sample_tokens = self._prepare_inputs(output)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden[sample_tokens]).float()
+        return self.execute_step(self.prepare_step(output))
 
-    def _prepare_inputs(self, output: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Decodes first, then prefill chunks. The last tensor indexes the token whose hidden state each
-        sample row reads (the last scheduled token of its request)."""
+    @torch.inference_mode()
+    def execute_step(self, step: StepInputs) -> torch.Tensor:
+        """The forward of a prepared step: what a tensor-parallel worker runs with rank 0's StepInputs. fp32
+        logits [num_sample_rows, vocab_size] on the rank that samples, [num_sample_rows, 0] on the others."""
+        if step.blocks_to_copy:
+            self._copy_blocks(step.blocks_to_copy)
+        num_decodes = step.num_decodes
+        meta = AttentionMetadata(
+            slot_mapping=to_device(step.slot_mapping, self.device, torch.int64),
+            block_tables=to_device(step.block_tables, self.device, torch.int32),
+            seq_lens=to_device(step.seq_lens, self.device, torch.int32),
+            query_start_loc=to_device(step.query_start_loc, self.device, torch.int32),
+            num_decodes=num_decodes,
+            num_prefill_tokens=int(step.query_start_loc[-1] - num_decodes),
+            decode_groups=self._decode_groups(step.seq_lens[:num_decodes]),
+            max_prefill_seq_len=int(step.seq_lens[num_decodes:].max(initial=0)),
+        )
+        input_ids = to_device(step.token_ids, self.device, torch.int64)
+        positions = to_device(step.positions, self.device, torch.int64)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self.model.compute_logits(hidden[to_device(step.sample_tokens, self.device, torch.int64)]).float()
+
+    def prepare_step(self, output: SchedulerOutput) -> StepInputs:
+        """The step's host arrays: decodes first, then prefill chunks. sample_tokens indexes the token whose
+        hidden state each sample row reads (the last scheduled token of its request)."""
         requests = output.requests
         num_new = np.asarray(output.num_scheduled_tokens, dtype=np.int64)
         seq_lens = np.array([r.num_computed_tokens for r in requests], dtype=np.int64) + num_new
@@ -95,20 +136,9 @@ class ModelRunner:
         positions = np.arange(query_start_loc[-1]) - query_start_loc[row_of_token] + starts[row_of_token]
         block_tables = _block_table([requests[i].block_ids for i in batch_order])
         slot_mapping = block_tables[row_of_token, positions // self.block_size] * self.block_size + positions % self.block_size
-        num_decodes = int(np.searchsorted(num_new != 1, True))
-        meta = AttentionMetadata(
-            slot_mapping=to_device(slot_mapping, self.device, torch.int64),
-            block_tables=to_device(block_tables, self.device, torch.int32),
-            seq_lens=to_device(seq_lens, self.device, torch.int32),
-            query_start_loc=to_device(query_start_loc, self.device, torch.int32),
-            num_decodes=num_decodes,
-            num_prefill_tokens=int(query_start_loc[-1] - num_decodes),
-            decode_groups=self._decode_groups(seq_lens[:num_decodes]),
-            max_prefill_seq_len=int(seq_lens[num_decodes:].max(initial=0)),
-        )
         sample_tokens = query_start_loc[1:][order[output.sample_rows]] - 1
-        return (to_device(token_ids, self.device, torch.int64), to_device(positions, self.device, torch.int64), meta,
-                to_device(sample_tokens, self.device, torch.int64))
+        return StepInputs(token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, sample_tokens,
+                          int(np.searchsorted(num_new != 1, True)), output.blocks_to_copy)
 
     def _decode_groups(self, decode_seq_lens: np.ndarray) -> list[tuple[int, int, int]]:
         """Split the (longest first) decodes into equal-count groups; each pads only to its own longest."""
@@ -144,7 +174,7 @@ class ModelRunner:
         for kv_cache in self.kv_caches:
             kv_cache[:, dst] = kv_cache[:, src]
 
-    def _profile_cuda_kv_budget(self, sampler: Sampler) -> int:
+    def _profile_cuda_kv_budget(self, sampler: Sampler | None) -> int:
         """Run the largest step once and give the KV cache what is left of gpu_memory_utilization after
         weights and peak activations."""
         torch.cuda.empty_cache()
@@ -158,7 +188,7 @@ class ModelRunner:
         used = total - free
         return int(total * self.config.gpu_memory_utilization - used - peak_activation)
 
-    def profile_run(self, sampler: Sampler) -> None:
+    def profile_run(self, sampler: Sampler | None) -> None:
         """The step that needs the most memory besides the KV cache: max_num_batched_tokens of prefill, then
         max_num_seqs rows sampled with every costly setting (top-p over the whole vocabulary, penalty state,
         seeded streams, logprobs), all on a throwaway cache."""
@@ -174,7 +204,8 @@ class ModelRunner:
                    for i in range(num_seqs)]
         rows = [_dummy_request(num_seqs + i, seq_len, heavy, []) for i in range(max_num_seqs)]  # all read row 0
         logits = self.execute_model(SchedulerOutput(prompts, [seq_len] * num_seqs, rows, [0] * max_num_seqs, [], 0))
-        sampler(logits, rows)
+        if sampler is not None:
+            sampler(logits, rows)
 
 
 def _dummy_request(index: int, num_tokens: int, params: SamplingParams, block_ids: Iterable[int]) -> Request:
@@ -201,7 +232,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 def _block_table(block_ids: list[list[int]]) -> np.ndarray:
     width = max(len(ids) for ids in block_ids)
-    table = np.zeros((len(block_ids), width), dtype=np.int64)
+    table = np.zeros((len(block_ids), width), dtype=np.int32)
     for row, ids in enumerate(block_ids):
         table[row, :len(ids)] = ids
     return table

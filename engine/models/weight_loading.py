@@ -2,16 +2,18 @@
 
 A model names its stacked parameters as vLLM's `stacked_params_mapping`: (our parameter, checkpoint part,
 shard id). A checkpoint tensor whose name holds the part (".q_proj.") goes to that shard of the stacked
-layer (`StackedLinear.load_shard`); every other tensor must match a parameter's name and shape exactly. A
-checkpoint that lacks a parameter, or a part of one, or holds a tensor the model has no place for, is refused.
+layer; every other tensor must match a parameter's name. A layer with a `weight_loader` (the parallel layers of
+engine/layers/) copies its own slice of the tensor; any other parameter must match the tensor's shape exactly.
+A checkpoint that lacks a parameter, or a part of one, or holds a tensor the model has no place for, is refused.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
 
-import torch
 from torch import nn
+
+from engine.layers.sharded_weights import Loaded, copy_weight
 
 StackedParams = list[tuple[str, str, str | int]]
 
@@ -19,7 +21,7 @@ StackedParams = list[tuple[str, str, str | int]]
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], stacked_params: StackedParams,
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, Loaded]], stacked_params: StackedParams,
                  tied_lm_head: bool) -> None:
     params = dict(model.named_parameters())  # a tied lm_head is the embedding's parameter, listed once
     loaded: dict[str, set[str | int | None]] = defaultdict(set)
@@ -29,15 +31,15 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
         for fused, part, shard_id in stacked_params:
             if f".{part}." in name:
                 name = name.replace(f".{part}.", f".{fused}.")
-                _stacked_layer(model, name).load_shard(_param(params, name), tensor, shard_id)
+                _owner(model, name).weight_loader(_param(params, name), tensor, shard_id)
                 loaded[name].add(shard_id)
                 break
         else:
-            param = _param(params, name)
-            if param.shape != tensor.shape:
-                raise ValueError(f"checkpoint weight {name!r} has shape {tuple(tensor.shape)}, the model "
-                                 f"{tuple(param.shape)}")
-            param.data.copy_(tensor)
+            param, owner = _param(params, name), _owner(model, name)
+            if hasattr(owner, "weight_loader"):
+                owner.weight_loader(param, tensor, None)
+            else:
+                copy_weight(param, tensor, name)
             loaded[name].add(None)
     missing = [name for name in params if not _complete(model, name, loaded[name])]
     if missing:
@@ -50,7 +52,7 @@ def _param(params: dict[str, nn.Parameter], name: str) -> nn.Parameter:
     return params[name]
 
 
-def _stacked_layer(model: nn.Module, param_name: str) -> nn.Module:
+def _owner(model: nn.Module, param_name: str) -> nn.Module:
     return model.get_submodule(param_name.rpartition(".")[0])
 
 
@@ -58,5 +60,5 @@ def _complete(model: nn.Module, name: str, shards: set[str | int | None]) -> boo
     """Loaded whole, or every part of a stacked layer loaded."""
     if None in shards:
         return True
-    parts = getattr(_stacked_layer(model, name), "part_sizes", None)
+    parts = getattr(_owner(model, name), "parts", None)
     return bool(shards) and parts is not None and shards == set(parts)

@@ -1,0 +1,174 @@
+"""What runs the model for the engine core: one ModelRunner in the engine's process (tensor_parallel_size 1), or
+MultiprocExecutor over N ranks. Either answers the same calls (determine_num_blocks, allocate_kv_cache,
+warm_up, execute_model), so EngineCore does not know which it has.
+
+MultiprocExecutor follows nano-vllm: rank 0 lives in the engine's process (its logits stay where the sampler
+is), ranks 1..N-1 in worker processes it spawns (engine/worker.py). Each step rank 0 prepares the step's host
+arrays once (ModelRunner.prepare_step) and hands them to the workers through shared memory, then every rank
+runs its shard of the forward; the model's all-reduces keep them in step. NCCL between GPUs, gloo on the CPU.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing.connection
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine.config import EngineConfig
+from engine.distributed import destroy_distributed, init_distributed
+from engine.errors import EngineDeadError
+from engine.loader import iter_weight_slices
+from engine.model_runner import ModelRunner
+from engine.sampler import Sampler
+from engine.scheduler import SchedulerOutput
+from engine.worker import StepChannel, run_worker
+
+logger = logging.getLogger("tokmodel.engine")
+_CHANNEL_MIN_BYTES = 1 << 20
+_JOIN_TIMEOUT_S = 10.0
+
+
+def make_executor(config: EngineConfig, hf_config, model_dir: Path) -> ModelRunner | MultiprocExecutor:
+    check_tensor_parallel(hf_config, config.tensor_parallel_size)
+    if config.tensor_parallel_size == 1:
+        return ModelRunner(config, hf_config, _weights(config, model_dir))
+    return MultiprocExecutor(config, hf_config, model_dir)
+
+
+def check_tensor_parallel(hf_config, tp_size: int) -> None:
+    """The model must split evenly: heads, KV heads (or ranks over KV heads: then they are replicated) and the
+    MLP's width."""
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    sizes = {"attention heads": heads, "intermediate size": hf_config.intermediate_size}
+    for what, size in sizes.items():
+        if size % tp_size:
+            raise ValueError(f"tensor_parallel_size={tp_size} must divide the model's {what} ({size})")
+    if kv_heads % tp_size and tp_size % kv_heads:
+        raise ValueError(f"tensor_parallel_size={tp_size} must divide the model's {kv_heads} KV heads, or be a "
+                         f"multiple of them")
+
+
+class MultiprocExecutor:
+    def __init__(self, config: EngineConfig, hf_config, model_dir: Path) -> None:
+        tp_size = config.tensor_parallel_size
+        init_method = f"tcp://{config.master_addr}:{config.master_port or _free_port()}"
+        context = mp.get_context("spawn")
+        self.channel = StepChannel([context.Event() for _ in range(tp_size - 1)], _channel_bytes(config))
+        # On the CPU the ranks share the cores: each gets its part, so that N ranks do not oversubscribe them.
+        on_cpu = not config.device.startswith("cuda")
+        num_threads = max(1, torch.get_num_threads() // tp_size) if on_cpu else torch.get_num_threads()
+        self.workers = [context.Process(target=run_worker, name=f"tokmodel-tp-rank{rank}", daemon=True,
+                                        args=(rank, tp_size, init_method, config, model_dir, self.channel, num_threads))
+                        for rank in range(1, tp_size)]
+        self.dead_error: EngineDeadError | None = None
+        self.on_death: Callable[[EngineDeadError], None] | None = None  # called from the monitor thread
+        self._closing = False
+        for worker in self.workers:
+            worker.start()
+        threading.Thread(target=self._monitor_workers, name="tokmodel-tp-monitor", daemon=True).start()
+        try:
+            if on_cpu:
+                torch.set_num_threads(num_threads)
+            tp = init_distributed(0, tp_size, init_method, torch.device(config.device))
+            self.runner = ModelRunner(config, hf_config, _weights(config, model_dir), tp)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.runner.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runner.dtype
+
+    def bind_device(self) -> None:
+        self.runner.bind_device()
+
+    def determine_num_blocks(self, sampler: Sampler) -> int:
+        return self._collective_rpc("determine_num_blocks", (None,), (sampler,))
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._collective_rpc("allocate_kv_cache", (num_blocks,))
+
+    def warm_up(self) -> None:
+        self._collective_rpc("warm_up", ())
+
+    def execute_model(self, output: SchedulerOutput) -> torch.Tensor:
+        """Rank 0's logits of the step; every rank runs it. A failure here is fatal (EngineDeadError): a rank
+        that stopped halfway leaves the others inside a collective, so no step can be retried."""
+        return self._collective_rpc("execute_step", (self.runner.prepare_step(output),))
+
+    def _collective_rpc(self, method: str, args: tuple, local_args: tuple | None = None):
+        """Run `method` on every rank: the workers with `args`, rank 0 with `local_args` (default `args`). Calls
+        that run no collective of their own end in a barrier, so the channel is free again afterwards."""
+        if self.dead_error is not None:
+            raise self.dead_error
+        try:
+            self.channel.send(method, *args)
+            result = getattr(self.runner, method)(*(args if local_args is None else local_args))
+            if method != "execute_step":
+                dist.barrier()
+            return result
+        except Exception as error:
+            raise self.dead_error or EngineDeadError(f"tensor-parallel {method} failed: {error}") from error
+
+    def _monitor_workers(self) -> None:
+        """A worker that exits while the engine runs is fatal: rank 0 is told (or fails in its next collective)."""
+        sentinels = {worker.sentinel: worker for worker in self.workers}
+        ready = multiprocessing.connection.wait(list(sentinels))
+        if self._closing:
+            return
+        worker = sentinels[ready[0]]
+        worker.join(timeout=_JOIN_TIMEOUT_S)
+        self.dead_error = EngineDeadError(f"tensor-parallel worker {worker.name} (pid {worker.pid}) died with exit "
+                                          f"code {worker.exitcode}")
+        logger.critical("%s", self.dead_error)
+        if self.on_death is not None:
+            self.on_death(self.dead_error)
+
+    def shutdown(self) -> None:
+        """Stop the workers and leave the process group; the engine cannot run afterwards."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.dead_error is None and all(worker.is_alive() for worker in self.workers):
+            try:
+                self.channel.send("shutdown")
+            except Exception:  # the channel is gone with a dead worker: terminate below
+                pass
+        for worker in self.workers:
+            worker.join(timeout=_JOIN_TIMEOUT_S)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        destroy_distributed()
+        self.channel.close(unlink=True)
+
+
+def _weights(config: EngineConfig, model_dir: Path):
+    return None if config.load_format == "dummy" else iter_weight_slices(model_dir)
+
+
+def _channel_bytes(config: EngineConfig) -> int:
+    """Room for the largest step: the block table (int32) of max_num_seqs full-length rows, and four int64
+    arrays of max_num_batched_tokens."""
+    max_blocks = -(-config.max_model_len // config.block_size) if config.max_model_len else 8192
+    return _CHANNEL_MIN_BYTES + 4 * config.max_num_seqs * max_blocks + 32 * config.max_num_batched_tokens
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

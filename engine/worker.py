@@ -1,0 +1,97 @@
+"""A tensor-parallel worker: one process per rank 1..N-1, spawned by the engine (engine/executor.py). It holds
+its shard of the model and of the KV cache and runs what rank 0 sends it: the start-up calls, then one
+prepared step (StepInputs) per engine step. It never schedules or samples."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import pickle
+from multiprocessing.shared_memory import SharedMemory
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineConfig
+from engine.distributed import destroy_distributed, init_distributed
+
+logger = logging.getLogger("tokmodel.worker")
+_HEADER = 8  # the message's length, little-endian, before its bytes
+_PARENT_POLL_S = 1.0  # how often an idle worker checks that the engine is still alive
+
+
+class StepChannel:
+    """Rank 0 to the workers of its node: one pickled call in shared memory and an event per worker saying it is
+    there (as nano-vllm). Rank 0 writes a call only after the previous one has been read: every call ends in a
+    collective the workers join after reading (a step's all-reduces, or a barrier)."""
+
+    def __init__(self, events: list[Event], size: int) -> None:
+        self.events = events
+        self.shm = SharedMemory(create=True, size=size)
+        self.name = self.shm.name
+
+    def __getstate__(self) -> dict:
+        return {"events": self.events, "name": self.name}
+
+    def __setstate__(self, state: dict) -> None:
+        self.events, self.name = state["events"], state["name"]
+        self.shm = SharedMemory(name=self.name)
+
+    def send(self, method: str, *args: Any) -> None:
+        data = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        if _HEADER + len(data) > self.shm.size:
+            raise RuntimeError(f"a {method} call of {len(data)} bytes does not fit the {self.shm.size}-byte channel")
+        self.shm.buf[:_HEADER] = len(data).to_bytes(_HEADER, "little")
+        self.shm.buf[_HEADER:_HEADER + len(data)] = data
+        for event in self.events:
+            event.set()
+
+    def receive(self, worker_index: int) -> tuple[str, tuple] | None:
+        """The next call for this worker; None once the engine's process has gone (its workers must not linger)."""
+        event = self.events[worker_index]
+        while not event.wait(_PARENT_POLL_S):
+            if not multiprocessing.parent_process().is_alive():
+                return None
+        event.clear()
+        size = int.from_bytes(self.shm.buf[:_HEADER], "little")
+        return pickle.loads(self.shm.buf[_HEADER:_HEADER + size])
+
+    def close(self, unlink: bool) -> None:
+        self.shm.close()
+        if unlink:
+            self.shm.unlink()
+
+
+def run_worker(rank: int, world_size: int, init_method: str, config: EngineConfig, model_dir: Path,
+               channel: StepChannel, num_threads: int) -> None:
+    """A worker process's main: join the group, load this rank's shard, then serve rank 0's calls until told to
+    stop. Any error ends the process, which rank 0 sees as a dead worker."""
+    from transformers import AutoConfig
+
+    from engine.loader import iter_weight_slices
+    from engine.model_runner import ModelRunner
+
+    torch.set_num_threads(num_threads)
+    config = dataclasses.replace(config, device=rank_device(config.device, rank, config.tensor_parallel_size))
+    tp = init_distributed(rank, world_size, init_method, torch.device(config.device))
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    weights = None if config.load_format == "dummy" else iter_weight_slices(model_dir)
+    runner = ModelRunner(config, hf_config, weights, tp)
+    worker_index = rank % config.tensor_parallel_size - 1
+    while (call := channel.receive(worker_index)) is not None:
+        method, args = call
+        if method == "shutdown":
+            break
+        getattr(runner, method)(*args)
+        if method != "execute_step":
+            dist.barrier()
+    channel.close(unlink=False)
+    destroy_distributed()
+
+
+def rank_device(device: str, rank: int, ranks_per_node: int) -> str:
+    """Each rank of a node on its own GPU (cuda:<local rank>); the CPU is shared."""
+    return f"cuda:{rank % ranks_per_node}" if device.startswith("cuda") else device
