@@ -32,6 +32,7 @@ from engine.worker import StepChannel, run_worker
 logger = logging.getLogger("tokmodel.engine")
 _CHANNEL_MIN_BYTES = 1 << 20
 _JOIN_TIMEOUT_S = 10.0
+_DEATH_WAIT_S = 1.0  # after a failed collective, how long to wait for a worker's exit to show
 
 
 def make_executor(config: EngineConfig, hf_config, model_dir: Path) -> ModelRunner | MultiprocExecutor:
@@ -122,21 +123,29 @@ class MultiprocExecutor:
                 dist.barrier()
             return result
         except Exception as error:
-            raise self.dead_error or EngineDeadError(f"tensor-parallel {method} failed: {error}") from error
+            # A collective fails when a peer's connection closes: name the dead worker if that is why.
+            ready = multiprocessing.connection.wait([worker.sentinel for worker in self.workers], _DEATH_WAIT_S)
+            cause = self._worker_died(ready[0]) if ready else None
+            raise cause or EngineDeadError(f"tensor-parallel {method} failed: {error}") from error
 
     def _monitor_workers(self) -> None:
-        """A worker that exits while the engine runs is fatal: rank 0 is told (or fails in its next collective)."""
-        sentinels = {worker.sentinel: worker for worker in self.workers}
-        ready = multiprocessing.connection.wait(list(sentinels))
+        """A worker that exits while the engine runs is fatal, even while the engine idles: on_death is told."""
+        ready = multiprocessing.connection.wait([worker.sentinel for worker in self.workers])
+        error = self._worker_died(ready[0])
+        if error is not None and self.on_death is not None:
+            self.on_death(error)
+
+    def _worker_died(self, sentinel: int) -> EngineDeadError | None:
+        """The error naming the worker of `sentinel`; None during shutdown, when workers are meant to exit."""
         if self._closing:
-            return
-        worker = sentinels[ready[0]]
-        worker.join(timeout=_JOIN_TIMEOUT_S)
-        self.dead_error = EngineDeadError(f"tensor-parallel worker {worker.name} (pid {worker.pid}) died with exit "
-                                          f"code {worker.exitcode}")
-        logger.critical("%s", self.dead_error)
-        if self.on_death is not None:
-            self.on_death(self.dead_error)
+            return None
+        if self.dead_error is None:
+            worker = next(worker for worker in self.workers if worker.sentinel == sentinel)
+            worker.join(timeout=_JOIN_TIMEOUT_S)
+            self.dead_error = EngineDeadError(f"tensor-parallel worker {worker.name} (pid {worker.pid}) died with "
+                                              f"exit code {worker.exitcode}")
+            logger.critical("%s", self.dead_error)
+        return self.dead_error
 
     def shutdown(self) -> None:
         """Stop the workers and leave the process group; the engine cannot run afterwards."""

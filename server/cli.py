@@ -87,6 +87,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="reuse KV blocks of identical prompt prefixes across requests (default: on)")
     group.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights, for benchmarks (default: auto)")
     group.add_argument("--seed", type=int, help="seed of the engine's random state (default: 0)")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int,
+                       help="split the model over this many ranks, one process each (GPUs: one per rank; default: 1)")
     group.add_argument("--kernel-backend", choices=["torch", "triton"],
                        help="attention and fused kernels (default: triton on cuda, torch on cpu)")
 
