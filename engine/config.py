@@ -25,6 +25,7 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     served_model_name: str | None = None
     tensor_parallel_size: int = 1  # ranks the model is split over (engine/executor.py)
+    data_parallel_size: int = 1  # engine replicas behind one server (engine/data_parallel.py)
     master_addr: str = "127.0.0.1"  # where rank 0 listens for the other ranks to join
     master_port: int | None = None  # None: a free port (one node only)
 
@@ -37,8 +38,9 @@ class EngineConfig:
             raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {self.kernel_backend!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.device is None:

@@ -58,7 +58,7 @@ class EngineCore:
         own tokenizer (one instance must not serve two threads). Returns (prompt text, prompt token ids,
         max_tokens); raises ValueError when it can never run."""
         tokenizer = tokenizer or self.tokenizer
-        text, token_ids = self._tokenize(prompt, tokenizer)
+        text, token_ids = tokenize_prompt(prompt, tokenizer)
         if not token_ids:
             raise ValueError("prompt must not be empty")
         check_token_ids("prompt", token_ids, self.vocab_size)
@@ -163,21 +163,23 @@ class EngineCore:
                            self.scheduler.num_preemptions, kv.prefix_cache_queries, kv.prefix_cache_hits,
                            self.num_prompt_tokens, self.num_generation_tokens)
 
-    def _tokenize(self, prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompt token ids")
-            return prompt, tokenizer.encode(prompt, add_special_tokens=True)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return None, list(prompt)
-        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+def tokenize_prompt(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str | None, list[int]]:
+    """(prompt text or None, token ids) of a string, a list of token ids or a dict with either."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompt token ids")
+        return prompt, tokenizer.encode(prompt, add_special_tokens=True)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return None, list(prompt)
+    raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
 
 def _sequence_ids(request_id: str, n: int) -> list[str]:

@@ -1,7 +1,7 @@
 """Engine statistics for /metrics and benchmarks, named after vLLM's metrics."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass
@@ -14,3 +14,10 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of which found there
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+
+    @classmethod
+    def total(cls, engines: list[EngineStats]) -> EngineStats:
+        """Several engine cores' stats as one: counts summed, KV-cache usage averaged."""
+        total = cls(**{f.name: sum(getattr(e, f.name) for e in engines) for f in fields(cls)})
+        total.kv_cache_usage /= max(1, len(engines))
+        return total

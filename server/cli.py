@@ -89,6 +89,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="seed of the engine's random state (default: 0)")
     group.add_argument("--tensor-parallel-size", "-tp", type=int,
                        help="split the model over this many ranks, one process each (GPUs: one per rank; default: 1)")
+    group.add_argument("--data-parallel-size", "-dp", type=int,
+                       help="serve with this many engine replicas, one process each, requests routed to the least "
+                       "loaded or to the one that holds their prefix (default: 1)")
     group.add_argument("--kernel-backend", choices=["torch", "triton"],
                        help="attention and fused kernels (default: triton on cuda, torch on cpu)")
 
@@ -162,10 +165,12 @@ def serve(args: argparse.Namespace) -> int:
 
 async def _load_and_serve(config: EngineConfig, options: ServerOptions, sock: socket.socket) -> int:
     from engine.async_llm import AsyncLLM
+    from engine.data_parallel import DPAsyncLLM
     from server.lifecycle import serve
 
     _log_loading(config)
-    llm = AsyncLLM(config)  # created inside the loop that will await its outputs
+    # Created inside the loop that will await its outputs.
+    llm = DPAsyncLLM(config) if config.data_parallel_size > 1 else AsyncLLM(config)
     try:
         return await serve(llm, options, sock)
     finally:

@@ -35,14 +35,17 @@ class _EngineStatsCollector:
         self.model_name = model_name
 
     def collect(self):
-        stats = self.llm.get_stats()
+        """One sample per engine core, labelled engine="<index>" as vLLM's (data-parallel replicas: several)."""
+        engines = list(enumerate(self.llm.get_engine_stats()))
         for name, (field, doc) in _ENGINE_GAUGES.items():
-            family = GaugeMetricFamily(f"tokmodel:{name}", doc, labels=["model_name"])
-            family.add_metric([self.model_name], getattr(stats, field))
+            family = GaugeMetricFamily(f"tokmodel:{name}", doc, labels=["model_name", "engine"])
+            for index, stats in engines:
+                family.add_metric([self.model_name, str(index)], getattr(stats, field))
             yield family
         for name, (field, doc) in _ENGINE_COUNTERS.items():
-            family = CounterMetricFamily(f"tokmodel:{name}", doc, labels=["model_name"])
-            family.add_metric([self.model_name], getattr(stats, field))
+            family = CounterMetricFamily(f"tokmodel:{name}", doc, labels=["model_name", "engine"])
+            for index, stats in engines:
+                family.add_metric([self.model_name, str(index)], getattr(stats, field))
             yield family
 
 
