@@ -17,6 +17,7 @@ import torch.distributed as dist
 # How long a rank waits in a collective for a peer that never comes (a dead worker fails sooner: its
 # connection closes); also the bound on start-up, when every rank must join.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+IDLE_TIMEOUT = timedelta(days=365)  # a worker waiting for the next step: an idle server must not time it out
 
 
 @dataclass(frozen=True)

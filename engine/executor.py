@@ -9,6 +9,7 @@ runs its shard of the forward; the model's all-reduces keep them in step. NCCL b
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing.connection
 import socket
@@ -20,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from transformers import AutoConfig
+
 from engine.config import EngineConfig
 from engine.distributed import destroy_distributed, init_distributed
 from engine.errors import EngineDeadError
@@ -27,7 +30,7 @@ from engine.loader import iter_weight_slices
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
-from engine.worker import StepChannel, run_worker
+from engine.worker import BroadcastChannel, StepChannel, run_worker
 
 logger = logging.getLogger("tokmodel.engine")
 _CHANNEL_MIN_BYTES = 1 << 20
@@ -37,6 +40,9 @@ _DEATH_WAIT_S = 1.0  # after a failed collective, how long to wait for a worker'
 
 def make_executor(config: EngineConfig, hf_config, model_dir: Path) -> ModelRunner | MultiprocExecutor:
     check_tensor_parallel(hf_config, config.tensor_parallel_size)
+    if config.node_rank > 0:
+        raise ValueError(f"node_rank={config.node_rank}: only node 0 runs the engine; the other nodes run "
+                         f"workers (run_headless_node, or tokmodel serve --node-rank)")
     if config.tensor_parallel_size == 1:
         return ModelRunner(config, hf_config, _weights(config, model_dir))
     return MultiprocExecutor(config, hf_config, model_dir)
@@ -57,27 +63,21 @@ def check_tensor_parallel(hf_config, tp_size: int) -> None:
 
 class MultiprocExecutor:
     def __init__(self, config: EngineConfig, hf_config, model_dir: Path) -> None:
-        tp_size = config.tensor_parallel_size
         init_method = f"tcp://{config.master_addr}:{config.master_port or _free_port()}"
-        context = mp.get_context("spawn")
-        self.channel = StepChannel([context.Event() for _ in range(tp_size - 1)], _channel_bytes(config))
-        # On the CPU the ranks share the cores: each gets its part, so that N ranks do not oversubscribe them.
-        on_cpu = not config.device.startswith("cuda")
-        num_threads = max(1, torch.get_num_threads() // tp_size) if on_cpu else torch.get_num_threads()
-        self.workers = [context.Process(target=run_worker, name=f"tokmodel-tp-rank{rank}", daemon=True,
-                                        args=(rank, tp_size, init_method, config, model_dir, self.channel, num_threads))
-                        for rank in range(1, tp_size)]
+        self.channel = make_channel(config)
+        self.workers = start_workers(config, model_dir, range(1, config.ranks_per_node), init_method, self.channel)
         self.dead_error: EngineDeadError | None = None
         self.on_death: Callable[[EngineDeadError], None] | None = None  # called from the monitor thread
         self._closing = False
-        for worker in self.workers:
-            worker.start()
+        self._serving = False  # every rank joined and loaded: the workers listen to the channel
         threading.Thread(target=self._monitor_workers, name="tokmodel-tp-monitor", daemon=True).start()
         try:
-            if on_cpu:
-                torch.set_num_threads(num_threads)
-            tp = init_distributed(0, tp_size, init_method, torch.device(config.device))
+            if not config.device.startswith("cuda"):
+                torch.set_num_threads(_threads_per_rank(config))
+            tp = init_distributed(0, config.tensor_parallel_size, init_method, torch.device(config.device))
+            self.channel.connect()
             self.runner = ModelRunner(config, hf_config, _weights(config, model_dir), tp)
+            self._serving = True
         except BaseException:
             self.shutdown()
             raise
@@ -130,6 +130,8 @@ class MultiprocExecutor:
 
     def _monitor_workers(self) -> None:
         """A worker that exits while the engine runs is fatal, even while the engine idles: on_death is told."""
+        if not self.workers:  # every other rank is on other nodes: their failures show in the collectives
+            return
         ready = multiprocessing.connection.wait([worker.sentinel for worker in self.workers])
         error = self._worker_died(ready[0])
         if error is not None and self.on_death is not None:
@@ -152,7 +154,7 @@ class MultiprocExecutor:
         if self._closing:
             return
         self._closing = True
-        if self.dead_error is None and all(worker.is_alive() for worker in self.workers):
+        if self._serving and self.dead_error is None and all(worker.is_alive() for worker in self.workers):
             try:
                 self.channel.send("shutdown")
             except Exception:  # the channel is gone with a dead worker: terminate below
@@ -164,6 +166,52 @@ class MultiprocExecutor:
                 worker.join()
         destroy_distributed()
         self.channel.close(unlink=True)
+
+
+def make_channel(config: EngineConfig) -> StepChannel | BroadcastChannel:
+    """Shared memory when every rank is on this node; torch.distributed broadcasts when some are not."""
+    if config.nnodes > 1:
+        return BroadcastChannel()
+    events = [mp.get_context("spawn").Event() for _ in range(config.tensor_parallel_size - 1)]
+    return StepChannel(events, _channel_bytes(config))
+
+
+def start_workers(config: EngineConfig, model_dir: Path, ranks: range, init_method: str,
+                  channel: StepChannel | BroadcastChannel) -> list[multiprocessing.Process]:
+    context = mp.get_context("spawn")
+    workers = [context.Process(target=run_worker, name=f"tokmodel-tp-rank{rank}", daemon=True,
+                               args=(rank, init_method, config, model_dir, channel, _threads_per_rank(config)))
+               for rank in ranks]
+    for worker in workers:
+        worker.start()
+    return workers
+
+
+def run_headless_node(config: EngineConfig, model_dir: Path) -> int:
+    """A node past the first (node_rank > 0): its ranks' workers only, no engine; they join rank 0 at
+    master_addr:master_port and serve its steps. Returns when they all end: 0 if each exited cleanly."""
+    from engine.engine_core import derive_max_model_len  # engine_core imports this module
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    check_tensor_parallel(hf_config, config.tensor_parallel_size)
+    config = dataclasses.replace(config, max_model_len=derive_max_model_len(config.max_model_len, hf_config))
+    first = config.node_rank * config.ranks_per_node
+    init_method = f"tcp://{config.master_addr}:{config.master_port}"
+    if config.ranks_per_node == 1:  # one rank: this process is its worker (one process start fewer)
+        run_worker(first, init_method, config, model_dir, BroadcastChannel(), _threads_per_rank(config))
+        return 0
+    workers = start_workers(config, model_dir, range(first, first + config.ranks_per_node), init_method,
+                            BroadcastChannel())
+    for worker in workers:
+        worker.join()
+    return max(abs(worker.exitcode or 0) for worker in workers)
+
+
+def _threads_per_rank(config: EngineConfig) -> int:
+    """On the CPU the ranks of a node share its cores: each gets its part, so that they do not oversubscribe them."""
+    if config.device.startswith("cuda"):
+        return torch.get_num_threads()
+    return max(1, torch.get_num_threads() // config.ranks_per_node)
 
 
 def _weights(config: EngineConfig, model_dir: Path):

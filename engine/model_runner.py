@@ -74,13 +74,16 @@ class ModelRunner:
 
     def determine_num_blocks(self, sampler: Sampler | None) -> int:
         """Blocks of KV cache every rank can hold. sampler: None on the ranks that do not sample."""
+        return self.tp.all_min(self._num_blocks(sampler))
+
+    def _num_blocks(self, sampler: Sampler | None) -> int:
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
         if self.device.type == "cuda":
             budget = self._profile_cuda_kv_budget(sampler)
         else:
             budget = self.config.kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
-        num_blocks = self.tp.all_min(budget // self.bytes_per_block)
+        num_blocks = budget // self.bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"no memory left for the KV cache (budget {budget / 2**20:.0f} MiB); "
                              f"raise gpu_memory_utilization or kv_cache_memory_bytes")

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
-from engine.distributed import destroy_distributed, init_distributed
+from engine.distributed import IDLE_TIMEOUT, destroy_distributed, init_distributed
 
 logger = logging.getLogger("tokmodel.worker")
 _HEADER = 8  # the message's length, little-endian, before its bytes
@@ -49,9 +49,12 @@ class StepChannel:
         for event in self.events:
             event.set()
 
-    def receive(self, worker_index: int) -> tuple[str, tuple] | None:
+    def connect(self) -> None:
+        """Nothing to set up once the process group exists: the memory and events came with the process."""
+
+    def receive(self, rank: int) -> tuple[str, tuple] | None:
         """The next call for this worker; None once the engine's process has gone (its workers must not linger)."""
-        event = self.events[worker_index]
+        event = self.events[rank - 1]
         while not event.wait(_PARENT_POLL_S):
             if not multiprocessing.parent_process().is_alive():
                 return None
@@ -65,8 +68,36 @@ class StepChannel:
             self.shm.unlink()
 
 
-def run_worker(rank: int, world_size: int, init_method: str, config: EngineConfig, model_dir: Path,
-               channel: StepChannel, num_threads: int) -> None:
+class BroadcastChannel:
+    """Rank 0 to every worker through torch.distributed: between nodes, where no memory is shared. Two broadcasts
+    per call (its length, then its bytes) on a gloo group of their own, whose timeout outlasts any idle spell
+    (a dead peer still fails it at once: its connection closes)."""
+
+    def __init__(self) -> None:
+        self.group = None
+
+    def connect(self) -> None:
+        """On every rank, in the same order, once the process group exists."""
+        self.group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+    def send(self, method: str, *args: Any) -> None:
+        data = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        dist.broadcast(torch.tensor([len(data)], dtype=torch.int64), 0, group=self.group)
+        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, group=self.group)
+
+    def receive(self, rank: int) -> tuple[str, tuple]:
+        size = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(size, 0, group=self.group)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(data, 0, group=self.group)
+        return pickle.loads(data.numpy().tobytes())
+
+    def close(self, unlink: bool) -> None:
+        self.group = None
+
+
+def run_worker(rank: int, init_method: str, config: EngineConfig, model_dir: Path,
+               channel: StepChannel | BroadcastChannel, num_threads: int) -> None:
     """A worker process's main: join the group, load this rank's shard, then serve rank 0's calls until told to
     stop. Any error ends the process, which rank 0 sees as a dead worker."""
     from transformers import AutoConfig
@@ -75,13 +106,13 @@ def run_worker(rank: int, world_size: int, init_method: str, config: EngineConfi
     from engine.model_runner import ModelRunner
 
     torch.set_num_threads(num_threads)
-    config = dataclasses.replace(config, device=rank_device(config.device, rank, config.tensor_parallel_size))
-    tp = init_distributed(rank, world_size, init_method, torch.device(config.device))
+    config = dataclasses.replace(config, device=rank_device(config, rank))
+    tp = init_distributed(rank, config.tensor_parallel_size, init_method, torch.device(config.device))
+    channel.connect()
     hf_config = AutoConfig.from_pretrained(model_dir)
     weights = None if config.load_format == "dummy" else iter_weight_slices(model_dir)
     runner = ModelRunner(config, hf_config, weights, tp)
-    worker_index = rank % config.tensor_parallel_size - 1
-    while (call := channel.receive(worker_index)) is not None:
+    while (call := channel.receive(rank)) is not None:
         method, args = call
         if method == "shutdown":
             break
@@ -92,6 +123,10 @@ def run_worker(rank: int, world_size: int, init_method: str, config: EngineConfi
     destroy_distributed()
 
 
-def rank_device(device: str, rank: int, ranks_per_node: int) -> str:
-    """Each rank of a node on its own GPU (cuda:<local rank>); the CPU is shared."""
-    return f"cuda:{rank % ranks_per_node}" if device.startswith("cuda") else device
+def rank_device(config: EngineConfig, rank: int) -> str:
+    """Each rank of a node on its own GPU: the node's first (config.device's index) plus its local rank. The CPU
+    is shared."""
+    if not config.device.startswith("cuda"):
+        return config.device
+    first = torch.device(config.device).index or 0
+    return f"cuda:{first + rank % config.ranks_per_node}"

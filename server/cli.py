@@ -89,6 +89,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="seed of the engine's random state (default: 0)")
     group.add_argument("--tensor-parallel-size", "-tp", type=int,
                        help="split the model over this many ranks, one process each (GPUs: one per rank; default: 1)")
+    group.add_argument("--nnodes", type=int, help="machines the tensor-parallel ranks span (default: 1)")
+    group.add_argument("--node-rank", type=int,
+                       help="this machine's index among --nnodes; 0 serves HTTP, the others run workers only")
+    group.add_argument("--master-addr", help="address of node 0, where the ranks meet (default: 127.0.0.1)")
+    group.add_argument("--master-port", type=int, help="port of node 0 where the ranks meet (needed with --nnodes)")
     group.add_argument("--data-parallel-size", "-dp", type=int,
                        help="serve with this many engine replicas, one process each, requests routed to the least "
                        "loaded or to the one that holds their prefix (default: 1)")
@@ -154,6 +159,8 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise UsageError("--enable-auto-tool-choice requires --tool-call-parser")
+    if args.node_rank:  # a worker node: no HTTP
+        return _serve_worker_node(checked_engine_config(args))
     sock = bind_socket(args.host, args.port)
     config = checked_engine_config(args)
     options = ServerOptions(args.api_key, args.max_waiting_requests, args.shutdown_grace_period,
@@ -161,6 +168,16 @@ def serve(args: argparse.Namespace) -> int:
                             stats_interval_s=args.stats_log_interval, max_stored_responses=args.max_stored_responses,
                             tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     return asyncio.run(_load_and_serve(config, options, sock))
+
+
+def _serve_worker_node(config: EngineConfig) -> int:
+    from engine.executor import run_headless_node
+    from engine.loader import resolve_model
+
+    logger.info("TokModel node %d of %d: tensor-parallel ranks %d-%d, joining %s:%d", config.node_rank,
+                config.nnodes, config.node_rank * config.ranks_per_node,
+                (config.node_rank + 1) * config.ranks_per_node - 1, config.master_addr, config.master_port)
+    return run_headless_node(config, resolve_model(config.model, config.load_format))
 
 
 async def _load_and_serve(config: EngineConfig, options: ServerOptions, sock: socket.socket) -> int:

@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config
 
 from engine import LLM, AsyncLLM, EngineConfig, SamplingParams
-from engine.executor import check_tensor_parallel
+from engine.executor import _free_port, check_tensor_parallel
 from server.app import ServerOptions, build_app
 from server_fixtures import serving_in_process
 
@@ -32,6 +34,7 @@ CONFIGS = {
     # one KV head for two ranks: replicated; q/k/v biases sliced with their rows
     "qwen2-kv1": Qwen2Config(**COMMON, num_key_value_heads=1, tie_word_embeddings=False),
 }
+REPO = Path(__file__).resolve().parents[1]
 SHARED = list(range(10, 30))  # five blocks the second prompt shares with the first
 
 
@@ -46,11 +49,13 @@ def model_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return str(_save_model(CONFIGS[request.param], tmp_path_factory.mktemp(request.param)))
 
 
-def _run(model: str, tensor_parallel_size: int) -> tuple[list[list[list[int]]], list[int], int]:
+ENGINE_ARGS = dict(dtype="float32", block_size=BLOCK_SIZE, num_gpu_blocks_override=NUM_BLOCKS, max_num_batched_tokens=32)
+
+
+def _run(model: str, tensor_parallel_size: int, **node_args) -> tuple[list[list[list[int]]], list[int], int]:
     """(token ids per request and choice, cached prompt tokens per request, preemptions) of a greedy batch run
     after the first prompt alone, whose blocks the second prompt then finds in the prefix cache."""
-    llm = LLM(model=model, dtype="float32", tensor_parallel_size=tensor_parallel_size, block_size=BLOCK_SIZE,
-              num_gpu_blocks_override=NUM_BLOCKS, max_num_batched_tokens=32)
+    llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, **ENGINE_ARGS, **node_args)
     try:
         prompts = [SHARED + [40, 41], SHARED + [50, 51, 52], [7, 8, 9] * 5, list(range(100, 117))]
         greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -70,6 +75,23 @@ def test_two_ranks_give_the_greedy_tokens_of_one(model_path: str) -> None:
     assert cached == expected_cached and cached[1] == len(SHARED), "the second prompt missed the prefix cache"
     assert preemptions > 0, "the batch was meant to outgrow the KV cache"
     assert len(tokens[2]) == 2
+
+
+def test_two_nodes_on_loopback_give_the_greedy_tokens_of_one_rank(tmp_path: Path) -> None:
+    """Node 1 is `serve --node-rank 1` in a process of its own (its rank a worker it spawns); node 0 is the engine
+    here. They meet at master_addr:master_port over gloo, and steps reach node 1 by broadcast, not shared memory."""
+    model = str(_save_model(CONFIGS["llama-kv2"], tmp_path))
+    port = _free_port()
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in ENGINE_ARGS.items()]
+    node1 = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", model, *flags,
+                              "--tensor-parallel-size=2", "--nnodes=2", "--node-rank=1", "--master-addr=127.0.0.1",
+                              f"--master-port={port}"], cwd=REPO)
+    try:
+        tokens, _, _ = _run(model, TP, nnodes=2, node_rank=0, master_addr="127.0.0.1", master_port=port)
+        assert node1.wait(timeout=60) == 0, "node 1 must exit cleanly when node 0 shuts down"
+    finally:
+        node1.kill()
+    assert tokens == _run(model, 1)[0]
 
 
 def test_a_model_that_does_not_split_is_refused_by_name(model_dir: Path) -> None:
