@@ -29,6 +29,9 @@ logger = logging.getLogger("tokmodel.engine")
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
+        if config.data_parallel_size > 1:
+            raise ValueError(f"data_parallel_size={config.data_parallel_size}: one EngineCore is one replica; "
+                             f"replicas are the server's (tokmodel serve --data-parallel-size, DPAsyncLLM)")
         self.config = config
         self.model_dir = resolve_model(config.model, config.load_format)
         hf_config = AutoConfig.from_pretrained(self.model_dir)

@@ -4,7 +4,6 @@ prepared step (StepInputs) per engine step. It never schedules or samples."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import multiprocessing
 import pickle
 from multiprocessing.shared_memory import SharedMemory
@@ -18,7 +17,6 @@ import torch.distributed as dist
 from engine.config import EngineConfig
 from engine.distributed import IDLE_TIMEOUT, destroy_distributed, init_distributed
 
-logger = logging.getLogger("tokmodel.worker")
 _HEADER = 8  # the message's length, little-endian, before its bytes
 _PARENT_POLL_S = 1.0  # how often an idle worker checks that the engine is still alive
 
