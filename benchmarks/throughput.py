@@ -228,7 +228,8 @@ PROFILE_TREE = {
     "scheduler.update": "step", "output_processor.process": "step", "finish_requests": "step",
     "prepare_inputs": "execute_model", "forward": "execute_model", "lm_head": "execute_model",
     "embedding": "forward", LINEAR: "forward", "rms_norm": "forward",
-    "rotary_embedding": "forward", "silu_and_mul": "forward", "write_kv_cache": "forward",
+    "rotary_embedding": "forward", "silu_and_mul": "forward", "gelu_tanh_and_mul": "forward",
+    "write_kv_cache": "forward",
     "paged_decode_attention": "forward", "prefill_attention": "forward",
     "attn: _gather_kv": "attention (decode + prefill)", "attn: _key_mask": "attention (decode + prefill)",
     "attn: _sdpa": "attention (decode + prefill)",
@@ -242,7 +243,7 @@ def profile_tokmodel(args: argparse.Namespace, config: EngineConfig, workload: W
 
     timer = PhaseTimer()
     for name in ("write_kv_cache", "paged_decode_attention", "prefill_attention", "rms_norm", "rotary_embedding",
-                 "silu_and_mul"):  # before the model is built: get_ops reads the module's attributes
+                 "silu_and_mul", "gelu_tanh_and_mul"):  # before the model is built: get_ops reads the attributes
         timer.wrap(reference, name, name)
     for name in ("_gather_kv", "_key_mask", "_sdpa"):  # module globals, looked up at call time
         timer.wrap(reference, name, f"attn: {name}")

@@ -48,12 +48,12 @@ def test_scaled_rope_table_matches_transformers(name: str) -> None:
 def test_longrope_table_takes_short_factors_inside_the_original_context_and_long_ones_past_it() -> None:
     rotary_dim = HEAD_DIM // 2  # with Phi-4-mini's kind of partial rotary factor
     generator = torch.Generator().manual_seed(0)
+    short_factor, long_factor = (offset + torch.rand(rotary_dim // 2, generator=generator) for offset in (1, 3))
     config = Phi3Config(hidden_size=4 * HEAD_DIM, num_attention_heads=4, max_position_embeddings=MAX_POSITION,
                         original_max_position_embeddings=ORIGINAL,
                         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                          "original_max_position_embeddings": ORIGINAL,
-                                         "short_factor": (1 + torch.rand(rotary_dim // 2, generator=generator)).tolist(),
-                                         "long_factor": (3 + torch.rand(rotary_dim // 2, generator=generator)).tolist()})
+                                         "short_factor": short_factor.tolist(), "long_factor": long_factor.tolist()})
     table = cos_sin_cache(rope_parameters(config), HEAD_DIM, MAX_POSITION)
     assert table.shape == (MAX_POSITION, rotary_dim)
     short, factor = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=ORIGINAL)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
 from engine.layers.layernorm import GemmaRMSNorm
@@ -24,11 +25,11 @@ class Gemma2Attention(LlamaAttention):
 
 
 class Gemma2DecoderLayer(LlamaDecoderLayer):
-    attention_class = Gemma2Attention
     norm_class = GemmaRMSNorm
 
-    def __init__(self, config, ops: KernelOps, layer_idx: int) -> None:
-        super().__init__(config, ops, layer_idx)
+    def __init__(self, config, ops: KernelOps, layer_idx: int, attention_class: type[nn.Module],
+                 mlp_class: type[nn.Module]) -> None:
+        super().__init__(config, ops, layer_idx, attention_class, mlp_class)
         self.pre_feedforward_layernorm = self.norm_class(ops, config.hidden_size, config.rms_norm_eps)
         self.post_feedforward_layernorm = self.norm_class(ops, config.hidden_size, config.rms_norm_eps)
 
@@ -36,18 +37,12 @@ class Gemma2DecoderLayer(LlamaDecoderLayer):
                 rope_cache: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Each block's output is normed before it joins the residual: the add fuses into the next pre-norm."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.post_attention_layernorm(self.self_attn(positions, hidden, rope_cache, kv_cache, meta))
-        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+        hidden, residual = self.attend(positions, hidden, residual, rope_cache, kv_cache, meta)
+        hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(hidden), residual)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
 
 class Gemma2Model(LlamaModel):
-    decoder_layer_class = Gemma2DecoderLayer
     norm_class = GemmaRMSNorm
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -58,4 +53,6 @@ class Gemma2Model(LlamaModel):
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
+    attention_class = Gemma2Attention
+    decoder_layer_class = Gemma2DecoderLayer
     model_class = Gemma2Model

@@ -4,7 +4,7 @@ scaling), which config.json's rope_parameters holds by layer type. Five local la
 from __future__ import annotations
 
 from engine.layers.layernorm import GemmaRMSNorm
-from engine.models.gemma2 import Gemma2DecoderLayer, Gemma2ForCausalLM, Gemma2Model
+from engine.models.gemma2 import Gemma2ForCausalLM
 from engine.models.llama import LlamaAttention
 from kernels import KernelOps
 
@@ -14,13 +14,5 @@ class Gemma3Attention(LlamaAttention):
         super().__init__(config, ops, layer_idx, scale=config.query_pre_attn_scalar ** -0.5, qk_norm=GemmaRMSNorm)
 
 
-class Gemma3DecoderLayer(Gemma2DecoderLayer):
-    attention_class = Gemma3Attention
-
-
-class Gemma3Model(Gemma2Model):
-    decoder_layer_class = Gemma3DecoderLayer
-
-
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
-    model_class = Gemma3Model
+    attention_class = Gemma3Attention

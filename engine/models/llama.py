@@ -2,13 +2,13 @@
 sliding window, comes from config.json).
 
 These classes are the decoder every dense family builds on: a family file subclasses what differs (the
-attention's biases, scale, soft cap or q/k norm; the norm; the decoder layer's norms; the embedding) and wires
-it in through the class attributes `attention_class`, `mlp_class`, `norm_class`, `decoder_layer_class` and
-`model_class`. A mixture-of-experts family swaps `mlp_class` for a block over `FusedMoE`.
+attention's biases, scale, soft cap or q/k norm; the decoder layer's norms; the embedding) and names it in its
+causal LM's class attributes `attention_class`, `mlp_class`, `decoder_layer_class` and `model_class`. A
+mixture-of-experts family sets `mlp_class` to a block over `FusedMoE`.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -98,14 +98,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    attention_class: type[nn.Module] = LlamaAttention
-    mlp_class: type[nn.Module] = LlamaMLP
     norm_class: type[RMSNorm] = RMSNorm
 
-    def __init__(self, config, ops: KernelOps, layer_idx: int) -> None:
+    def __init__(self, config, ops: KernelOps, layer_idx: int, attention_class: type[nn.Module],
+                 mlp_class: type[nn.Module]) -> None:
         super().__init__()
-        self.self_attn = self.attention_class(config, ops, layer_idx)
-        self.mlp = self.mlp_class(config, ops)
+        self.self_attn = attention_class(config, ops, layer_idx)
+        self.mlp = mlp_class(config, ops)
         self.input_layernorm = self.norm_class(ops, config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = self.norm_class(ops, config.hidden_size, config.rms_norm_eps)
 
@@ -113,24 +112,29 @@ class LlamaDecoderLayer(nn.Module):
                 rope_cache: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, residual): the residual add is fused into the next norm."""
+        hidden, residual = self.attend(positions, hidden, residual, rope_cache, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+    def attend(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+               rope_cache: torch.Tensor, kv_cache: torch.Tensor,
+               meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output, residual): the previous layer's output added to the residual and normed first."""
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, rope_cache, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.self_attn(positions, hidden, rope_cache, kv_cache, meta), residual
 
 
 class LlamaModel(nn.Module):
-    decoder_layer_class: type[nn.Module] = LlamaDecoderLayer
     norm_class: type[RMSNorm] = RMSNorm
 
-    def __init__(self, config, ops: KernelOps) -> None:
+    def __init__(self, config, ops: KernelOps, make_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(self.decoder_layer_class(config, ops, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = self.norm_class(ops, config.hidden_size, config.rms_norm_eps)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -146,6 +150,9 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    attention_class: type[nn.Module] = LlamaAttention
+    mlp_class: type[nn.Module] = LlamaMLP
+    decoder_layer_class: type[nn.Module] = LlamaDecoderLayer
     model_class: type[nn.Module] = LlamaModel
     # (our parameter, checkpoint part, shard id): q/k/v and gate/up are stored apart, computed in one matmul each
     stacked_params: StackedParams = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"),
@@ -155,7 +162,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config, ops: KernelOps) -> None:
         super().__init__()
         self.config = config
-        self.model = self.model_class(config, ops)
+        self.model = self.model_class(config, ops, lambda i: self.decoder_layer_class(
+            config, ops, i, self.attention_class, self.mlp_class))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

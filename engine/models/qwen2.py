@@ -2,7 +2,7 @@
 config.json's layer_types name (use_sliding_window, max_window_layers)."""
 from __future__ import annotations
 
-from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from engine.models.llama import LlamaAttention, LlamaForCausalLM
 from kernels import KernelOps
 
 
@@ -11,13 +11,5 @@ class Qwen2Attention(LlamaAttention):
         super().__init__(config, ops, layer_idx, qkv_bias=True, o_bias=False)
 
 
-class Qwen2DecoderLayer(LlamaDecoderLayer):
-    attention_class = Qwen2Attention
-
-
-class Qwen2Model(LlamaModel):
-    decoder_layer_class = Qwen2DecoderLayer
-
-
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    model_class = Qwen2Model
+    attention_class = Qwen2Attention

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from engine.layers.layernorm import RMSNorm
-from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from engine.models.llama import LlamaAttention, LlamaForCausalLM
 from kernels import KernelOps
 
 
@@ -11,13 +11,5 @@ class Qwen3Attention(LlamaAttention):
         super().__init__(config, ops, layer_idx, qk_norm=RMSNorm)
 
 
-class Qwen3DecoderLayer(LlamaDecoderLayer):
-    attention_class = Qwen3Attention
-
-
-class Qwen3Model(LlamaModel):
-    decoder_layer_class = Qwen3DecoderLayer
-
-
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    model_class = Qwen3Model
+    attention_class = Qwen3Attention
