@@ -4,7 +4,9 @@ setup(
     name="tokmodel",
     version="0.1.0",
     description="A continuous-batching LLM serving engine in Python with a paged KV cache and an OpenAI-compatible API",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "server", "server.*"]),
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "server", "server.*", "bench",
+                                    "bench.*"]),
+    package_data={"bench": ["configs/*.json"]},  # the model shapes of --shape
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",
@@ -23,8 +25,8 @@ setup(
         "client": ["openai>=1.0"],  # examples/chat_client.py
         # matplotlib: the GPU check's dry run (tests/test_gpu_check.py) draws its chart too; pydantic-ai and
         # instructor: structured-output client libraries in the tests
-        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "matplotlib", "openai-agents", "instructor>=1.17",
-                 "pydantic-ai-slim[openai]"],
+        "test": ["pytest", "accelerate", "openai>=1.0", "jsonschema", "matplotlib", "openai-agents",
+                 "instructor>=1.17", "pydantic-ai-slim[openai]"],
         "bench": ["matplotlib", "accelerate", "transformers[serving]"],
     },
     entry_points={"console_scripts": ["tokmodel=server.cli:main"]},

@@ -5,7 +5,7 @@ compilations after warm-up, each figure judged against the issue's goal for an H
     python benchmarks/gpu_check.py --cpu-dry-run    # every step at tiny sizes on the CPU, so CI keeps it working
 
 It needs only torch, triton, transformers, safetensors, aiohttp, numpy and pytest, and no network: the models are
-random weights of the shapes in benchmarks/configs/ (a Hugging Face directory built in a temporary directory,
+random weights of the shapes in bench/configs/ (a Hugging Face directory built in a temporary directory,
 or load_format="dummy"). The steps, each in its own process and stopped at its time limit (benchmarks/
 gpu_check_plan.py has the sizes and limits):
 
@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the checkout
 
-from benchmarks.common import RESULTS_DIR, machine_info, save_json  # noqa: E402
+from bench.common import RESULTS_DIR, machine_info, save_json  # noqa: E402
 from benchmarks.gpu_check_plan import CPU_DRY_RUN, H100, Plan  # noqa: E402
 from benchmarks.gpu_check_report import draw, summary_table, withhold_hardware_verdicts  # noqa: E402
 from benchmarks.gpu_check_steps import REPO, STARTED, STARTED_ENV, STEPS, log  # noqa: E402

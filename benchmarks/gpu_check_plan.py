@@ -2,14 +2,12 @@
 that the whole run fits in 8 minutes) and the CPU dry run (every step at tiny sizes, so CI keeps it working)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from bench.offline import CONFIGS  # noqa: F401  (benchmarks/gpu_check_steps.py imports it from here)
 from benchmarks.kernels import LLAMA_3_8B, MOE_SHAPES, MoeShape, Shape, Sweep
-
-CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 class Workload(NamedTuple):

@@ -21,18 +21,19 @@ import json
 import math
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
+# copy_bandwidth_gbps and measure_limits: benchmarks/gpu_check_steps.py takes them from here
+from bench.roofline import (FP32, INT64, Limits, Traffic, bench_seconds, copy_bandwidth_gbps,  # noqa: F401
+                            decode_traffic, kv_write_traffic, measure_limits, prefill_traffic, rms_norm_traffic,
+                            rotary_traffic, silu_and_mul_traffic)
 from kernels import KernelOps, get_ops
 
-INT32, INT64, FP32 = 4, 8, 4
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -71,11 +72,6 @@ MOE_SHAPES = {"Mixtral-8x7B": MoeShape(num_experts=8, top_k=2, hidden=4096, inte
 FULL_SWEEP = Sweep((64, 128, 256), (1024, 2048, 4096, 8192), 4096, (256, 4096), (1, 64, 4096), 2**30, 8192)
 
 
-class Limits(NamedTuple):
-    copy_bw_gbps: float
-    matmul_tflops: float
-
-
 class Setup(NamedTuple):
     """What every benchmark function needs: the ops, and the shapes and device to time them at."""
     ops: KernelOps
@@ -86,52 +82,6 @@ class Setup(NamedTuple):
     limits: Limits
 
 
-class Traffic(NamedTuple):
-    bytes: int
-    flops: int
-
-
-def decode_traffic(batch: int, context_len: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                   block_size: int, elem: int) -> Traffic:
-    """K and V of every context token once, query in, output out, seq_lens and the used block-table entries."""
-    kv = 2 * batch * context_len * num_kv_heads * head_dim * elem
-    q_and_out = 2 * batch * num_heads * head_dim * elem
-    metadata = batch * INT32 + batch * math.ceil(context_len / block_size) * INT32
-    # QK^T and PV: 2 FLOPs per multiply-add each, per (query head, key, dim).
-    return Traffic(kv + q_and_out + metadata, 4 * batch * num_heads * context_len * head_dim)
-
-
-def prefill_traffic(prefix_len: int, q_len: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                    block_size: int, elem: int) -> Traffic:
-    """One sequence's chunk of q_len tokens after prefix_len cached ones; FLOPs count only causal (visible) pairs."""
-    seq_len = prefix_len + q_len
-    kv = 2 * seq_len * num_kv_heads * head_dim * elem
-    q_and_out = 2 * q_len * num_heads * head_dim * elem
-    metadata = math.ceil(seq_len / block_size) * INT32 + 3 * INT32  # table row, seq_len, query_start_loc
-    visible_pairs = q_len * prefix_len + q_len * (q_len + 1) // 2
-    return Traffic(kv + q_and_out + metadata, 4 * num_heads * head_dim * visible_pairs)
-
-
-def rms_norm_traffic(num_tokens: int, hidden: int, elem: int) -> Traffic:
-    """With a residual: x and residual in, output and new residual out, the weight once."""
-    return Traffic(4 * num_tokens * hidden * elem + hidden * elem, 0)
-
-
-def rotary_traffic(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, elem: int) -> Traffic:
-    """Query and key read and written in place, one fp32 cos/sin row and one int64 position per token."""
-    return Traffic(2 * num_tokens * (num_heads + num_kv_heads) * head_dim * elem
-                   + num_tokens * (head_dim * FP32 + INT64), 0)
-
-
-def silu_and_mul_traffic(num_tokens: int, intermediate: int, elem: int) -> Traffic:
-    return Traffic(3 * num_tokens * intermediate * elem, 0)
-
-
-def kv_write_traffic(num_tokens: int, num_kv_heads: int, head_dim: int, elem: int) -> Traffic:
-    """Key and value read, then written to their slots; one int64 slot per token."""
-    return Traffic(4 * num_tokens * num_kv_heads * head_dim * elem + num_tokens * INT64, 0)
-
-
 def fused_moe_traffic(num_tokens: int, num_experts_hit: int, shape: MoeShape, elem: int) -> Traffic:
     """Hidden states in and out, the weights of every expert some token goes to (read once), the routing
     (fp32 weight and int64 id per pair); 2 FLOPs per multiply-add of the gate_up and down GEMMs of every pair."""
@@ -139,38 +89,6 @@ def fused_moe_traffic(num_tokens: int, num_experts_hit: int, shape: MoeShape, el
     routing = num_tokens * shape.top_k * (FP32 + INT64)
     flops = 2 * num_tokens * shape.top_k * 3 * shape.hidden * shape.intermediate
     return Traffic(2 * num_tokens * shape.hidden * elem + weights + routing, flops)
-
-
-def measure_limits(device: str, sweep: Sweep, dtype: torch.dtype = torch.bfloat16) -> Limits:
-    """Achievable device limits: a copy (read + write; 2 GiB in bf16 for the full sweep) and an n^3 matmul."""
-    return Limits(copy_bandwidth_gbps(device, sweep.copy_elements, dtype),
-                  _matmul_tflops(device, sweep.matmul_size, dtype))
-
-
-def copy_bandwidth_gbps(device: str, num_elements: int, dtype: torch.dtype = torch.bfloat16) -> float:
-    """GB/s of a device-to-device copy, counting the bytes read and the bytes written."""
-    src = torch.empty(num_elements, dtype=dtype, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / bench_seconds(lambda: dst.copy_(src), device) / 1e9
-
-
-def _matmul_tflops(device: str, n: int, dtype: torch.dtype) -> float:
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    return 2 * n**3 / bench_seconds(lambda: a @ a, device) / 1e12
-
-
-def bench_seconds(fn: Callable[[], object], device: str) -> float:
-    """Seconds per call: on a GPU the median of do_bench's runs (L2 flushed between them); on the CPU, where the
-    dry run times kernels in Triton's interpreter only to exercise the code, the best of three calls."""
-    if device.startswith("cuda"):
-        return do_bench(fn, warmup=25, rep=100) / 1e3
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def _record(kernel: str, shape: dict, dtype: torch.dtype, seconds: float, traffic: Traffic, limits: Limits,

@@ -30,7 +30,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere in the checkout
 
-from benchmarks.common import default_result_path, machine_info, save_json  # noqa: E402
+from bench.common import default_result_path, machine_info, save_json  # noqa: E402
 from engine.layers.moe import FusedMoE  # noqa: E402
 from kernels import get_ops  # noqa: E402
 

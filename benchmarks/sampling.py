@@ -1,5 +1,5 @@
 """What sampling costs per step, as issue 11 measured it: 256 sequences decoding together on a dummy Llama of one
-layer, 64 wide, with SmolLM2's 49,152-token vocabulary (benchmarks/configs/smollm2-vocab-1-layer.json), so that
+layer, 64 wide, with SmolLM2's 49,152-token vocabulary (bench/configs/smollm2-vocab-1-layer.json), so that
 the model costs almost nothing and the sampler shows. Prints one JSON object.
 
     python benchmarks/sampling.py --threads 1                  # the README's figures
@@ -32,14 +32,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere in the checkout
 
-from benchmarks.common import machine_info  # noqa: E402
+from bench.common import machine_info  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.engine_core import EngineCore  # noqa: E402
 from engine.request import Request  # noqa: E402
 from engine.sampler import Sampler  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
-CONFIG = REPO / "benchmarks" / "configs" / "smollm2-vocab-1-layer.json"
+CONFIG = REPO / "bench" / "configs" / "smollm2-vocab-1-layer.json"
 NUM_SEQS = 256
 PROMPT_LEN = 8
 REALISTIC = {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.1, "seed": 0}

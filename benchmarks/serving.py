@@ -1,9 +1,6 @@
-"""Serving load: streaming chat requests at a fixed concurrency against OpenAI-compatible servers; prints JSON.
-
-Measured as vLLM's benchmark_serving does: TTFT from sending the request to the first chunk with content, ITL
-between consecutive content chunks, TPOT as (latency - TTFT) / (output tokens - 1), output tok/s as all output
-tokens over the wall time of the run. Output tokens come from the usage chunk (stream_options.include_usage),
-else from the number of content chunks.
+"""Serving campaigns: start servers, load each with `tokmodel bench serve` (bench/serve.py: vLLM's definitions),
+print a JSON summary per server; --offline adds the same requests through the offline LLM, for the server's
+overhead. The load: streaming chat requests of random 32-token prompts at a fixed concurrency.
 
     python benchmarks/serving.py --base-url http://localhost:8000            # a server already running
     python benchmarks/serving.py --launch tokmodel --launch transformers     # start each in turn, same weights
@@ -20,120 +17,61 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-TOPICS = ["the ocean", "a lighthouse", "bread baking", "a chess match", "autumn", "a robot", "the moon", "a library",
-          "trains", "a garden", "mountains", "a violin", "rain", "a market", "bees", "a bridge"]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere in the checkout
 
+from bench.serve import add_serve_args, serve_runs  # noqa: E402
 
-@dataclass
-class Result:
-    ok: bool = False
-    ttft: float = 0.0
-    latency: float = 0.0
-    itls: list[float] = field(default_factory=list)
-    output_tokens: int = 0
-    error: str = ""
-
-
-async def stream_chat(session: aiohttp.ClientSession, url: str, payload: dict) -> Result:
-    result, chunks = Result(), 0
-    start = last = time.perf_counter()
-    try:
-        async with session.post(url, json=payload) as response:
-            if response.status != 200:
-                return Result(error=f"{response.status}: {(await response.text())[:200]}")
-            async for line in response.content:
-                data = line.strip().removeprefix(b"data: ")
-                if not data or data == b"[DONE]":
-                    continue
-                chunk = json.loads(data)
-                if chunk.get("usage"):
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
-                if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                    now = time.perf_counter()
-                    if chunks == 0:
-                        result.ttft = now - start
-                    else:
-                        result.itls.append(now - last)
-                    last, chunks = now, chunks + 1
-        result.latency = time.perf_counter() - start
-        result.output_tokens = result.output_tokens or chunks
-        result.ok = chunks > 0
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        result.error = repr(e)
-    return result
+PROMPT_LEN = 32
 
 
 async def run_load(base_url: str, args: argparse.Namespace, extra_body: dict) -> dict:
-    timeout = aiohttp.ClientTimeout(total=3600)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    connector = aiohttp.TCPConnector(limit=args.concurrency)  # aiohttp's default caps a session at 100 connections
-    async with aiohttp.ClientSession(timeout=timeout, headers=headers, connector=connector) as session:
-        async with session.get(f"{base_url}/v1/models") as response:
-            model = (await response.json())["data"][0]["id"]
-        url = f"{base_url}/v1/chat/completions"
-
-        def payload(i: int) -> dict:
-            return {"model": model, "messages": conversation(i), "max_tokens": args.max_tokens,
-                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}} | extra_body
-
-        for i in range(args.warmup):  # lazy initialisation (kernels, the peer's batching manager) stays out of the figures
-            await stream_chat(session, url, payload(-1 - i))
-        limit = asyncio.Semaphore(args.concurrency)
-
-        async def limited(i: int) -> Result:
-            async with limit:
-                return await stream_chat(session, url, payload(i))
-
-        start = time.perf_counter()
-        results = await asyncio.gather(*(limited(i) for i in range(args.num_requests)))
-        return summarize(results, time.perf_counter() - start) | {"model": model}
-
-
-def conversation(i: int) -> list[dict]:
-    return [{"role": "user", "content": f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}. Story number {i}."}]
+    """`tokmodel bench serve` (bench/serve.py) on base_url: args.num_requests streaming chat requests of random
+    PROMPT_LEN-token prompts, args.concurrency at a time, args.max_tokens each, after args.warmup untimed ones;
+    summarized in this script's keys (benchmarks/gpu_check_report.py reads them)."""
+    argv = ["--base-url", base_url, "--backend", "openai-chat", "--num-prompts", str(args.num_requests),
+            "--max-concurrency", str(args.concurrency), "--random-input-len", str(PROMPT_LEN),
+            "--random-output-len", str(args.max_tokens), "--num-warmups", str(args.warmup),
+            "--metric-percentiles", "50,99", "--disable-tqdm"]
+    if args.model:
+        argv += ["--tokenizer", args.model]
+    if extra_body.get("ignore_eos"):
+        argv.append("--ignore-eos")
+    if args.api_key:
+        argv += ["--header", f"Authorization=Bearer {args.api_key}"]
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    (result,) = await serve_runs(parser.parse_args(argv))
+    stats = lambda metric: {"mean": round(result[f"mean_{metric}_ms"], 2),  # noqa: E731
+                            "p50": round(result[f"p50_{metric}_ms"], 2), "p99": round(result[f"p99_{metric}_ms"], 2)}
+    return {"completed": result["completed"], "failed": result["failed"],
+            "errors": sorted({e for e in result["errors"] if e})[:3], "duration_s": round(result["duration"], 3),
+            "output_tokens": result["total_output_tokens"], "output_tok_s": round(result["output_throughput"], 2),
+            "requests_s": round(result["request_throughput"], 3), "ttft_ms": stats("ttft"), "itl_ms": stats("itl"),
+            "tpot_ms": stats("tpot"), "model": result["model_id"]}
 
 
 def run_offline(args: argparse.Namespace) -> dict:
     """The same requests through TokModel's offline LLM.chat in this process, all at once: the ceiling the
     server's own overhead is measured against."""
-    sys.path.insert(0, str(REPO))
+    from bench.datasets import random_requests
     from engine import LLM, SamplingParams
 
     llm = LLM(model=args.model, dtype=args.dtype)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
-    llm.chat([conversation(-1 - i) for i in range(args.warmup)], params, use_tqdm=False)
+    requests = random_requests(llm.get_tokenizer(), args.num_requests, PROMPT_LEN, args.max_tokens)  # as served
+    conversations = [[{"role": "user", "content": r.prompt}] for r in requests]
+    llm.chat(conversations[:1] * args.warmup, params, use_tqdm=False)
     start = time.perf_counter()
-    outputs = llm.chat([conversation(i) for i in range(args.num_requests)], params, use_tqdm=False)
+    outputs = llm.chat(conversations, params, use_tqdm=False)
     duration = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {"completed": len(outputs), "duration_s": round(duration, 3), "output_tokens": tokens,
             "output_tok_s": round(tokens / duration, 2)}
-
-
-def summarize(results: list[Result], duration: float) -> dict:
-    ok = [r for r in results if r.ok]
-    tokens = sum(r.output_tokens for r in ok)
-    itls = [itl for r in ok for itl in r.itls]
-    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
-    return {"completed": len(ok), "failed": len(results) - len(ok), "errors": sorted({r.error for r in results if r.error})[:3],
-            "duration_s": round(duration, 3), "output_tokens": tokens,
-            "output_tok_s": round(tokens / duration, 2), "requests_s": round(len(ok) / duration, 3),
-            "ttft_ms": _stats([r.ttft for r in ok]), "itl_ms": _stats(itls), "tpot_ms": _stats(tpots)}
-
-
-def _stats(seconds: list[float]) -> dict:
-    if not seconds:
-        return {}
-    ms = np.asarray(seconds) * 1000
-    return {"mean": round(float(ms.mean()), 2), "p50": round(float(np.percentile(ms, 50)), 2),
-            "p99": round(float(np.percentile(ms, 99)), 2)}
 
 
 @contextmanager
@@ -146,7 +84,6 @@ def launched(kind: str, args: argparse.Namespace) -> Iterator[str]:
         if args.model:
             command += ["--model", args.model]
     else:
-        sys.path.insert(0, str(REPO))  # run as a script from a checkout that may not be installed
         from engine.loader import resolve_model  # the same converted weights TokModel loads
 
         model_dir = str(resolve_model(args.model))

@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.common import default_result_path, machine_info, save_json
+from bench.common import default_result_path, machine_info, save_json
 from engine import EngineConfig, SamplingParams
 from engine.engine_core import EngineCore
 from engine.structured_output import StructuredOutputsParams

@@ -28,13 +28,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere in the checkout
 
-from benchmarks.common import default_result_path, machine_info, save_json  # noqa: E402
+from bench.common import default_result_path, machine_info, save_json  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.loader import config_file_dir  # noqa: E402
 from engine.model_runner import StepInputs  # noqa: E402
 from engine.worker import StepChannel  # noqa: E402
 
-CONFIG = REPO / "benchmarks" / "configs" / "qwen3-0.6b.json"
+CONFIG = REPO / "bench" / "configs" / "qwen3-0.6b.json"
 BROADCAST_SEQS, BROADCAST_BLOCKS, BLOCK_SIZE = 256, 64, 16
 
 

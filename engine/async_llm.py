@@ -15,18 +15,23 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
+from engine.beam_search import BeamSearchInstance, BeamSearchParams
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType
 from engine.errors import EngineDeadError
 from engine.executor import MultiprocExecutor
 from engine.metrics import EngineStats
-from engine.outputs import RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.profiler import EngineProfiler
 
 logger = logging.getLogger("tokmodel.engine")
 T = TypeVar("T")
@@ -41,6 +46,7 @@ class AsyncLLM:
         self._stats = self.core.get_stats()
         if isinstance(self.core.runner, MultiprocExecutor):  # a dead worker is noticed even while the engine idles
             self.core.runner.on_death = self._die
+        self._profiler: EngineProfiler | None = None  # made by the first start_profile
         self._thread = threading.Thread(target=self._run, name="tokmodel-engine", daemon=True)
         self._thread.start()
 
@@ -129,6 +135,60 @@ class AsyncLLM:
     def _add(self, request_id: str, prompt: dict, params: SamplingParams) -> None:
         self._commands.put(("add", request_id, prompt, params, time.time()))
 
+    async def start_profile(self, trace_dir: str) -> None:
+        """Start torch.profiler over the engine (engine/profiler.py), as vLLM's AsyncLLM.start_profile. It runs on
+        the engine thread: the profiler records the ops of the thread that starts it."""
+        from engine.profiler import EngineProfiler
+
+        def start() -> None:
+            self._profiler = self._profiler or EngineProfiler(self.core, trace_dir)
+            self._profiler.start()
+
+        await self._in_engine_thread(start)
+
+    async def stop_profile(self) -> Path:
+        """Stop the profiler; returns the trace's path. RuntimeError when it is not running."""
+        if self._profiler is None:
+            raise RuntimeError("the profiler is not running")
+        return await self._in_engine_thread(self._profiler.stop)
+
+    async def _in_engine_thread(self, work: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(("call", work, loop, future))
+        return await future
+
+    async def beam_search(self, prompt: PromptType, params: BeamSearchParams, request_id: str) -> RequestOutput:
+        """One finished output with a choice per beam, best first (engine/beam_search.py); each step's beams run
+        as requests `<request_id>-beam-<step>-<beam>`. A step that fails or is aborted ends the search with its
+        finish reason. Raises as generate does."""
+        arrival_time = time.time()
+        text, token_ids, max_tokens = await self._in_tokenizer_thread(lambda tokenizer: self.core.process_inputs(
+            prompt, SamplingParams(max_tokens=params.max_tokens), tokenizer))
+        search = BeamSearchInstance(token_ids, max_tokens, params, self.core.eos_token_ids)
+        steps: list[list[RequestOutput]] = []
+        while not search.done:
+            outputs = await asyncio.gather(*(
+                self._last_output(beam.tokens, params.step_params, f"{request_id}-beam-{len(steps)}-{index}")
+                for index, beam in enumerate(search.beams)))
+            reasons = [out.outputs[0].finish_reason for out in outputs]
+            failed = [reason for reason in reasons if reason in ("abort", "error")]
+            if failed:
+                return RequestOutput(request_id, text, token_ids, [CompletionOutput(0, "", [], failed[0])], True)
+            search.advance(outputs)
+            steps.append(outputs)
+        times = [out.metrics for step in steps for out in step]
+        metrics = {"arrival_time": arrival_time, "first_scheduled_time": steps[0][0].metrics["first_scheduled_time"],
+                   "first_token_time": steps[0][0].metrics["first_token_time"],
+                   "last_token_time": max(t["last_token_time"] for t in times), "finished_time": time.time(),
+                   "num_preemptions": sum(t["num_preemptions"] for t in times)}
+        return search.request_output(request_id, text, self.tokenizer, metrics)
+
+    async def _last_output(self, token_ids: list[int], params: SamplingParams, request_id: str) -> RequestOutput:
+        async for output in self.generate({"prompt_token_ids": token_ids}, params, request_id):
+            last = output
+        return last
+
     def abort(self, request_id: str) -> None:
         """Abort a request; a stream still open gets its last output, with finish_reason "abort"."""
         self._commands.put(("abort", request_id))
@@ -174,6 +234,8 @@ class AsyncLLM:
             elif command[0] == "abort_all":
                 for request_id in list(self.core.output_processor.states):
                     self._abort(request_id)
+            elif command[0] == "call":
+                self._call(*command[1:])
             self._stats = self.core.get_stats()
 
     def _add_request(self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_time: float) -> None:
@@ -185,6 +247,15 @@ class AsyncLLM:
             logger.exception("adding request %s failed", request_id)
             self.core.abort_request(request_id)  # whatever part of it got in
             self._deliver(request_id, RuntimeError(f"adding the request failed: {type(error).__name__}"))
+
+    @staticmethod
+    def _call(work: Callable[[], T], loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        try:
+            result = work()
+        except Exception as error:  # the caller's to handle; the engine goes on
+            loop.call_soon_threadsafe(future.set_exception, error)
+        else:
+            loop.call_soon_threadsafe(future.set_result, result)
 
     def _abort(self, request_id: str) -> None:
         output = self.core.abort_request(request_id)

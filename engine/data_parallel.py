@@ -22,11 +22,13 @@ import torch.multiprocessing as mp
 from transformers import PreTrainedTokenizerBase
 
 from engine.async_llm import AsyncLLM
+from engine.beam_search import BeamSearchParams
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType, tokenize_prompt
 from engine.errors import EngineDeadError
 from engine.loader import load_tokenizer, resolve_model
 from engine.metrics import EngineStats
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 AFFINITY_SLACK = 4  # requests a replica may carry beyond the least loaded and still get its prefixes
@@ -101,6 +103,12 @@ class DPAsyncLLM(AsyncLLM):
 
     def get_engine_stats(self) -> list[EngineStats]:
         return list(self._engine_stats)
+
+    async def beam_search(self, prompt: PromptType, params: BeamSearchParams, request_id: str) -> RequestOutput:
+        raise ValueError("use_beam_search is not supported with data_parallel_size > 1")
+
+    async def start_profile(self, trace_dir: str) -> None:
+        raise RuntimeError("the profiler is not supported with data_parallel_size > 1: profile one replica")
 
     def _process_inputs(self, prompt: PromptType, params: SamplingParams,
                         tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, list[int], int]:

@@ -14,7 +14,7 @@ from engine.executor import make_executor
 from engine.failure_isolation import find_failing_rows, raise_if_fatal
 from engine.kv_cache_manager import KVCacheManager
 from engine.loader import end_token_ids, load_tokenizer, resolve_model
-from engine.metrics import EngineStats
+from engine.metrics import ITERATION_TOKENS_BUCKETS, EngineStats, HistogramCounts
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -54,6 +54,7 @@ class EngineCore:
         self.structured_output = StructuredOutputManager(self.vocab_size, sorted(self.eos_token_ids))
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.iteration_tokens = HistogramCounts(ITERATION_TOKENS_BUCKETS)
 
     def process_inputs(self, prompt: PromptType, params: SamplingParams,
                        tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[str | None, list[int], int]:
@@ -114,6 +115,7 @@ class EngineCore:
         """One step. A request that makes the step fail fails alone (finish_reason "error"), the others are
         retried by the next step; an error the engine cannot survive raises EngineDeadError."""
         output = self.scheduler.schedule()
+        self.output_processor.mark_preempted(output.preempted)
         if not output.requests:
             return []
         self.output_processor.mark_scheduled(output.requests, time.time())
@@ -126,9 +128,17 @@ class EngineCore:
         self.scheduler.finish_requests(grammar_complete, RequestStatus.FINISHED_STOPPED)
         processed = self.output_processor.process(sequences, sampled.logprobs if sampled else [])
         self.scheduler.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
-        self.num_generation_tokens += len(sequences)
-        self.num_prompt_tokens += sum(s.num_prompt_tokens for s in sequences if s.num_output_tokens == 1 and s.index == 0)
+        self._count_tokens(sequences)
         return processed.outputs + self._fail_requests(processed.failed + grammar_refused)
+
+    def _count_tokens(self, sequences: list[Request]) -> None:
+        """As vLLM counts them: a request's prompt when its first token comes, and every token sampled."""
+        if not sequences:
+            return
+        num_prompt = sum(s.num_prompt_tokens for s in sequences if s.num_output_tokens == 1 and s.index == 0)
+        self.num_prompt_tokens += num_prompt
+        self.num_generation_tokens += len(sequences)
+        self.iteration_tokens.observe(num_prompt + len(sequences))
 
     def _execute(self, output: SchedulerOutput) -> SamplerOutput | None:
         logits = self.runner.execute_model(output)
@@ -164,7 +174,7 @@ class EngineCore:
         kv = self.kv_cache_manager
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), kv.usage,
                            self.scheduler.num_preemptions, kv.prefix_cache_queries, kv.prefix_cache_hits,
-                           self.num_prompt_tokens, self.num_generation_tokens)
+                           self.num_prompt_tokens, self.num_generation_tokens, self.iteration_tokens.copy())
 
 
 def tokenize_prompt(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str | None, list[int]]:

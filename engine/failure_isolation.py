@@ -54,4 +54,4 @@ def sub_output(output: SchedulerOutput, rows: list[int]) -> SchedulerOutput:
     samples = [(request, new_row[row]) for request, row in zip(output.sample_requests, output.sample_rows)
                if row in new_row]
     return SchedulerOutput([output.requests[row] for row in rows], [output.num_scheduled_tokens[row] for row in rows],
-                           [request for request, _ in samples], [row for _, row in samples], output.blocks_to_copy, 0)
+                           [request for request, _ in samples], [row for _, row in samples], output.blocks_to_copy, [])

@@ -6,6 +6,7 @@ import itertools
 
 from tqdm.auto import tqdm
 
+from engine.beam_search import BeamSearchInstance, BeamSearchOutput, BeamSearchParams
 from engine.chat_template import ChatTemplate
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType
@@ -50,6 +51,23 @@ class LLM:
         prompts = [{"prompt_token_ids": self._chat_template.token_ids(c, tools, add_generation_prompt)}
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: list[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """The beam_width best beams of each prompt (engine/beam_search.py). Every step runs one token of every
+        live beam of every prompt as one batch; the beams share their prompt's KV blocks through the prefix cache."""
+        instances = []
+        for prompt in prompts:
+            _, token_ids, max_tokens = self.engine.process_inputs(prompt, SamplingParams(max_tokens=params.max_tokens))
+            instances.append(BeamSearchInstance(token_ids, max_tokens, params, self.engine.eos_token_ids))
+        with tqdm(desc="Beam search", unit="step", disable=not use_tqdm) as bar:
+            while live := [instance for instance in instances if not instance.done]:
+                beams = [{"prompt_token_ids": beam.tokens} for instance in live for beam in instance.beams]
+                outputs = iter(self.generate(beams, params.step_params, use_tqdm=False))
+                for instance in live:
+                    instance.advance([next(outputs) for _ in instance.beams])
+                bar.update(1)
+        return [BeamSearchOutput(instance.best(self.engine.tokenizer)) for instance in instances]
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

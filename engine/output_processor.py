@@ -44,6 +44,8 @@ class RequestState:
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
+    num_preemptions: int = 0  # of all its sequences
 
     @property
     def finished(self) -> bool:
@@ -68,6 +70,12 @@ class OutputProcessor:
                 state.first_scheduled_time = now
                 state.num_cached_tokens = max(request.num_cached_tokens, 0)
 
+    def mark_preempted(self, requests: list[Request]) -> None:
+        for request in requests:
+            state = self.states.get(request.parent_id)
+            if state is not None:
+                state.num_preemptions += 1
+
     def process(self, sequences: list[Request], logprobs: SampleLogprobs) -> ProcessedOutputs:
         """Take one new token per sequence. A request whose token cannot be processed (its detokenizer
         raised) is left out of the outputs and returned as failed; the others go on."""
@@ -88,6 +96,7 @@ class OutputProcessor:
                 touched.pop(seq.parent_id, None)
                 continue
             state.first_token_time = state.first_token_time or now
+            state.last_token_time = now
             touched[state.request_id] = state
         outputs = [out for state in touched.values() if (out := self._make_output(state, now)) is not None]
         for state in touched.values():
@@ -136,7 +145,8 @@ class OutputProcessor:
         if not completions:
             return None
         metrics = {"arrival_time": state.arrival_time, "first_scheduled_time": state.first_scheduled_time,
-                   "first_token_time": state.first_token_time}
+                   "first_token_time": state.first_token_time, "last_token_time": state.last_token_time,
+                   "num_preemptions": state.num_preemptions}
         if finished:
             metrics["finished_time"] = now
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions, finished,

@@ -29,4 +29,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # Timestamps (arrival_time, first_scheduled_time, first_token_time, last_token_time, finished_time once
+    # finished) and num_preemptions, for the server's per-request metrics.
     metrics: dict[str, float] = field(default_factory=dict)

@@ -15,7 +15,7 @@ class SchedulerOutput(NamedTuple):
     sample_requests: list[Request]  # one per sampled row; forks of a just-prefilled prompt repeat its row
     sample_rows: list[int]  # index into `requests` of the row each sample_requests entry samples from
     blocks_to_copy: list[tuple[int, int]]  # copy-on-write (src, dst) block pairs, before the forward
-    num_preempted: int
+    preempted: list[Request]  # sent back to the waiting queue this step
 
 
 class Scheduler:
@@ -46,29 +46,31 @@ class Scheduler:
         max_num_seqs allow; new requests wait while this step had to preempt."""
         scheduled: list[Request] = []
         num_tokens: list[int] = []
-        budget, num_preempted = self._schedule_running(scheduled, num_tokens)
-        if not num_preempted:
+        preempted: list[Request] = []
+        budget = self._schedule_running(scheduled, num_tokens, preempted)
+        if not preempted:
             self._schedule_waiting(scheduled, num_tokens, budget)
         sample_requests, sample_rows = self._sample_rows(scheduled, num_tokens)
         return SchedulerOutput(scheduled, num_tokens, sample_requests, sample_rows,
-                               self.kv.take_blocks_to_copy(), num_preempted)
+                               self.kv.take_blocks_to_copy(), preempted)
 
-    def _schedule_running(self, scheduled: list[Request], num_tokens: list[int]) -> tuple[int, int]:
-        budget, num_preempted, index = self.max_num_batched_tokens, 0, 0
+    def _schedule_running(self, scheduled: list[Request], num_tokens: list[int], preempted: list[Request]) -> int:
+        """Returns the token budget left."""
+        budget, index = self.max_num_batched_tokens, 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()  # the newest
                 self._preempt(victim)
-                num_preempted += 1
+                preempted.append(victim)
                 if victim is request:
-                    return budget, num_preempted
+                    return budget
             scheduled.append(request)
             num_tokens.append(num_new)
             budget -= num_new
             index += 1
-        return budget, num_preempted
+        return budget
 
     def _schedule_waiting(self, scheduled: list[Request], num_tokens: list[int], budget: int) -> None:
         # Choices still to fork from a running prompt count against max_num_seqs already.

@@ -14,6 +14,7 @@ from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.errors import OpenAIError, error_response
 from server.metrics import ServerMetrics
+from server.profiling import add_profiler_routes
 from server.response_store import DEFAULT_MAX_STORED_RESPONSES, ResponseStore
 from server.responses import create_response, delete_response, retrieve_response
 from server.state import STATE, ServerState
@@ -38,6 +39,7 @@ class ServerOptions:
     stats_interval_s: float = 10.0  # how often a busy server logs its stats line
     tool_call_parser: str | None = None  # with --enable-auto-tool-choice: a name in tool_parsers.TOOL_PARSERS
     max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES  # --max-stored-responses
+    profiler_dir: str | None = None  # --profiler-config's torch_profiler_dir: serves /start_profile, /stop_profile
 
 
 @web.middleware
@@ -85,7 +87,7 @@ async def check_api_key(request: web.Request, handler) -> web.StreamResponse:
 def build_app(llm: AsyncLLM, options: ServerOptions) -> web.Application:
     app = web.Application(middlewares=[track_in_flight, openai_errors, check_api_key], client_max_size=MAX_BODY_BYTES)
     tool_parser = TOOL_PARSERS[options.tool_call_parser] if options.tool_call_parser else None
-    app[STATE] = ServerState(llm, ServerMetrics(llm, llm.model_name), options.api_key, options.max_waiting_requests,
+    app[STATE] = ServerState(llm, ServerMetrics(llm), options.api_key, options.max_waiting_requests,
                              options.log_requests, responses=ResponseStore(options.max_stored_responses),
                              tool_parser=tool_parser)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
@@ -100,4 +102,6 @@ def build_app(llm: AsyncLLM, options: ServerOptions) -> web.Application:
     app.router.add_get("/metrics", info.metrics)
     app.router.add_post("/tokenize", tokenization.tokenize)
     app.router.add_post("/detokenize", tokenization.detokenize)
+    if options.profiler_dir:
+        add_profiler_routes(app, options.profiler_dir)
     return app

@@ -6,6 +6,7 @@ import uuid
 from aiohttp import web
 
 from engine.outputs import CompletionOutput
+from server.beam_search import beam_search_params
 from server.chat_messages import chat_messages
 from server.choices import Choice
 from server.errors import bad_request
@@ -98,10 +99,11 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
                              {"logprobs": "top_logprobs", "max_tokens": max_name}, tool_calling.structured_outputs)
     require_tokenizer(state.llm)
     tool_calling.adjust_request(params, state.llm.tokenizer)
+    beam = beam_search_params(body, params)
     prompt = await chat_prompt(state.llm, chat_messages(body), tool_calling.template_tools())
     completion = ChatCompletion(f"chatcmpl-{uuid.uuid4().hex}", state.llm.model_name, params.n, options,
                                 top_logprobs, state.llm.tokenizer, tool_calling=tool_calling)
-    return await completion.respond(request, generate_many(state, [prompt], params, completion.id))
+    return await completion.respond(request, generate_many(state, [prompt], params, completion.id, beam))
 
 
 def _top_logprobs(body: dict) -> int | None:

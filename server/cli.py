@@ -12,6 +12,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING
 
+from bench.cli import add_bench_command, add_profile_command
 from server.logging_config import LOG_LEVEL_ENV, configure_logging
 from server.response_store import DEFAULT_MAX_STORED_RESPONSES
 from server.startup import UsageError, bind_socket, check_device, check_model
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_serve_command(commands, common)
     add_generate_command(commands, common)
+    add_bench_command(commands, common)
+    add_profile_command(commands, common)
     return parser
 
 
@@ -145,6 +148,9 @@ def add_serve_command(commands: argparse._SubParsersAction, common: argparse.Arg
                        help="how many /v1/responses created with store: true are kept in memory, for GET "
                        "/v1/responses/{id} and previous_response_id; past it the oldest are forgotten "
                        f"(default: {DEFAULT_MAX_STORED_RESPONSES})")
+    group.add_argument("--profiler-config", help='vLLM\'s profiler settings as JSON, {"profiler": "torch", '
+                       '"torch_profiler_dir": "DIR"}: serves POST /start_profile and /stop_profile, which write a '
+                       "torch.profiler trace of the engine to DIR (tokmodel profile --base-url drives them)")
     group.add_argument("--stats-log-interval", type=float, default=10.0, help=argparse.SUPPRESS)  # tests shorten it
     group.add_argument("--enable-auto-tool-choice", action="store_true",
                        help='honour tool_choice "auto" (the default with tools): the model decides, and '
@@ -156,17 +162,23 @@ def add_serve_command(commands: argparse._SubParsersAction, common: argparse.Arg
 
 def serve(args: argparse.Namespace) -> int:
     from server.app import ServerOptions
+    from server.profiling import profiler_dir
 
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise UsageError("--enable-auto-tool-choice requires --tool-call-parser")
     if args.node_rank:  # a worker node: no HTTP
         return _serve_worker_node(checked_engine_config(args))
+    try:
+        trace_dir = profiler_dir(args.profiler_config) if args.profiler_config else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     sock = bind_socket(args.host, args.port)
     config = checked_engine_config(args)
     options = ServerOptions(args.api_key, args.max_waiting_requests, args.shutdown_grace_period,
                             access_log=not args.disable_uvicorn_access_log, log_requests=args.enable_log_requests,
                             stats_interval_s=args.stats_log_interval, max_stored_responses=args.max_stored_responses,
-                            tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
+                            tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+                            profiler_dir=trace_dir)
     return asyncio.run(_load_and_serve(config, options, sock))
 
 

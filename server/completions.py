@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from engine.outputs import CompletionOutput
+from server.beam_search import beam_search_params
 from server.choices import Choice
 from server.errors import bad_request
 from server.fields import COMPLETION_REFUSED, check_fields
@@ -61,6 +62,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     options = stream_options(body)
     max_tokens = body.get("max_tokens", _DEFAULT_MAX_TOKENS)
     params = sampling_params(body, max_tokens, body.get("logprobs"), vocab_size(llm))
+    beam = beam_search_params(body, params)
     prompts = completion_prompts(body, vocab_size(llm))
     if any(isinstance(p, str) for p in prompts) or body.get("echo") or params.logprobs is not None:
         require_tokenizer(llm)
@@ -69,7 +71,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     echoed = [_prompt_text(llm.tokenizer, p) if body.get("echo") else "" for p in prompts]
     completion = TextCompletion(f"cmpl-{uuid.uuid4().hex}", llm.model_name, params.n, options, params.logprobs,
                                 llm.tokenizer, echoed=echoed)
-    return await completion.respond(request, generate_many(state, prompts, params, completion.id))
+    return await completion.respond(request, generate_many(state, prompts, params, completion.id, beam))
 
 
 def _prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str | list[int]) -> str:

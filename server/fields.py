@@ -38,7 +38,7 @@ _CHAT_TEMPLATE = {"add_generation_prompt": only(True), "continue_final_message":
                   "chat_template": only(), "chat_template_kwargs": only({}), "mm_processor_kwargs": only({})}
 _GENERATION = {  # every endpoint that generates: chat, completions, responses
     "best_of": lambda value, body: _same_json(value, body.get("n") or 1),  # one candidate per choice is the default
-    "use_beam_search": only(False), "length_penalty": only(1), "include_stop_str_in_output": only(False),
+    "include_stop_str_in_output": only(False),
     "spaces_between_special_tokens": only(True), "truncate_prompt_tokens": only(), "prompt_logprobs": only(),
     "allowed_token_ids": only(), "bad_words": only([]), "logits_processors": only([]),
     "structural_tag": only(), "guided_decoding_backend": only(), "guided_whitespace_pattern": only(),
@@ -58,6 +58,7 @@ COMPLETION_REFUSED: dict[str, NoOp] = _GENERATION | {
 }
 RESPONSES_REFUSED: dict[str, NoOp] = _GENERATION | {
     "n": only(1),  # a response has one output
+    "use_beam_search": only(False), "length_penalty": only(1),
     "max_tokens": only(),  # chat's name: here max_output_tokens
     # On Responses, the output's format is text.format.
     "response_format": only(), "structured_outputs": only(), "guided_json": only(), "guided_regex": only(),

@@ -5,6 +5,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from engine.beam_search import BeamSearchParams
 from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -32,13 +33,16 @@ def admit(state: ServerState) -> None:
                           code="queue_full", headers={"Retry-After": _RETRY_AFTER_S})
 
 
-async def generate(state: ServerState, prompt: str | list[int], params: SamplingParams,
-                   request_id: str) -> AsyncIterator[RequestOutput]:
-    """The engine's DELTA outputs for one prompt. Closing this generator (the handler's task cancelled on
-    disconnect, or an exception) closes the engine's, which aborts the request and frees its blocks."""
-    tracker = state.metrics.track()
+async def generate(state: ServerState, prompt: str | list[int], params: SamplingParams, request_id: str,
+                   beam: BeamSearchParams | None = None) -> AsyncIterator[RequestOutput]:
+    """The engine's DELTA outputs for one prompt (a beam search: its one final output). Closing this generator
+    (the handler's task cancelled on disconnect, or an exception) closes the engine's, which aborts the request
+    and frees its blocks."""
+    tracker = state.metrics.track(params)
+    engine_outputs = state.llm.generate(prompt, params, request_id) if beam is None else _beam_search(
+        state, prompt, beam, request_id)
     try:
-        async with aclosing(state.llm.generate(prompt, params, request_id)) as outputs:
+        async with aclosing(engine_outputs) as outputs:
             async for out in outputs:
                 tracker.observe(out)
                 reasons = {choice.finish_reason for choice in out.outputs}
@@ -58,17 +62,22 @@ async def generate(state: ServerState, prompt: str | list[int], params: Sampling
             log_request(request_id, params, tracker)
 
 
+async def _beam_search(state: ServerState, prompt: str | list[int], params: BeamSearchParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+    yield await state.llm.beam_search(prompt, params, request_id)
+
+
 async def generate_many(state: ServerState, prompts: list[str | list[int]], params: SamplingParams,
-                        request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+                        request_id: str, beam: BeamSearchParams | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) from all prompts as they come; one prompt needs no tasks."""
     admit(state)
     if len(prompts) == 1:
-        async with aclosing(generate(state, prompts[0], params, request_id)) as outputs:
+        async with aclosing(generate(state, prompts[0], params, request_id, beam)) as outputs:
             async for out in outputs:
                 yield 0, out
         return
     queue: asyncio.Queue = asyncio.Queue()
-    pumps = [asyncio.create_task(_pump(queue, i, generate(state, p, params, f"{request_id}-{i}")))
+    pumps = [asyncio.create_task(_pump(queue, i, generate(state, p, params, f"{request_id}-{i}", beam)))
              for i, p in enumerate(prompts)]
     try:
         for _ in range(len(pumps)):

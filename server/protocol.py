@@ -25,6 +25,7 @@ _SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {
     "seed": (int,), "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER, "repetition_penalty": _NUMBER,
     "logit_bias": (dict,), "max_tokens": (int,), "min_tokens": (int,), "stop": (str, list), "stop_token_ids": (list,),
     "ignore_eos": (bool,), "skip_special_tokens": (bool,), "stream": (bool,), "stream_options": (dict,), "user": (str,),
+    "use_beam_search": (bool,), "length_penalty": _NUMBER,  # server/beam_search.py
 }
 _SAMPLING_FIELDS |= STRUCTURED_OUTPUT_FIELDS
 CHAT_FIELDS = _SAMPLING_FIELDS | {"messages": (list,), "max_completion_tokens": (int,), "logprobs": (bool,),

@@ -109,7 +109,7 @@ def _closing(item: _Message | _FunctionCall, status: str) -> list[dict]:
         content = [_event("response.output_text.done", item, **_TEXT, text=item.text, logprobs=[]),
                    _event("response.content_part.done", item, **_TEXT, part=text_part(item.text))]
     else:
-        content = [_event("response.function_call_arguments.done", item, arguments=item.arguments)]
+        content = [_event("response.function_call_arguments.done", item, name=item.name, arguments=item.arguments)]
     return content + [_item_event("response.output_item.done", item, status)]
 
 

@@ -138,7 +138,7 @@ def test_local_hf_dir_and_dummy_config(tmp_path: Path):
 def test_benchmark_config_resolves_for_dummy_weights(tmp_path: Path, monkeypatch, name: str, architecture: str,
                                                      layers: int, vocab: int):
     monkeypatch.setenv("TOKMODEL_CACHE", str(tmp_path))
-    config_file = Path(__file__).parents[1] / "benchmarks" / "configs" / f"{name}.json"
+    config_file = Path(__file__).parents[1] / "bench" / "configs" / f"{name}.json"
     config = AutoConfig.from_pretrained(resolve_model(str(config_file), load_format="dummy"))
     assert config.architectures == [architecture] and config.num_hidden_layers == layers
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (4096, 32, 8)

@@ -104,6 +104,7 @@ def test_streamed_function_calls_are_openai_events_that_add_up_to_the_final_item
         assert kinds == ["response.output_item.added", *["response.function_call_arguments.delta"] * deltas,
                          "response.function_call_arguments.done", "response.output_item.done"]
         added, done_arguments, done_item = about[0]["item"], about[-2]["arguments"], about[-1]["item"]
+        assert about[-2]["name"] == call["name"]
         assert (added["status"], added["arguments"], added["name"]) == ("in_progress", "", call["name"])
         streamed = "".join(event["delta"] for event in about if event["type"].endswith("arguments.delta"))
         assert streamed == done_arguments == call["arguments"] and done_item == call

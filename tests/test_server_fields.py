@@ -62,7 +62,7 @@ def assert_400(response, param: str | None, message: str | None = None) -> str:
     (CHAT, "chat_template_kwargs", {"enable_thinking": False}),
     (CHAT, "documents", [{"title": "a", "text": "b"}]),
     (CHAT, "best_of", 3),
-    (CHAT, "use_beam_search", True),
+    (RESPONSES, "use_beam_search", True),
     (CHAT, "guided_decoding_backend", "outlines"),
     (CHAT, "structural_tag", {"type": "structural_tag"}),
     (CHAT, "logits_processors", ["my.Processor"]),

@@ -44,7 +44,7 @@ def default_model_dir() -> Path:
 
 def config_file_dir(path: Path) -> Path:
     """A directory whose config.json is `path`: its own for a config.json, else a cached copy, so
-    that named shape files (benchmarks/configs/llama-3-8b.json) load like any HF directory."""
+    that named shape files (bench/configs/llama-3-8b.json) load like any HF directory."""
     if path.name == "config.json":
         return path.parent
     data = path.read_bytes()

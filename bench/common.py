@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: where a run happened, and how its figures are saved."""
+"""Helpers shared by the benchmarks and `tokmodel bench`: where a run happened, and how its figures are saved."""
 from __future__ import annotations
 
 import datetime
@@ -10,13 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"  # in a checkout
 
 
 def machine_info(device: str) -> dict:
     """What a reader needs to compare two result files: processor, accelerator, library versions, date, command."""
+    import torch
     import transformers
 
     info = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
