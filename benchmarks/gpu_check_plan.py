@@ -56,7 +56,7 @@ H100 = Plan(
     # 10 s (before the fused MoE's ~15 s), decode_latency 13 s, serving 32 s, compile_stalls 19 s; throughput's
     # TokModel half 35 s, generate_batch unfinished after 140 s.
     step_time_limit_s={"tests": 140, "kernels": 40, "throughput": 180, "decode_latency": 30, "serving": 50,
-                       "compile_stalls": 30},
+                       "compile_stalls": 30, "tensor_parallel": 120},  # TP: a skip on one GPU, seconds
     # The CUDA tests: kernels in bf16 and fp16 at the larger GPU shapes (fp32 is the CPU's job), and every model
     # family against transformers and the Triton backend against the torch one.
     pytest_args=("tests/test_kernels.py", "tests/test_model_families.py", "tests/test_moe.py", "-k",
@@ -81,7 +81,7 @@ TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
 CPU_DRY_RUN = Plan(
     name="cpu-dry-run", device="cpu", dtype="float32", kernel_dtype=torch.float32, model_overrides=TINY_MODEL,
     step_time_limit_s={"tests": 300, "kernels": 120, "throughput": 300, "decode_latency": 120, "serving": 180,
-                       "compile_stalls": 300},
+                       "compile_stalls": 300, "tensor_parallel": 60},
     pytest_args=("tests/test_model_families.py", "tests/test_kernels.py", "-k",
                  "(llama and torch) or (silu_and_mul and cpu-float32)"),
     kernel_shape=Shape(num_heads=4, num_kv_heads=2, head_dim=32, block_size=16, hidden=64, intermediate=128),
