@@ -27,7 +27,7 @@ from engine.config import EngineConfig
 from engine.distributed import destroy_distributed, init_distributed
 from engine.errors import EngineDeadError
 from engine.loader import iter_weight_slices
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepInputs
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
 from engine.worker import BroadcastChannel, StepChannel, run_worker
@@ -109,7 +109,10 @@ class MultiprocExecutor:
     def execute_model(self, output: SchedulerOutput) -> torch.Tensor:
         """Rank 0's logits of the step; every rank runs it. A failure here is fatal (EngineDeadError): a rank
         that stopped halfway leaves the others inside a collective, so no step can be retried."""
-        return self._collective_rpc("execute_step", (self.runner.prepare_step(output),))
+        return self._collective_rpc("execute_step", (self.prepare_step(output),))
+
+    def prepare_step(self, output: SchedulerOutput) -> StepInputs:
+        return self.runner.prepare_step(output)
 
     def _collective_rpc(self, method: str, args: tuple, local_args: tuple | None = None):
         """Run `method` on every rank: the workers with `args`, rank 0 with `local_args` (default `args`). Calls
