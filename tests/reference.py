@@ -31,4 +31,6 @@ def hf_generate_greedy(model, prompt_token_ids: list[int], max_new_tokens: int) 
 
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=[], pad_token_id=0)
     ids = torch.tensor([prompt_token_ids])
-    return model.generate(ids, generation_config=config)[0, len(prompt_token_ids):].tolist()
+    # An explicit mask: without one, generate masks out every prompt token equal to pad_token_id.
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return out[0, len(prompt_token_ids):].tolist()

@@ -1,4 +1,4 @@
-"""GGUF file → cached Hugging Face Llama directory, converted once."""
+"""GGUF file → cached Hugging Face directory, converted once."""
 from __future__ import annotations
 
 import hashlib

@@ -7,7 +7,13 @@ from typing import Any
 from gguf import GGUFReader
 
 _MISSING = object()
-SUPPORTED_ARCHITECTURES = ("llama",)
+# GGUF architecture -> (architectures, model_type) of config.json. They share llama.cpp's tensor names (qwen2
+# adds biases, qwen3 q/k norms, gemma2 two norms, phi3 fused ones; gguf_weights.py); only llama's q/k rows are
+# permuted.
+HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+                    "qwen3": ("Qwen3ForCausalLM", "qwen3"), "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+                    "phi3": ("Phi3ForCausalLM", "phi3")}
+GEMMA2_27B_LAYERS = 46
 
 
 def open_gguf(path: Path) -> GGUFReader:
@@ -18,9 +24,9 @@ def open_gguf(path: Path) -> GGUFReader:
         raise ValueError(f"{path} is not a valid GGUF file ({type(e).__name__}: {e}); "
                          f"the file may be truncated or corrupt") from e
     architecture = field(reader, "general.architecture")
-    if architecture not in SUPPORTED_ARCHITECTURES:
+    if architecture not in HF_ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {architecture!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+                         f"(supported: {', '.join(HF_ARCHITECTURES)})")
     return reader
 
 
@@ -35,14 +41,15 @@ def field(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
 
 
 def hf_config(reader: GGUFReader) -> dict[str, Any]:
-    """config.json of a LlamaForCausalLM, with the values transformers' own GGUF loader derives."""
+    """config.json of the file's architecture, with the values transformers' own GGUF loader derives."""
     arch = field(reader, "general.architecture")
     num_heads = field(reader, f"{arch}.attention.head_count")
     hidden_size = field(reader, f"{arch}.embedding_length")
     tensor_names = {t.name for t in reader.tensors}
+    architecture, model_type = HF_ARCHITECTURES[arch]
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "hidden_size": hidden_size,
         "intermediate_size": field(reader, f"{arch}.feed_forward_length"),
         "num_hidden_layers": field(reader, f"{arch}.block_count"),
@@ -65,7 +72,29 @@ def hf_config(reader: GGUFReader) -> dict[str, Any]:
         token_id = field(reader, f"tokenizer.ggml.{key}_token_id", None)
         if token_id is not None:
             config[f"{key.replace('padding', 'pad')}_token_id"] = token_id
+    if arch == "gemma2":
+        config |= gemma2_config(reader, config)
+    if arch == "phi3":
+        config |= phi3_config(reader, config)
     return config
+
+
+def gemma2_config(reader: GGUFReader, config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2's own keys. GGUF does not record query_pre_attn_scalar: llama.cpp scales queries by
+    hidden_size / heads for the 27B model (46 layers) and by head_dim otherwise, and so does this."""
+    scalar = (config["hidden_size"] // config["num_attention_heads"]
+              if config["num_hidden_layers"] == GEMMA2_27B_LAYERS else config["head_dim"])
+    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar,
+            "sliding_window": field(reader, "gemma2.attention.sliding_window"),
+            "attn_logit_softcapping": float(field(reader, "gemma2.attn_logit_softcapping")),
+            "final_logit_softcapping": float(field(reader, "gemma2.final_logit_softcapping"))}
+
+
+def phi3_config(reader: GGUFReader, config: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's own keys: the rotated part of each head (Phi-4-mini rotates 3/4) and the window."""
+    rotary_dim = field(reader, "phi3.rope.dimension_count", config["head_dim"])
+    return {"partial_rotary_factor": rotary_dim / config["head_dim"],
+            "sliding_window": field(reader, "phi3.attention.sliding_window", None)}
 
 
 def hf_generation_config(reader: GGUFReader) -> dict[str, Any]:

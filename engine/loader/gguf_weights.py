@@ -1,4 +1,5 @@
-"""GGUF tensors as Hugging Face Llama parameters: dequantized, renamed, Q/K rows restored."""
+"""GGUF tensors as Hugging Face parameters (Llama, Qwen2, Qwen3, Gemma 2, Phi-3): dequantized, renamed, Llama's
+Q/K rows restored, Gemma's norms taken back from llama.cpp's 1 + weight."""
 from __future__ import annotations
 
 import re
@@ -17,34 +18,45 @@ _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+}
+# Where a family's names differ: Gemma 2's four norms per layer (its ffn_norm is the one before the MLP, not the
+# one after attention); Phi-3's fused q/k/v, and its ffn_up holding gate and up.
+_FAMILY_LAYER_NAMES = {
+    "gemma2": _LAYER_NAMES | {"post_attention_norm": "post_attention_layernorm",
+                              "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+    "phi3": _LAYER_NAMES | {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)")
 
 
-def hf_name(gguf_name: str) -> str:
-    """The HF Llama parameter name of a llama.cpp tensor name."""
-    base = gguf_name.removesuffix(".weight")
-    if base != gguf_name:
+def hf_name(gguf_name: str, model_type: str) -> str:
+    """The HF parameter name of a llama.cpp tensor name (a weight, or a bias: Qwen2's q/k/v)."""
+    layer_names = _FAMILY_LAYER_NAMES.get(model_type, _LAYER_NAMES)
+    base, _, kind = gguf_name.rpartition(".")
+    if kind in ("weight", "bias"):
         if base in _GLOBAL_NAMES:
-            return f"{_GLOBAL_NAMES[base]}.weight"
+            return f"{_GLOBAL_NAMES[base]}.{kind}"
         match = _LAYER_TENSOR.fullmatch(base)
-        if match and match.group(2) in _LAYER_NAMES:
-            return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
-    # rope_freqs (Llama 3.1 scaling) lands here too: HF needs it as config.rope_scaling, which
-    # GGUF does not record, so loading without it would silently change the model.
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama equivalent")
+        if match and match.group(2) in layer_names:
+            return f"model.layers.{match.group(1)}.{layer_names[match.group(2)]}.{kind}"
+    # rope_freqs (Llama 3.1 scaling) and rope_factors_long/short (Phi-3's longrope) land here too: HF needs
+    # them as config.rope_scaling, which GGUF does not record, so loading without them would change the model.
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face equivalent")
 
 
 def hf_tensors(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the file as (HF name, float32 tensor), with a progress bar on stderr."""
     for tensor in tqdm(reader.tensors, desc="converting GGUF tensors", unit="tensor", file=sys.stderr):
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, config["model_type"])
         # dequantize() gives numpy order (GGUF dims reversed), which is HF's [out, in].
         weights = dequantize(tensor.data, tensor.tensor_type)
-        if ".q_proj." in name:
+        if config["model_type"] == "llama" and ".q_proj." in name:  # llama.cpp permutes llama's q/k alone
             weights = unpermute_rows(weights, config["num_attention_heads"])
-        elif ".k_proj." in name:
+        elif config["model_type"] == "llama" and ".k_proj." in name:
             weights = unpermute_rows(weights, config["num_key_value_heads"])
+        elif config["model_type"] == "gemma2" and name.endswith("norm.weight"):  # llama.cpp stores 1 + weight
+            weights = weights - 1
         # np.array copies: F32 tensors come back as views of the read-only file mapping.
         yield name, torch.from_numpy(np.array(weights, dtype=np.float32))
 

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
 from engine.layers.layernorm import GemmaRMSNorm
@@ -27,9 +26,9 @@ class Gemma2Attention(LlamaAttention):
 class Gemma2DecoderLayer(LlamaDecoderLayer):
     norm_class = GemmaRMSNorm
 
-    def __init__(self, config, ops: KernelOps, layer_idx: int, attention_class: type[nn.Module],
-                 mlp_class: type[nn.Module]) -> None:
-        super().__init__(config, ops, layer_idx, attention_class, mlp_class)
+    def __init__(self, config, ops: KernelOps, *layer_args) -> None:
+        """layer_args: LlamaDecoderLayer's (layer_idx, attention_class, mlp_class)."""
+        super().__init__(config, ops, *layer_args)
         self.pre_feedforward_layernorm = self.norm_class(ops, config.hidden_size, config.rms_norm_eps)
         self.post_feedforward_layernorm = self.norm_class(ops, config.hidden_size, config.rms_norm_eps)
 
