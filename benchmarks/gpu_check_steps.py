@@ -308,6 +308,44 @@ def run_compile_stalls(plan: Plan, work_dir: Path) -> dict:
     return result
 
 
+# ---- 5. the fast path: the same tokens on every decode path ----
+
+def run_fast_path(plan: Plan, work_dir: Path) -> dict:
+    """Greedy requests on random-weight Qwen3 and Llama models, in fp32 (so that a different split of decode
+    attention cannot flip a near tie), through eager decode and through CUDA-graph decode (in the dry run: the
+    graph path's padding and static buffers, run eagerly); every request must get the same tokens."""
+    from benchmarks.random_model import random_model_dir
+    from engine import LLM, SamplingParams
+
+    check = plan.fast_path
+    graphs = {"eager_graph_padding": True} if plan.is_dry_run else {"enforce_eager": False}
+    models = {"qwen3": qwen3_dir(plan, work_dir),
+              "llama": random_model_dir(CONFIGS / "llama-3.1-8b.json", work_dir / "llama-small", check.llama_overrides)}
+    figures, goals = {}, []
+    for name, model_dir in models.items():
+        tokens, captured = {}, 0
+        for path, engine_args in (("eager", {"enforce_eager": True}), ("graphs", graphs)):
+            llm = LLM(model=str(model_dir), device=plan.device, dtype="float32", max_num_seqs=check.max_num_seqs,
+                      **engine_args)
+            vocab = llm.engine.vocab_size
+            rng = np.random.default_rng(0)
+            prompts = [rng.integers(0, vocab, n).tolist()
+                       for n in rng.integers(check.prompt_len[0], check.prompt_len[1] + 1, check.num_prompts)]
+            params = SamplingParams(temperature=0, max_tokens=check.max_tokens, ignore_eos=True)
+            tokens[path] = [out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
+            captured = max(captured, llm.engine.runner.graphs.num_captured)
+            del llm
+        same = sum(a == b for a, b in zip(tokens["eager"], tokens["graphs"]))
+        log(f"{name}: graph decode gives eager's tokens for {same} of {check.num_prompts} requests")
+        figures[name] = {"requests": check.num_prompts, "identical_graphs_vs_eager": same,
+                         "graphs_captured": captured}
+        goals.append(goal(f"{name}: requests whose graph decode differs from eager", check.num_prompts - same, 0,
+                          at_most=True, on_hardware=False, detail=f"of {check.num_prompts}, greedy fp32"))
+        if not plan.is_dry_run:  # a failed capture falls back to eager decode, which would match trivially
+            goals.append(goal(f"{name}: CUDA graphs captured", captured, 1, detail="decode batch sizes"))
+    return {"figures": figures, "goals": goals}
+
+
 @contextmanager
 def _variant_counter(plan: Plan) -> Iterator[Callable[[], dict[str, int]]]:
     """A function giving kernel name -> variants so far."""
@@ -352,5 +390,6 @@ def _free_port() -> int:
 
 STEPS: dict[str, Callable[[Plan, Path], dict]] = {
     "tests": run_tests, "kernels": run_kernels, "throughput": run_throughput, "decode_latency": run_decode_latency,
-    "serving": run_serving, "compile_stalls": run_compile_stalls, "tensor_parallel": run_tensor_parallel,
+    "serving": run_serving, "compile_stalls": run_compile_stalls, "fast_path": run_fast_path,
+    "tensor_parallel": run_tensor_parallel,
 }

@@ -2,9 +2,10 @@
 
 1. Decode throughput of TP=2 (gloo, one thread per rank) against TP=1 (two threads) on random weights of a
    shortened Qwen3-0.6B (16 heads, 8 KV heads; --layers of its 28), a batch of --num-seqs greedy sequences.
-2. The per-step broadcast: rank 0 hands a decode step of 256 sequences with 1024-token contexts (64 blocks each)
-   to a worker through shared memory (engine/worker.py StepChannel): the send on rank 0's critical path (pickle,
-   copy, events), and the round trip to a worker process that unpickles it and answers. Goal: under 1 ms.
+2. The per-step broadcast: rank 0 hands the SchedulerOutput of a decode step of 256 sequences with 1024-token
+   contexts (64 blocks each, each given a new block) to a worker through shared memory (engine/worker.py
+   StepChannel): the send on rank 0's critical path (pickle, copy, events), and the round trip to a worker process
+   that unpickles it and answers. Goal: under 1 ms.
 
     python benchmarks/tensor_parallel.py
 
@@ -22,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere in the checkout
 from bench.common import default_result_path, machine_info, save_json  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.loader import config_file_dir  # noqa: E402
-from engine.model_runner import StepInputs  # noqa: E402
+from engine.scheduler import SchedulerOutput  # noqa: E402
 from engine.worker import StepChannel  # noqa: E402
 
 CONFIG = REPO / "bench" / "configs" / "qwen3-0.6b.json"
@@ -68,16 +68,14 @@ def decode_throughput(model_dir: Path, tensor_parallel_size: int, threads: int, 
             "output_tokens_per_s": round(num_seqs * output_len / seconds, 1)}
 
 
-def decode_step(num_seqs: int, blocks_per_seq: int) -> StepInputs:
-    """The host arrays of a decode step of num_seqs sequences, each with blocks_per_seq blocks of context."""
-    seq_lens = np.full(num_seqs, blocks_per_seq * BLOCK_SIZE, dtype=np.int64)
-    block_tables = np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
-    positions = seq_lens - 1
-    return StepInputs(token_ids=np.arange(num_seqs, dtype=np.int64), positions=positions,
-                      slot_mapping=block_tables[:, -1].astype(np.int64) * BLOCK_SIZE + positions % BLOCK_SIZE,
-                      block_tables=block_tables, seq_lens=seq_lens,
-                      query_start_loc=np.arange(num_seqs + 1, dtype=np.int64),
-                      sample_tokens=np.arange(num_seqs, dtype=np.int64), num_decodes=num_seqs, blocks_to_copy=[])
+def decode_step(num_seqs: int, blocks_per_seq: int) -> SchedulerOutput:
+    """What rank 0 sends for a decode step of num_seqs held sequences, each with blocks_per_seq blocks of context
+    and one new block id (the worst case: every sequence crossing into a new block at once)."""
+    req_ids = [f"cmpl-{i:032x}" for i in range(num_seqs)]  # as long as the server's request ids
+    context = blocks_per_seq * BLOCK_SIZE
+    return SchedulerOutput(req_ids, [1] * num_seqs, [context - 1] * num_seqs, list(range(num_seqs)), [],
+                           [(req_id, blocks_per_seq - 1, [i]) for i, req_id in enumerate(req_ids)], [],
+                           list(req_ids), list(range(num_seqs)), [], [])
 
 
 def echo_worker(channel: StepChannel, ack) -> None:
@@ -97,7 +95,7 @@ def broadcast_cost(iterations: int) -> dict:
     try:
         for _ in range(iterations):
             start = time.perf_counter()
-            channel.send("execute_step", step)
+            channel.send("execute_model", step, True)
             sent = time.perf_counter()
             ack.wait()
             done = time.perf_counter()
@@ -108,7 +106,7 @@ def broadcast_cost(iterations: int) -> dict:
         worker.join(timeout=10)
     finally:
         channel.close(unlink=True)
-    size = len(pickle.dumps(("execute_step", (step,)), protocol=pickle.HIGHEST_PROTOCOL))
+    size = len(pickle.dumps(("execute_model", (step, True)), protocol=pickle.HIGHEST_PROTOCOL))
     return {"num_seqs": BROADCAST_SEQS, "context_tokens": BROADCAST_BLOCKS * BLOCK_SIZE, "message_bytes": size,
             "send_ms": round(1e3 * statistics.median(sends), 3),
             "round_trip_ms": round(1e3 * statistics.median(round_trips), 3),

@@ -24,6 +24,10 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # CPU budget; None: 4 GiB
     num_gpu_blocks_override: int | None = None
     served_model_name: str | None = None
+    enforce_eager: bool = False  # no CUDA graphs: every decode step runs eagerly
+    # Tests: pad decode steps to the CUDA graph sizes and run them eagerly on the static step buffers, the path
+    # a graph replays, without capture (a CPU has no graphs).
+    eager_graph_padding: bool = False
     tensor_parallel_size: int = 1  # ranks the model is split over (engine/executor.py)
     data_parallel_size: int = 1  # engine replicas behind one server (engine/data_parallel.py)
     nnodes: int = 1  # machines the tensor-parallel ranks span, tensor_parallel_size / nnodes on each

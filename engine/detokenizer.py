@@ -17,26 +17,41 @@ class IncrementalDetokenizer:
         self.stop = stop
         self.max_stop_len = max((len(s) for s in stop), default=0)
         self.stop_first_chars = {s[0] for s in stop}
-        self.text = ""
+        self._text = ""
+        self._pending: list[int] = []  # tokens not decoded yet: without stop strings, text is made when read
         self.stop_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        self.flush()
+        return self._text
 
     def add_token(self, token_id: int) -> None:
         if self.tokenizer is None or self.stop_reason is not None:
             return
-        piece = self.stream.step(self.tokenizer, token_id)
-        if piece:
-            old_len = len(self.text)
-            self.text += piece
-            if self.stop:
-                self._check_stop(old_len)
+        self._pending.append(token_id)
+        if self.stop:  # a stop string must end the sequence at this token
+            self.flush()
+
+    def flush(self) -> None:
+        """Decode the pending tokens. A request that neither streams nor stops on strings decodes its text once,
+        when it finishes, not one token per step; the text is the same."""
+        pending, self._pending = self._pending, []
+        for token_id in pending:
+            piece = self.stream.step(self.tokenizer, token_id)
+            if piece:
+                old_len = len(self._text)
+                self._text += piece
+                if self.stop:
+                    self._check_stop(old_len)
 
     def _check_stop(self, old_len: int) -> None:
         """Search only where a stop string could end in the new text; it may begin in earlier tokens."""
         start = max(0, old_len - self.max_stop_len + 1)
-        found = [(idx, s) for s in self.stop if (idx := self.text.find(s, start)) != -1]
+        found = [(idx, s) for s in self.stop if (idx := self._text.find(s, start)) != -1]
         if found:
             idx, self.stop_reason = min(found)
-            self.text = self.text[:idx]
+            self._text = self._text[:idx]
 
     def stable_len(self, finished: bool) -> int:
         """How much text can be shown now: a tail that might still grow into a stop string is held back."""

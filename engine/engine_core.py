@@ -47,6 +47,7 @@ class EngineCore:
         self.num_blocks = self.runner.determine_num_blocks(self.sampler)
         self.runner.allocate_kv_cache(self.num_blocks)
         self.runner.warm_up()
+        self.runner.capture_cuda_graphs()
         self.kv_cache_manager = KVCacheManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
@@ -115,10 +116,11 @@ class EngineCore:
         """One step. A request that makes the step fail fails alone (finish_reason "error"), the others are
         retried by the next step; an error the engine cannot survive raises EngineDeadError."""
         output = self.scheduler.schedule()
-        self.output_processor.mark_preempted(output.preempted)
-        if not output.requests:
+        self.output_processor.mark_preempted(self._requests(output.preempted_req_ids))
+        if not output.req_ids:
             return []
-        self.output_processor.mark_scheduled(output.requests, time.time())
+        self.runner.update_states(output)
+        self.output_processor.mark_scheduled(self._requests(output.req_ids), time.time())
         try:
             sampled = self._execute(output)
         except Exception as error:
@@ -140,17 +142,21 @@ class EngineCore:
         self.num_generation_tokens += len(sequences)
         self.iteration_tokens.observe(num_prompt + len(sequences))
 
+    def _requests(self, req_ids: list[str]) -> list[Request]:
+        return [self.scheduler.requests[req_id] for req_id in req_ids]
+
     def _execute(self, output: SchedulerOutput) -> SamplerOutput | None:
         logits = self.runner.execute_model(output)
-        if not output.sample_requests:
+        if not output.sample_req_ids:
             return None
-        self.structured_output.apply_bitmask(logits, output.sample_requests)
-        return self.sampler(logits, output.sample_requests)
+        sample_requests = self._requests(output.sample_req_ids)
+        self.structured_output.apply_bitmask(logits, sample_requests)
+        return self.sampler(logits, sample_requests)
 
     def _fail_culprits(self, output: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         raise_if_fatal(error)
-        rows = find_failing_rows(self._execute, output) or range(len(output.requests))  # none alone: the batch
-        request_ids = list(dict.fromkeys(output.requests[row].parent_id for row in rows))
+        rows = find_failing_rows(self._execute, output) or range(len(output.req_ids))  # none alone: the batch
+        request_ids = list(dict.fromkeys(self.scheduler.requests[output.req_ids[row]].parent_id for row in rows))
         logger.error("step failed (%s: %s); failing the requests that cause it: %s", type(error).__name__, error,
                      ", ".join(request_ids), exc_info=error)
         return self._fail_requests(request_ids)

@@ -1,11 +1,12 @@
 """What runs the model for the engine core: one ModelRunner in the engine's process (tensor_parallel_size 1), or
 MultiprocExecutor over N ranks. Either answers the same calls (determine_num_blocks, allocate_kv_cache,
-warm_up, execute_model), so EngineCore does not know which it has.
+warm_up, capture_cuda_graphs, update_states, execute_model), so EngineCore does not know which it has.
 
 MultiprocExecutor follows nano-vllm: rank 0 lives in the engine's process (its logits stay where the sampler
-is), ranks 1..N-1 in worker processes it spawns (engine/worker.py). Each step rank 0 prepares the step's host
-arrays once (ModelRunner.prepare_step) and hands them to the workers through shared memory, then every rank
-runs its shard of the forward; the model's all-reduces keep them in step. NCCL between GPUs, gloo on the CPU.
+is), ranks 1..N-1 in worker processes it spawns (engine/worker.py). Each step rank 0 hands the workers the
+SchedulerOutput (ids and counts, as vLLM's: each rank keeps its own persistent batch) through shared memory, then
+every rank runs its shard of the forward; the model's all-reduces keep them in step. NCCL between GPUs, gloo on
+the CPU.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from engine.config import EngineConfig
 from engine.distributed import destroy_distributed, init_distributed
 from engine.errors import EngineDeadError
 from engine.loader import iter_weight_slices
-from engine.model_runner import ModelRunner, StepInputs
+from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
 from engine.worker import BroadcastChannel, StepChannel, run_worker
@@ -70,6 +71,7 @@ class MultiprocExecutor:
         self.on_death: Callable[[EngineDeadError], None] | None = None  # called from the monitor thread
         self._closing = False
         self._serving = False  # every rank joined and loaded: the workers listen to the channel
+        self._updated: SchedulerOutput | None = None  # the step update_states saw, not yet sent
         threading.Thread(target=self._monitor_workers, name="tokmodel-tp-monitor", daemon=True).start()
         try:
             if not config.device.startswith("cuda"):
@@ -106,13 +108,19 @@ class MultiprocExecutor:
     def warm_up(self) -> None:
         self._collective_rpc("warm_up", ())
 
+    def capture_cuda_graphs(self) -> None:
+        self._collective_rpc("capture_cuda_graphs", ())
+
+    def update_states(self, output: SchedulerOutput) -> None:
+        """Rank 0's persistent batch now; the workers' with the step itself (one message per step)."""
+        self.runner.update_states(output)
+        self._updated = output
+
     def execute_model(self, output: SchedulerOutput) -> torch.Tensor:
         """Rank 0's logits of the step; every rank runs it. A failure here is fatal (EngineDeadError): a rank
         that stopped halfway leaves the others inside a collective, so no step can be retried."""
-        return self._collective_rpc("execute_step", (self.prepare_step(output),))
-
-    def prepare_step(self, output: SchedulerOutput) -> StepInputs:
-        return self.runner.prepare_step(output)
+        update, self._updated = output is self._updated, None
+        return self._collective_rpc("execute_model", (output, update), (output,))
 
     def _collective_rpc(self, method: str, args: tuple, local_args: tuple | None = None):
         """Run `method` on every rank: the workers with `args`, rank 0 with `local_args` (default `args`). Calls
@@ -122,7 +130,7 @@ class MultiprocExecutor:
         try:
             self.channel.send(method, *args)
             result = getattr(self.runner, method)(*(args if local_args is None else local_args))
-            if method != "execute_step":
+            if method != "execute_model":
                 dist.barrier()
             return result
         except Exception as error:

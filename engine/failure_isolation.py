@@ -24,9 +24,9 @@ def raise_if_fatal(error: BaseException) -> None:
 
 
 def find_failing_rows(run: Callable[[SchedulerOutput], object], output: SchedulerOutput) -> list[int]:
-    """Rows of `output` (indexes into output.requests) whose run fails with only part of the batch around.
+    """Rows of `output` (indexes into output.req_ids) whose run fails with only part of the batch around.
     Raises EngineDeadError if a rerun hits a fatal error."""
-    return _bisect(run, output, list(range(len(output.requests))))
+    return _bisect(run, output, list(range(len(output.req_ids))))
 
 
 def _bisect(run: Callable[[SchedulerOutput], object], output: SchedulerOutput, rows: list[int]) -> list[int]:
@@ -48,10 +48,13 @@ def _fails(run: Callable[[SchedulerOutput], object], output: SchedulerOutput) ->
 
 
 def sub_output(output: SchedulerOutput, rows: list[int]) -> SchedulerOutput:
-    """The step restricted to `rows`, with their sample rows. It keeps the step's copy-on-write pairs: copying a
-    block again is harmless (the source is unchanged), and skipping a copy that failed would not be."""
+    """The step restricted to `rows`, with their sample rows. The runner's batch already holds the step's
+    changes, so none is repeated. It keeps the step's copy-on-write pairs: copying a block again is harmless
+    (the source is unchanged), and skipping a copy that failed would not be."""
     new_row = {row: i for i, row in enumerate(rows)}
-    samples = [(request, new_row[row]) for request, row in zip(output.sample_requests, output.sample_rows)
+    samples = [(req_id, new_row[row]) for req_id, row in zip(output.sample_req_ids, output.sample_rows)
                if row in new_row]
-    return SchedulerOutput([output.requests[row] for row in rows], [output.num_scheduled_tokens[row] for row in rows],
-                           [request for request, _ in samples], [row for _, row in samples], output.blocks_to_copy, [])
+    return SchedulerOutput([output.req_ids[row] for row in rows], [output.num_scheduled_tokens[row] for row in rows],
+                           [output.num_computed_tokens[row] for row in rows],
+                           [output.last_token_ids[row] for row in rows], [], [], [],
+                           [req_id for req_id, _ in samples], [row for _, row in samples], output.blocks_to_copy, [])

@@ -54,6 +54,8 @@ class KVCacheManager:
                        computed_blocks: list[KVCacheBlock] | None = None) -> bool:
         """Give the request blocks for its next num_new_tokens tokens (after any computed_blocks found in
         the prefix cache). Returns False, changing nothing, when the pool is too small right now."""
+        if not computed_blocks and self._has_room(request, num_new_tokens):
+            return True  # the usual decode step: the tokens fit the blocks held, and the one written is private
         computed_blocks = computed_blocks or []
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
         num_total = num_computed + num_new_tokens
@@ -72,6 +74,11 @@ class KVCacheManager:
         if num_needed > 0:
             request.block_ids.extend(b.block_id for b in self.pool.allocate(num_needed))
         return True
+
+    def _has_room(self, request: Request, num_new_tokens: int) -> bool:
+        block_ids, write_index = request.block_ids, request.num_computed_tokens // self.block_size
+        return (request.num_computed_tokens + num_new_tokens <= len(block_ids) * self.block_size
+                and self.pool.blocks[block_ids[write_index]].ref_count == 1)
 
     def fork(self, parent: Request, child: Request) -> None:
         """The child shares every block of the parent; the shared partial block is copied on first write."""
@@ -96,6 +103,7 @@ class KVCacheManager:
         (private,) = self.pool.allocate(1)
         self.pool.free([shared])
         request.block_ids[index] = private.block_id
+        request.num_synced_blocks = min(request.num_synced_blocks, index)
         self.blocks_to_copy.append((shared.block_id, private.block_id))
 
     def _update_hashes(self, request: Request, num_full_blocks: int) -> None:

@@ -2,10 +2,10 @@
 of the rows that sample. Owns the weights and the KV cache."""
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 from collections.abc import Iterable
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,32 +13,21 @@ from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
 from engine.config import EngineConfig
-from engine.device_copy import to_device
+from engine.cuda_graphs import DecodeGraphs, capture_sizes
 from engine.distributed import TPGroup, tensor_parallel
+from engine.input_batch import InputBatch
+from engine.step_buffers import StepBuffers
 from engine.models import get_model_class
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import NewRequestData, SchedulerOutput
 from kernels import get_ops
 from kernels.decode_attention import MIN_SPLIT_TOKENS
 
+logger = logging.getLogger("tokmodel.engine")
 CPU_KV_CACHE_BYTES = 2 << 30
 DECODE_GROUPS = 3  # on a one-off CPU timing of 32 decodes of 100-380 tokens, 3 groups beat 1, 2 and 4
-
-
-class StepInputs(NamedTuple):
-    """One step's inputs as host arrays, all a rank needs to run its forward: rank 0 prepares them from the
-    SchedulerOutput and broadcasts them to the tensor-parallel workers (engine/executor.py)."""
-    token_ids: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
-    block_tables: np.ndarray  # int32 [rows, widest]
-    seq_lens: np.ndarray
-    query_start_loc: np.ndarray
-    sample_tokens: np.ndarray
-    num_decodes: int
-    blocks_to_copy: list[tuple[int, int]]
 
 
 class ModelRunner:
@@ -57,6 +46,20 @@ class ModelRunner:
         self.num_layers = hf_config.num_hidden_layers
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.kv_caches: list[torch.Tensor] = []
+        max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        self.input_batch = InputBatch(config.max_num_seqs, config.max_model_len, max_blocks_per_seq)
+        self.buffers = StepBuffers(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
+                                   max_blocks_per_seq, self.device)
+        self.graphs = DecodeGraphs(capture_sizes(config.max_num_seqs) if self.pads_decodes else [])
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Graphs need a capturable forward: the Triton kernels (the torch reference syncs to skip padding)."""
+        return self.device.type == "cuda" and not self.config.enforce_eager and self.config.kernel_backend == "triton"
+
+    @property
+    def pads_decodes(self) -> bool:
+        return self.uses_cuda_graphs or self.config.eager_graph_padding
 
     def shutdown(self) -> None:
         self.kv_caches = []
@@ -94,60 +97,92 @@ class ModelRunner:
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(self.num_layers)]
 
+    def update_states(self, output: SchedulerOutput) -> None:
+        """Bring the persistent batch up to this step: once per scheduled step, before any execute_model of it
+        (failure isolation reruns parts of a step, which must not apply its changes twice)."""
+        self.input_batch.update(output)
+
     @torch.inference_mode()
     def execute_model(self, output: SchedulerOutput) -> torch.Tensor:
-        """fp32 logits [num_sample_rows, vocab_size]."""
-        return self.execute_step(self.prepare_step(output))
+        """fp32 logits [num_sample_rows, vocab_size] of the step, whose sequences update_states has placed;
+        [num_sample_rows, 0] on tensor-parallel ranks but the first (they do not sample)."""
+        if output.blocks_to_copy:
+            self._copy_blocks(output.blocks_to_copy)
+        num_tokens, num_sample_rows, meta = self._prepare_inputs(output)
+        dev = self.buffers.dev
+        hidden = self.graphs.replay(meta.num_decodes) if meta.num_prefills == 0 else None
+        if hidden is None:
+            hidden = self.model(dev.input_ids[:num_tokens], dev.positions[:num_tokens], self.kv_caches, meta)
+        return self.model.compute_logits(hidden[dev.sample_index[:num_sample_rows]]).float()
 
-    @torch.inference_mode()
-    def execute_step(self, step: StepInputs) -> torch.Tensor:
-        """The forward of a prepared step: what a tensor-parallel worker runs with rank 0's StepInputs. fp32
-        logits [num_sample_rows, vocab_size] on the rank that samples, [num_sample_rows, 0] on the others."""
-        if step.blocks_to_copy:
-            self._copy_blocks(step.blocks_to_copy)
-        num_decodes = step.num_decodes
-        meta = AttentionMetadata(
-            slot_mapping=to_device(step.slot_mapping, self.device, torch.int64),
-            block_tables=to_device(step.block_tables, self.device, torch.int32),
-            seq_lens=to_device(step.seq_lens, self.device, torch.int32),
-            query_start_loc=to_device(step.query_start_loc, self.device, torch.int32),
-            num_decodes=num_decodes,
-            num_prefill_tokens=int(step.query_start_loc[-1] - num_decodes),
-            decode_groups=self._decode_groups(step.seq_lens[:num_decodes]),
-            max_prefill_seq_len=int(step.seq_lens[num_decodes:].max(initial=0)),
-        )
-        input_ids = to_device(step.token_ids, self.device, torch.int64)
-        positions = to_device(step.positions, self.device, torch.int64)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden[to_device(step.sample_tokens, self.device, torch.int64)]).float()
-
-    def prepare_step(self, output: SchedulerOutput) -> StepInputs:
-        """The step's host arrays: decodes first, then prefill chunks. sample_tokens indexes the token whose
-        hidden state each sample row reads (the last scheduled token of its request)."""
-        requests = output.requests
+    def _prepare_inputs(self, output: SchedulerOutput) -> tuple[int, int, AttentionMetadata]:
+        """Fill the step buffers from the persistent batch and copy them to the device. The step holds decodes
+        first (longest first on the torch path, whose decode groups pad to their longest), then prefill chunks;
+        a decode-only step is padded to the next captured size when graphs run (or are mimicked). Returns the
+        number of tokens, of sampled rows, and the attention metadata."""
+        batch, buf = self.input_batch, self.buffers.np
         num_new = np.asarray(output.num_scheduled_tokens, dtype=np.int64)
-        seq_lens = np.array([r.num_computed_tokens for r in requests], dtype=np.int64) + num_new
-        batch_order = np.lexsort((-seq_lens, num_new != 1))  # decodes first, longest first
-        order = np.empty_like(batch_order)
-        order[batch_order] = np.arange(len(batch_order))
+        is_prefill = num_new != 1
+        seq_lens = np.asarray(output.num_computed_tokens, dtype=np.int64) + num_new
+        if self.config.kernel_backend == "torch":
+            batch_order = np.lexsort((-seq_lens, is_prefill))
+        else:
+            batch_order = np.argsort(is_prefill, kind="stable")
+        num_reqs, num_decodes = len(num_new), int(np.count_nonzero(~is_prefill))
+        padded = self.graphs.padded_size(num_reqs) if num_decodes == num_reqs else num_reqs
+        rows = batch.rows(output.req_ids)[batch_order]
         num_new, seq_lens = num_new[batch_order], seq_lens[batch_order]
-        starts = seq_lens - num_new
-        query_start_loc = np.zeros(len(num_new) + 1, dtype=np.int64)
-        np.cumsum(num_new, out=query_start_loc[1:])
-        token_ids = np.concatenate([requests[i].all_token_ids[s:e] for i, s, e in zip(batch_order, starts, seq_lens)])
-        row_of_token = np.repeat(np.arange(len(num_new)), num_new)
-        positions = np.arange(query_start_loc[-1]) - query_start_loc[row_of_token] + starts[row_of_token]
-        block_tables = _block_table([requests[i].block_ids for i in batch_order])
-        slot_mapping = block_tables[row_of_token, positions // self.block_size] * self.block_size + positions % self.block_size
-        sample_tokens = query_start_loc[1:][order[output.sample_rows]] - 1
-        return StepInputs(token_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, sample_tokens,
-                          int(np.searchsorted(num_new != 1, True)), output.blocks_to_copy)
+        self.buffers.wait_for_copy()
+        query_start_loc = buf.query_start_loc[:padded + 1]
+        query_start_loc[0] = 0
+        np.cumsum(num_new, out=query_start_loc[1:num_reqs + 1])
+        num_tokens = int(query_start_loc[num_reqs])
+        row_of_token = np.repeat(np.arange(num_reqs), num_new)
+        positions = np.arange(num_tokens) - query_start_loc[row_of_token] + (seq_lens - num_new)[row_of_token]
+        width = int(-(-seq_lens.max() // self.block_size))
+        buf.block_tables[:num_reqs, :width] = batch.block_table[rows, :width]
+        buf.positions[:num_tokens] = positions
+        buf.input_ids[:num_tokens] = batch.token_ids.reshape(-1)[rows[row_of_token] * batch.max_model_len + positions]
+        buf.slot_mapping[:num_tokens] = (buf.block_tables[row_of_token, positions // self.block_size] * self.block_size
+                                         + positions % self.block_size)
+        buf.seq_lens[:num_reqs] = seq_lens
+        num_padding = padded - num_reqs
+        if num_padding:
+            self._pad_decodes(num_reqs, num_padding)
+        order = np.empty_like(batch_order)
+        order[batch_order] = np.arange(num_reqs)
+        num_sample_rows = len(output.sample_rows)
+        buf.sample_index[:num_sample_rows] = query_start_loc[1:][order[output.sample_rows]] - 1
+        self.buffers.copy_to_device(padded)
+        dev = self.buffers.dev
+        meta = AttentionMetadata(
+            slot_mapping=dev.slot_mapping[:num_tokens + num_padding],
+            block_tables=dev.block_tables[:padded],
+            seq_lens=dev.seq_lens[:padded],
+            query_start_loc=dev.query_start_loc[:padded + 1],
+            num_decodes=num_decodes + num_padding,
+            num_prefill_tokens=num_tokens - num_decodes,
+            decode_groups=self._decode_groups(buf.seq_lens[:num_decodes + num_padding]),
+            max_prefill_seq_len=int(seq_lens[num_decodes:].max(initial=0)),
+        )
+        return num_tokens + num_padding, num_sample_rows, meta
+
+    def _pad_decodes(self, num_reqs: int, num_padding: int) -> None:
+        """Padding rows after a decode-only step's num_reqs rows: one token at position 0, written nowhere (slot
+        -1), attending one cached key (seq_len 1; its block-table row holds valid ids, so the key is finite)."""
+        buf, padded = self.buffers.np, num_reqs + num_padding
+        buf.query_start_loc[num_reqs + 1:padded + 1] = buf.query_start_loc[num_reqs] + np.arange(1, num_padding + 1)
+        buf.input_ids[num_reqs:padded] = 0
+        buf.positions[num_reqs:padded] = 0
+        buf.slot_mapping[num_reqs:padded] = -1
+        buf.seq_lens[num_reqs:padded] = 1
 
     def _decode_groups(self, decode_seq_lens: np.ndarray) -> list[tuple[int, int, int]]:
-        """Split the (longest first) decodes into equal-count groups; each pads only to its own longest."""
+        """Split the decodes (longest first on the torch path) into equal-count groups; each pads only to its own
+        longest. The Triton kernel reads each sequence's own length: one group, whose longest sets the splits."""
         num_groups = DECODE_GROUPS if self.config.kernel_backend == "torch" else 1
         bounds = np.linspace(0, len(decode_seq_lens), min(num_groups, len(decode_seq_lens)) + 1).astype(int)
-        return [(int(s), int(e), int(decode_seq_lens[s])) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        return [(int(s), int(e), int(decode_seq_lens[s:e].max())) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
 
     def warm_up(self) -> None:
         """Compile every Triton kernel variant serving will use, before serving: a compile takes seconds on a
@@ -163,14 +198,49 @@ class ModelRunner:
         steps = [([20, 9], [5]), ([longest], [])] if longest > MIN_SPLIT_TOKENS else [([20, 9], [5])]
         for decode_lens, prefill_lens in steps:
             lens = decode_lens + prefill_lens
-            blocks = np.cumsum([0] + [-(-n // self.block_size) for n in lens])
-            if blocks[-1] > num_blocks:
-                continue
-            requests = [_dummy_request(i, n, SamplingParams(), range(blocks[i], blocks[i + 1]))
-                        for i, n in enumerate(lens)]
-            for request in requests[:len(decode_lens)]:
-                request.num_computed_tokens = request.num_tokens - 1
-            self.execute_model(SchedulerOutput(requests, [1] * len(decode_lens) + prefill_lens, [], [], [], 0))
+            if sum(-(-n // self.block_size) for n in lens) <= num_blocks:
+                self._dummy_step(lens, [1] * len(decode_lens) + prefill_lens, [])
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        """Capture the decode forward for every padded size, largest first, on the step buffers: rows of one
+        token at position 0, written nowhere. The split count of decode attention is chosen for the longest
+        context, so it is fixed per size; splits past a shorter context are empty and weigh nothing."""
+        if not self.uses_cuda_graphs:
+            return
+        try:
+            for size in reversed(self.graphs.sizes):
+                self._capture(size)
+        except Exception:  # serving eagerly beats not serving; the GPU check's fast_path step reports it
+            logger.exception("capturing CUDA graphs failed: decode runs eagerly (as with enforce_eager)")
+            self.graphs = DecodeGraphs([])
+
+    def _capture(self, size: int) -> None:
+        buf, dev = self.buffers.np, self.buffers.dev
+        buf.input_ids[:size], buf.positions[:size], buf.slot_mapping[:size] = 0, 0, -1
+        buf.seq_lens[:size], buf.block_tables[:size] = 1, 0
+        buf.query_start_loc[:size + 1] = np.arange(size + 1)
+        self.buffers.copy_to_device(size)
+        meta = AttentionMetadata(dev.slot_mapping[:size], dev.block_tables[:size], dev.seq_lens[:size],
+                                 dev.query_start_loc[:size + 1], num_decodes=size, num_prefill_tokens=0,
+                                 decode_groups=[(0, size, self.config.max_model_len)], max_prefill_seq_len=0)
+        self.graphs.capture(size, lambda: self.model(dev.input_ids[:size], dev.positions[:size], self.kv_caches, meta))
+
+    def _dummy_step(self, seq_lens: list[int], num_new: list[int], sample_rows: list[int]) -> torch.Tensor:
+        """Run sequences of seq_lens tokens (zeros) computing their last num_new, each on its own blocks from
+        block 0, through the persistent batch; they leave it afterwards."""
+        blocks = np.cumsum([0] + [-(-n // self.block_size) for n in seq_lens])
+        req_ids = [f"dummy-{i}" for i in range(len(seq_lens))]
+        new_reqs = [NewRequestData(req_id, [0] * n, list(range(blocks[i], blocks[i + 1])))
+                    for i, (req_id, n) in enumerate(zip(req_ids, seq_lens))]
+        output = SchedulerOutput(req_ids, num_new, [n - k for n, k in zip(seq_lens, num_new)], [0] * len(req_ids),
+                                 new_reqs, [], [], [req_ids[row] for row in sample_rows], sample_rows, [], 0)
+        self.update_states(output)
+        try:
+            return self.execute_model(output)
+        finally:
+            for req_id in req_ids:
+                self.input_batch.remove(req_id)
 
     def _copy_blocks(self, blocks_to_copy: list[tuple[int, int]]) -> None:
         src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*blocks_to_copy))
@@ -197,24 +267,19 @@ class ModelRunner:
         seeded streams, logprobs), all on a throwaway cache."""
         num_tokens, max_num_seqs = self.config.max_num_batched_tokens, self.config.max_num_seqs
         seq_len = min(num_tokens, self.config.max_model_len)
-        num_seqs = -(-num_tokens // seq_len)
-        blocks_per_seq = -(-seq_len // self.block_size)
-        self.allocate_kv_cache(num_seqs * blocks_per_seq)
+        num_seqs = min(-(-num_tokens // seq_len), max_num_seqs)  # the scheduler runs no more sequences
+        self.allocate_kv_cache(num_seqs * -(-seq_len // self.block_size))
         # top_p without top_k samples over the whole vocabulary: the sampler's largest temporaries.
         heavy = SamplingParams(temperature=0.8, top_p=0.95, repetition_penalty=1.1, frequency_penalty=0.1, logprobs=20,
                                seed=0)
-        prompts = [_dummy_request(i, seq_len, heavy, range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
-                   for i in range(num_seqs)]
-        rows = [_dummy_request(num_seqs + i, seq_len, heavy, []) for i in range(max_num_seqs)]  # all read row 0
-        logits = self.execute_model(SchedulerOutput(prompts, [seq_len] * num_seqs, rows, [0] * max_num_seqs, [], 0))
+        rows = [_dummy_request(i, seq_len, heavy) for i in range(max_num_seqs)]  # all read row 0
+        logits = self._dummy_step([seq_len] * num_seqs, [seq_len] * num_seqs, [0] * max_num_seqs)
         if sampler is not None:
             sampler(logits, rows)
 
 
-def _dummy_request(index: int, num_tokens: int, params: SamplingParams, block_ids: Iterable[int]) -> Request:
-    request = Request(f"profile-{index}", f"profile-{index}", 0, [0] * num_tokens, params, 1)
-    request.block_ids = list(block_ids)
-    return request
+def _dummy_request(index: int, num_tokens: int, params: SamplingParams) -> Request:
+    return Request(f"profile-{index}", f"profile-{index}", 0, [0] * num_tokens, params, 1)
 
 
 def _indexed(device: torch.device) -> torch.device:
@@ -231,14 +296,6 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
-
-
-def _block_table(block_ids: list[list[int]]) -> np.ndarray:
-    width = max(len(ids) for ids in block_ids)
-    table = np.zeros((len(block_ids), width), dtype=np.int32)
-    for row, ids in enumerate(block_ids):
-        table[row, :len(ids)] = ids
-    return table
 
 
 def _build_model(hf_config, config: EngineConfig, weights, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -116,6 +116,8 @@ class OutputProcessor:
         # even when special tokens are kept: "<|im_end|>" is no part of the answer.
         if seq.status is not RequestStatus.FINISHED_STOPPED:
             choice.detokenizer.add_token(token_id)
+        if seq.is_finished or state.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+            choice.detokenizer.flush()  # the text is read this step: a token that cannot be decoded fails here
         if choice.detokenizer.stop_reason is not None:
             choice.finish_reason, choice.stop_reason = "stop", choice.detokenizer.stop_reason
             return not seq.is_finished
@@ -131,6 +133,10 @@ class OutputProcessor:
             return None
         for choice in state.choices:
             choice.finish_reason = choice.finish_reason or finish_reason
+            try:
+                choice.detokenizer.flush()
+            except Exception:  # the text stays what it was: the request ends anyway
+                logger.exception("decoding the output of request %s failed", request_id)
         return self._make_output(state, time.time())
 
     def _make_output(self, state: RequestState, now: float) -> RequestOutput | None:

@@ -67,7 +67,7 @@ class EngineProfiler:
     def _annotate(self) -> None:
         core, runner = self.core, self.core.runner
         for owner, attr, name in ((core, "step", "step"), (core.scheduler, "schedule", "schedule"),
-                                  (runner, "prepare_step", "prepare_inputs"), (runner.model, "forward", "forward"),
+                                  (runner, "_prepare_inputs", "prepare_inputs"), (runner.model, "forward", "forward"),
                                   (runner.model, "compute_logits", "lm_head"), (core, "sampler", "sample"),
                                   (core.scheduler, "update", "update"),
                                   (core.output_processor, "process", "detokenize")):

@@ -22,8 +22,11 @@ class RequestStatus(enum.Enum):
 
     @property
     def finish_reason(self) -> str | None:
-        return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
-                RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}.get(self)
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
+                   RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}
 
 
 class Request:
@@ -46,6 +49,9 @@ class Request:
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # of the full blocks of all_token_ids, filled as blocks fill
         self.num_cached_blocks = 0  # leading blocks already offered to the prefix cache
+        # Leading block ids the model runner's batch holds for this sequence; -1: it holds no row for it.
+        # Copy-on-write lowers it (a held id changed); the scheduler sends the rest with the next step.
+        self.num_synced_blocks = -1
         self.pending_forks: list[Request] = []  # sibling choices that fork from this one once its prompt is prefilled
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.penalty_state = None  # penalties.PenaltyState, made on first use by a request with penalties

@@ -9,13 +9,32 @@ from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 
 
+class NewRequestData(NamedTuple):
+    """A sequence the model runner's batch does not hold yet: first scheduled, resumed after preemption, or a
+    fork's first step. It carries what the runner keeps in the sequence's row."""
+    req_id: str
+    token_ids: list[int]  # every token known now: the prompt, and the output of a resumed or forked sequence
+    block_ids: list[int]
+
+
 class SchedulerOutput(NamedTuple):
-    requests: list[Request]  # scheduled this step, in batch order
-    num_scheduled_tokens: list[int]  # per scheduled request: prefill chunk length or 1
-    sample_requests: list[Request]  # one per sampled row; forks of a just-prefilled prompt repeat its row
-    sample_rows: list[int]  # index into `requests` of the row each sample_requests entry samples from
+    """One step, told to the model runner as ids and counts (it keeps its own per-sequence rows, changed only
+    by what this carries), never as live Request objects."""
+    req_ids: list[str]  # scheduled this step, in scheduler order ("rows" below index this list)
+    num_scheduled_tokens: list[int]  # per scheduled sequence: prefill chunk length or 1
+    num_computed_tokens: list[int]  # per scheduled sequence: tokens in the cache before this step
+    last_token_ids: list[int]  # per scheduled sequence: the token at seq_len - 1 (a decode's input, sampled last step)
+    new_reqs: list[NewRequestData]  # scheduled sequences the runner's batch does not hold yet
+    new_block_ids: list[tuple[str, int, list[int]]]  # (req_id, first index, block ids from it) of held sequences
+    finished_req_ids: list[str]  # left the runner's batch since the last step: finished, aborted, preempted
+    sample_req_ids: list[str]  # one per sampled row; forks of a just-prefilled prompt repeat its row
+    sample_rows: list[int]  # the scheduled row each sample_req_ids entry samples from
     blocks_to_copy: list[tuple[int, int]]  # copy-on-write (src, dst) block pairs, before the forward
-    preempted: list[Request]  # sent back to the waiting queue this step
+    preempted_req_ids: list[str]  # sent back to the waiting queue this step
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
 
 
 class Scheduler:
@@ -29,6 +48,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every unfinished sequence, forks-to-be included
         self.num_preemptions = 0
+        self.finished_req_ids: list[str] = []  # since the last schedule(): the runner drops their rows
 
     def add_request(self, request: Request, forks: list[Request]) -> None:
         """The request prefills the prompt; `forks` (the other n-1 choices) join from its blocks afterwards."""
@@ -51,8 +71,27 @@ class Scheduler:
         if not preempted:
             self._schedule_waiting(scheduled, num_tokens, budget)
         sample_requests, sample_rows = self._sample_rows(scheduled, num_tokens)
-        return SchedulerOutput(scheduled, num_tokens, sample_requests, sample_rows,
-                               self.kv.take_blocks_to_copy(), preempted)
+        finished, self.finished_req_ids = self.finished_req_ids, []
+        return SchedulerOutput([r.request_id for r in scheduled], num_tokens,
+                               [r.num_computed_tokens for r in scheduled],
+                               [r.all_token_ids[r.num_computed_tokens + n - 1] for r, n in zip(scheduled, num_tokens)],
+                               *self._batch_changes(scheduled), finished, [r.request_id for r in sample_requests],
+                               sample_rows, self.kv.take_blocks_to_copy(),
+                               [r.request_id for r in preempted])
+
+    @staticmethod
+    def _batch_changes(scheduled: list[Request]) -> tuple[list[NewRequestData], list[tuple[str, int, list[int]]]]:
+        """What the runner's batch lacks: whole rows for the sequences it does not hold, and the block ids of the
+        others from the first one it does not hold (new blocks, or one that copy-on-write replaced)."""
+        new_reqs, new_block_ids = [], []
+        for request in scheduled:
+            if request.num_synced_blocks < 0:
+                new_reqs.append(NewRequestData(request.request_id, list(request.all_token_ids), list(request.block_ids)))
+            elif request.num_synced_blocks < len(request.block_ids):
+                start = request.num_synced_blocks
+                new_block_ids.append((request.request_id, start, request.block_ids[start:]))
+            request.num_synced_blocks = len(request.block_ids)
+        return new_reqs, new_block_ids
 
     def _schedule_running(self, scheduled: list[Request], num_tokens: list[int], preempted: list[Request]) -> int:
         """Returns the token budget left."""
@@ -97,19 +136,21 @@ class Scheduler:
     def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Request]:
         """Advance the scheduled requests, append sampled tokens, fork new choices and finish those that
         hit max_tokens, EOS or a stop token. Returns the sequences that got a token this step."""
-        for request, num_new in zip(output.requests, output.num_scheduled_tokens):
+        scheduled = [self.requests[req_id] for req_id in output.req_ids]
+        for request, num_new in zip(scheduled, output.num_scheduled_tokens):
             request.num_computed_tokens += num_new
             self.kv.cache_computed_blocks(request)
-        for request, row in zip(output.sample_requests, output.sample_rows):
-            if request is not output.requests[row]:
-                self._fork(output.requests[row], request)
-        for request, token_id in zip(output.sample_requests, sampled_token_ids):
+        sampled = [self.requests[req_id] for req_id in output.sample_req_ids]
+        for request, row in zip(sampled, output.sample_rows):
+            if request is not scheduled[row]:
+                self._fork(scheduled[row], request)
+        for request, token_id in zip(sampled, sampled_token_ids):
             request.append_token(token_id)
             self._check_stop(request, token_id)
-        for request in output.sample_requests:
+        for request in sampled:
             if request.status.finished:
                 self._free(request)
-        return output.sample_requests
+        return sampled
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         """Finish (abort, or stop on a stop string) sequences now; their blocks return to the pool at once."""
@@ -156,7 +197,7 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_LENGTH
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request)
+        self._free_blocks(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
@@ -165,8 +206,15 @@ class Scheduler:
     def _free(self, request: Request) -> None:
         if request in self.running:
             self.running.remove(request)
-        self.kv.free(request)
+        self._free_blocks(request)
         self.requests.pop(request.request_id, None)
         for fork in request.pending_forks:  # a prompt that ends before it forked
             fork.status = request.status
             self.requests.pop(fork.request_id, None)
+
+    def _free_blocks(self, request: Request) -> None:
+        """The request leaves the runner's batch with its blocks (a preempted one comes back as new)."""
+        if request.num_synced_blocks >= 0:
+            self.finished_req_ids.append(request.request_id)
+            request.num_synced_blocks = -1
+        self.kv.free(request)

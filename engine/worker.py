@@ -1,6 +1,6 @@
 """A tensor-parallel worker: one process per rank 1..N-1, spawned by the engine (engine/executor.py). It holds
-its shard of the model and of the KV cache and runs what rank 0 sends it: the start-up calls, then one
-prepared step (StepInputs) per engine step. It never schedules or samples."""
+its shard of the model and of the KV cache and its own persistent batch, and runs what rank 0 sends it: the
+start-up calls, then each step's SchedulerOutput. It never schedules or samples."""
 from __future__ import annotations
 
 import dataclasses
@@ -114,8 +114,13 @@ def run_worker(rank: int, init_method: str, config: EngineConfig, model_dir: Pat
         method, args = call
         if method == "shutdown":
             break
-        getattr(runner, method)(*args)
-        if method != "execute_step":
+        if method == "execute_model":
+            output, update = args
+            if update:  # once per scheduled step, as on rank 0
+                runner.update_states(output)
+            runner.execute_model(output)
+        else:
+            getattr(runner, method)(*args)
             dist.barrier()
     channel.close(unlink=False)
     destroy_distributed()

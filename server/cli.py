@@ -102,6 +102,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        "loaded or to the one that holds their prefix (default: 1)")
     group.add_argument("--kernel-backend", choices=["torch", "triton"],
                        help="attention and fused kernels (default: triton on cuda, torch on cpu)")
+    group.add_argument("--enforce-eager", action="store_true", default=None,
+                       help="no CUDA graphs: run every decode step eagerly (graphs need --kernel-backend triton)")
 
 
 def checked_engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -28,22 +28,23 @@ def poisoned(requests) -> bool:
     return any(r.sampling_params.seed == POISON_SEED and r.num_output_tokens >= 2 for r in requests)
 
 
-def fail_when_poisoned(function, error: Exception):
-    """`function` (the runner's forward or the sampler) raising `error` whenever the batch holds a poisoned request."""
+def fail_when_poisoned(function, error: Exception, batch_of):
+    """`function` (the runner's forward or the sampler) raising `error` whenever the batch holds a poisoned request;
+    batch_of(args) gives the batch's requests."""
     def wrapped(*args):
-        batch = args[0].requests if hasattr(args[0], "requests") else args[1]
-        if poisoned(batch):
+        if poisoned(batch_of(args)):
             raise type(error)(*error.args)
         return function(*args)
     return wrapped
 
 
 def poison_forward(engine: EngineCore, error: Exception) -> None:
-    engine.runner.execute_model = fail_when_poisoned(engine.runner.execute_model, error)
+    engine.runner.execute_model = fail_when_poisoned(
+        engine.runner.execute_model, error, lambda args: [engine.scheduler.requests[i] for i in args[0].req_ids])
 
 
 def poison_sampler(engine: EngineCore, error: Exception) -> None:
-    engine.sampler = fail_when_poisoned(engine.sampler, error)
+    engine.sampler = fail_when_poisoned(engine.sampler, error, lambda args: args[1])
 
 
 @pytest.fixture(scope="module")
