@@ -95,7 +95,7 @@ def broadcast_cost(iterations: int) -> dict:
     try:
         for _ in range(iterations):
             start = time.perf_counter()
-            channel.send("execute_model", step, True)
+            channel.send("execute_model", step, True, ())
             sent = time.perf_counter()
             ack.wait()
             done = time.perf_counter()
@@ -106,7 +106,7 @@ def broadcast_cost(iterations: int) -> dict:
         worker.join(timeout=10)
     finally:
         channel.close(unlink=True)
-    size = len(pickle.dumps(("execute_model", (step, True)), protocol=pickle.HIGHEST_PROTOCOL))
+    size = len(pickle.dumps(("execute_model", (step, True, ())), protocol=pickle.HIGHEST_PROTOCOL))
     return {"num_seqs": BROADCAST_SEQS, "context_tokens": BROADCAST_BLOCKS * BLOCK_SIZE, "message_bytes": size,
             "send_ms": round(1e3 * statistics.median(sends), 3),
             "round_trip_ms": round(1e3 * statistics.median(round_trips), 3),

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, AsyncIterator, TypeVar
 from transformers import PreTrainedTokenizerBase
 
 from engine.beam_search import BeamSearchInstance, BeamSearchParams
-from engine.chat_template import ChatTemplate
+from engine.chat_template import ChatTemplate, ChatTemplateOptions
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType
 from engine.errors import EngineDeadError
@@ -85,9 +85,10 @@ class AsyncLLM:
         """Per engine core (one here; one per data-parallel replica in DPAsyncLLM), for /metrics' engine label."""
         return [self._stats]
 
-    async def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    async def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
+                                  options: ChatTemplateOptions = ChatTemplateOptions()) -> list[int]:
         """The prompt's token ids; tools as OpenAI's function tools (see engine.chat_template)."""
-        return await self._in_tokenizer_thread(lambda _: self._chat_template.token_ids(messages, tools))
+        return await self._in_tokenizer_thread(lambda _: self._chat_template.token_ids(messages, tools, options))
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return await self._in_tokenizer_thread(lambda tokenizer: tokenizer.encode(text, add_special_tokens=add_special_tokens))

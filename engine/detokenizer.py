@@ -1,6 +1,8 @@
 """Incremental detokenization and stop strings for one choice of a request."""
 from __future__ import annotations
 
+import functools
+
 from tokenizers.decoders import DecodeStream
 
 # Prompt tokens fed to the decoder first, so the first output token decodes with the spacing it has in context.
@@ -11,10 +13,14 @@ class IncrementalDetokenizer:
     """Turns tokens into text as they arrive, never emitting a broken UTF-8 character, and cuts the text
     at the first stop string (which is not part of the text)."""
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool, stop: list[str]) -> None:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool, stop: list[str],
+                 include_stop_str_in_output: bool = False, min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer.backend_tokenizer if tokenizer is not None else None
         self.stream = DecodeStream(ids=prompt_token_ids[-CONTEXT_TOKENS:], skip_special_tokens=skip_special_tokens)
         self.stop = stop
+        self.include_stop_str = include_stop_str_in_output
+        self.min_tokens = min_tokens  # stop strings count only once the output is longer (as vLLM)
+        self.num_tokens = 0  # decoded so far
         self.max_stop_len = max((len(s) for s in stop), default=0)
         self.stop_first_chars = {s[0] for s in stop}
         self._text = ""
@@ -39,10 +45,11 @@ class IncrementalDetokenizer:
         pending, self._pending = self._pending, []
         for token_id in pending:
             piece = self.stream.step(self.tokenizer, token_id)
+            self.num_tokens += 1
             if piece:
                 old_len = len(self._text)
                 self._text += piece
-                if self.stop:
+                if self.stop and self.num_tokens > self.min_tokens:
                     self._check_stop(old_len)
 
     def _check_stop(self, old_len: int) -> None:
@@ -51,14 +58,21 @@ class IncrementalDetokenizer:
         found = [(idx, s) for s in self.stop if (idx := self._text.find(s, start)) != -1]
         if found:
             idx, self.stop_reason = min(found)
-            self._text = self._text[:idx]
+            self._text = self._text[:idx + len(self.stop_reason) * self.include_stop_str]
 
     def stable_len(self, finished: bool) -> int:
-        """How much text can be shown now: a tail that might still grow into a stop string is held back."""
-        if finished or not self.stop:
+        """How much text can be shown now: a tail that might still grow into a stop string is held back (unless
+        the stop string is to be shown anyway)."""
+        if finished or not self.stop or self.include_stop_str:
             return len(self.text)
         text = self.text
         for start in range(max(0, len(text) - self.max_stop_len + 1), len(text)):
             if text[start] in self.stop_first_chars and any(s.startswith(text[start:]) for s in self.stop):
                 return start
         return len(self.text)
+
+
+@functools.cache  # per tokenizer instance, so each thread's tokenizer has its own
+def token_texts(tokenizer) -> list[str]:
+    """Every token's text on its own, special tokens included (what a logprob entry shows), decoded once."""
+    return [tokenizer.decode([token_id], skip_special_tokens=False) for token_id in range(len(tokenizer))]

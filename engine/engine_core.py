@@ -13,7 +13,9 @@ from engine.config import EngineConfig
 from engine.executor import make_executor
 from engine.failure_isolation import find_failing_rows, raise_if_fatal
 from engine.kv_cache_manager import KVCacheManager
+from engine.logits_processors import bad_words_token_ids
 from engine.loader import end_token_ids, load_tokenizer, resolve_model
+from engine.logprobs import prompt_logprob_rows
 from engine.metrics import ITERATION_TOKENS_BUCKETS, EngineStats, HistogramCounts
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
@@ -66,6 +68,8 @@ class EngineCore:
         text, token_ids = tokenize_prompt(prompt, tokenizer)
         if not token_ids:
             raise ValueError("prompt must not be empty")
+        if params.truncate_prompt_tokens is not None:
+            text, token_ids = self._truncate(text, token_ids, params.truncate_prompt_tokens)
         check_token_ids("prompt", token_ids, self.vocab_size)
         params.check_vocab(self.vocab_size)
         if params.n > self.config.max_num_seqs:
@@ -94,7 +98,8 @@ class EngineCore:
         # Choices are named "<id>-<index>": they must not collide with another request's sequences either.
         if request_id in self.output_processor.states or any(s in self.scheduler.requests for s in seq_ids):
             raise ValueError(f"request_id {request_id!r} is already in use")
-        params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids)
+        params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids,
+                                     bad_words_token_ids=bad_words_token_ids(params.bad_words, self.tokenizer))
         arrival_time = arrival_time or time.time()
         # A seeded choice samples from its own stream, seed + index (as vLLM): engine/row_random.py.
         sequences = [Request(seq_id, request_id, index, token_ids, params, max_tokens, arrival_time)
@@ -146,12 +151,16 @@ class EngineCore:
         return [self.scheduler.requests[req_id] for req_id in req_ids]
 
     def _execute(self, output: SchedulerOutput) -> SamplerOutput | None:
-        logits = self.runner.execute_model(output)
+        requests = self._requests(output.req_ids)
+        wanted = prompt_logprob_rows(requests, output.num_scheduled_tokens)
+        step = self.runner.execute_model(output, [rows for _, rows in wanted])
+        for (request, _), logprobs in zip(wanted, step.prompt_logprobs):
+            request.prompt_logprobs += logprobs  # only the positions the request lacked
         if not output.sample_req_ids:
             return None
         sample_requests = self._requests(output.sample_req_ids)
-        self.structured_output.apply_bitmask(logits, sample_requests)
-        return self.sampler(logits, sample_requests)
+        self.structured_output.apply_bitmask(step.logits, sample_requests)
+        return self.sampler(step.logits, sample_requests)
 
     def _fail_culprits(self, output: SchedulerOutput, error: Exception) -> list[RequestOutput]:
         raise_if_fatal(error)
@@ -181,6 +190,14 @@ class EngineCore:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), kv.usage,
                            self.scheduler.num_preemptions, kv.prefix_cache_queries, kv.prefix_cache_hits,
                            self.num_prompt_tokens, self.num_generation_tokens, self.iteration_tokens.copy())
+
+    def _truncate(self, text: str | None, token_ids: list[int], keep: int) -> tuple[str | None, list[int]]:
+        """The prompt's last `keep` tokens (-1: max_model_len), as vLLM's truncate_prompt_tokens; the text is
+        dropped once cut, since it no longer matches the tokens."""
+        if keep > self.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens ({keep}) must be <= max_model_len ({self.max_model_len})")
+        keep = self.max_model_len if keep == -1 else keep
+        return (text, token_ids) if len(token_ids) <= keep else (None, token_ids[-keep:])
 
 
 def tokenize_prompt(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str | None, list[int]]:

@@ -15,7 +15,7 @@ import logging
 import multiprocessing.connection
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,7 +28,8 @@ from engine.config import EngineConfig
 from engine.distributed import destroy_distributed, init_distributed
 from engine.errors import EngineDeadError
 from engine.loader import iter_weight_slices
-from engine.model_runner import ModelRunner
+from engine.logprobs import PromptLogprobRows
+from engine.model_runner import ModelRunner, ModelRunnerOutput
 from engine.sampler import Sampler
 from engine.scheduler import SchedulerOutput
 from engine.worker import BroadcastChannel, StepChannel, run_worker
@@ -116,11 +117,12 @@ class MultiprocExecutor:
         self.runner.update_states(output)
         self._updated = output
 
-    def execute_model(self, output: SchedulerOutput) -> torch.Tensor:
-        """Rank 0's logits of the step; every rank runs it. A failure here is fatal (EngineDeadError): a rank
+    def execute_model(self, output: SchedulerOutput,
+                      prompt_rows: Sequence[PromptLogprobRows] = ()) -> ModelRunnerOutput:
+        """Rank 0's output of the step; every rank runs it. A failure here is fatal (EngineDeadError): a rank
         that stopped halfway leaves the others inside a collective, so no step can be retried."""
         update, self._updated = output is self._updated, None
-        return self._collective_rpc("execute_model", (output, update), (output,))
+        return self._collective_rpc("execute_model", (output, update, prompt_rows), (output, prompt_rows))
 
     def _collective_rpc(self, method: str, args: tuple, local_args: tuple | None = None):
         """Run `method` on every rank: the workers with `args`, rank 0 with `local_args` (default `args`). Calls

@@ -33,8 +33,9 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> list[KVCacheBlock]:
         """The longest run of cached full blocks that starts the request's tokens. The last token is
-        always recomputed: its logits are needed."""
-        if not self.enable_caching:
+        always recomputed: its logits are needed. A request asking for prompt logprobs reads no cache (as vLLM):
+        every prompt position must run for its logits."""
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         self._update_hashes(request, max_blocks)

@@ -7,7 +7,7 @@ import itertools
 from tqdm.auto import tqdm
 
 from engine.beam_search import BeamSearchInstance, BeamSearchOutput, BeamSearchParams
-from engine.chat_template import ChatTemplate
+from engine.chat_template import ChatTemplate, ChatTemplateOptions
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType
 from engine.outputs import RequestOutput
@@ -43,13 +43,15 @@ class LLM:
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or a list of them, through the model's chat template;
-        tools: OpenAI's function tools, for the template (engine.chat_template)."""
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, through the model's chat template
+        (or chat_template); tools: OpenAI's function tools, for the template (engine.chat_template)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self._chat_template.token_ids(c, tools, add_generation_prompt)}
-                   for c in conversations]
+        options = ChatTemplateOptions(add_generation_prompt, continue_final_message, chat_template,
+                                      chat_template_kwargs or {})
+        prompts = [{"prompt_token_ids": self._chat_template.token_ids(c, tools, options)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def beam_search(self, prompts: list[PromptType], params: BeamSearchParams,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import mmap
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,18 +17,25 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, capture_sizes
 from engine.distributed import TPGroup, tensor_parallel
 from engine.input_batch import InputBatch
-from engine.step_buffers import StepBuffers
+from engine.logprobs import PromptLogprobRows, prompt_logprobs
 from engine.models import get_model_class
+from engine.outputs import Logprob
 from engine.request import Request
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import NewRequestData, SchedulerOutput
+from engine.step_buffers import StepBuffers
 from kernels import get_ops
 from kernels.decode_attention import MIN_SPLIT_TOKENS
 
 logger = logging.getLogger("tokmodel.engine")
 CPU_KV_CACHE_BYTES = 2 << 30
 DECODE_GROUPS = 3  # on a one-off CPU timing of 32 decodes of 100-380 tokens, 3 groups beat 1, 2 and 4
+
+
+class ModelRunnerOutput(NamedTuple):
+    logits: torch.Tensor  # fp32 [num_sample_rows, vocab]
+    prompt_logprobs: list[list[dict[int, Logprob]]]  # per PromptLogprobRows asked: a Logprob dict per target
 
 
 class ModelRunner:
@@ -103,23 +111,30 @@ class ModelRunner:
         self.input_batch.update(output)
 
     @torch.inference_mode()
-    def execute_model(self, output: SchedulerOutput) -> torch.Tensor:
-        """fp32 logits [num_sample_rows, vocab_size] of the step, whose sequences update_states has placed;
-        [num_sample_rows, 0] on tensor-parallel ranks but the first (they do not sample)."""
+    def execute_model(self, output: SchedulerOutput,
+                      prompt_rows: Sequence[PromptLogprobRows] = ()) -> ModelRunnerOutput:
+        """fp32 logits [num_sample_rows, vocab_size] of the step, whose sequences update_states has placed, and
+        the prompt logprobs of prompt_rows (only those rows go through the lm_head: the other requests' prompts
+        cost nothing extra). Tensor-parallel ranks but the first (they do not sample) get [num_sample_rows, 0]
+        logits and no prompt logprobs."""
         if output.blocks_to_copy:
             self._copy_blocks(output.blocks_to_copy)
-        num_tokens, num_sample_rows, meta = self._prepare_inputs(output)
+        num_tokens, num_sample_rows, meta, token_starts = self._prepare_inputs(output)
         dev = self.buffers.dev
         hidden = self.graphs.replay(meta.num_decodes) if meta.num_prefills == 0 else None
         if hidden is None:
             hidden = self.model(dev.input_ids[:num_tokens], dev.positions[:num_tokens], self.kv_caches, meta)
-        return self.model.compute_logits(hidden[dev.sample_index[:num_sample_rows]]).float()
+        logits = self.model.compute_logits(hidden[dev.sample_index[:num_sample_rows]]).float()
+        prompt = [prompt_logprobs(hidden[token_starts[r.row] + r.start:token_starts[r.row] + r.stop],
+                                  self.model.compute_logits, r.target_ids, r.num_top) for r in prompt_rows]
+        return ModelRunnerOutput(logits, prompt)
 
-    def _prepare_inputs(self, output: SchedulerOutput) -> tuple[int, int, AttentionMetadata]:
+    def _prepare_inputs(self, output: SchedulerOutput) -> tuple[int, int, AttentionMetadata, np.ndarray]:
         """Fill the step buffers from the persistent batch and copy them to the device. The step holds decodes
         first (longest first on the torch path, whose decode groups pad to their longest), then prefill chunks;
         a decode-only step is padded to the next captured size when graphs run (or are mimicked). Returns the
-        number of tokens, of sampled rows, and the attention metadata."""
+        number of tokens, of sampled rows, the attention metadata, and where each scheduled sequence's tokens
+        start in the step."""
         batch, buf = self.input_batch, self.buffers.np
         num_new = np.asarray(output.num_scheduled_tokens, dtype=np.int64)
         is_prefill = num_new != 1
@@ -165,7 +180,7 @@ class ModelRunner:
             decode_groups=self._decode_groups(buf.seq_lens[:num_decodes + num_padding]),
             max_prefill_seq_len=int(seq_lens[num_decodes:].max(initial=0)),
         )
-        return num_tokens + num_padding, num_sample_rows, meta
+        return num_tokens + num_padding, num_sample_rows, meta, query_start_loc[:num_reqs][order]
 
     def _pad_decodes(self, num_reqs: int, num_padding: int) -> None:
         """Padding rows after a decode-only step's num_reqs rows: one token at position 0, written nowhere (slot
@@ -237,7 +252,7 @@ class ModelRunner:
                                  new_reqs, [], [], [req_ids[row] for row in sample_rows], sample_rows, [], 0)
         self.update_states(output)
         try:
-            return self.execute_model(output)
+            return self.execute_model(output).logits
         finally:
             for req_id in req_ids:
                 self.input_batch.remove(req_id)

@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import CompletionOutput, RequestOutput, SampleLogprobs
+from engine.detokenizer import IncrementalDetokenizer, token_texts
+from engine.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, SampleLogprobs
 from engine.request import Request, RequestStatus
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
@@ -42,6 +42,8 @@ class RequestState:
     choices: list[ChoiceState]
     arrival_time: float
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # once the prompt is computed, when the request asked
+    prompt_logprobs_sent: bool = False
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -60,7 +62,8 @@ class OutputProcessor:
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float) -> None:
         choices = [ChoiceState(i, IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
-                                                         params.stop)) for i in range(params.n)]
+                                                         params.stop, params.include_stop_str_in_output,
+                                                         params.min_tokens)) for i in range(params.n)]
         self.states[request_id] = RequestState(request_id, prompt, prompt_token_ids, params, choices, arrival_time)
 
     def mark_scheduled(self, requests: list[Request], now: float) -> None:
@@ -112,9 +115,12 @@ class OutputProcessor:
         choice.token_ids.append(token_id)
         if state.params.logprobs is not None:
             choice.logprobs.append(token_logprobs)
+        if seq.index == 0 and state.params.prompt_logprobs is not None and state.prompt_logprobs is None:
+            state.prompt_logprobs = [None, *self._with_decoded_tokens(seq.prompt_logprobs)]
         # The end or stop token that finished the sequence stays in token_ids but not in the text (as vLLM),
-        # even when special tokens are kept: "<|im_end|>" is no part of the answer.
-        if seq.status is not RequestStatus.FINISHED_STOPPED:
+        # even when special tokens are kept: "<|im_end|>" is no part of the answer; unless the request asked for
+        # its stop in the text.
+        if seq.status is not RequestStatus.FINISHED_STOPPED or state.params.include_stop_str_in_output:
             choice.detokenizer.add_token(token_id)
         if seq.is_finished or state.params.output_kind is not RequestOutputKind.FINAL_ONLY:
             choice.detokenizer.flush()  # the text is read this step: a token that cannot be decoded fails here
@@ -124,6 +130,14 @@ class OutputProcessor:
         if seq.is_finished:
             choice.finish_reason, choice.stop_reason = seq.status.finish_reason, seq.stop_reason
         return False
+
+    def _with_decoded_tokens(self, prompt_logprobs: list[dict[int, Logprob]]) -> list[dict[int, Logprob]]:
+        if self.tokenizer is not None:
+            texts = token_texts(self.tokenizer)
+            for position in prompt_logprobs:
+                for token_id, logprob in position.items():
+                    logprob.decoded_token = texts[token_id] if token_id < len(texts) else ""
+        return prompt_logprobs
 
     def finish(self, request_id: str, finish_reason: str) -> RequestOutput | None:
         """End a request now (aborted, or failed in the engine): its unfinished choices take finish_reason.
@@ -155,8 +169,11 @@ class OutputProcessor:
                    "num_preemptions": state.num_preemptions}
         if finished:
             metrics["finished_time"] = now
+        prompt_logprobs = state.prompt_logprobs
+        if kind is RequestOutputKind.DELTA:  # given once, with the first output
+            prompt_logprobs, state.prompt_logprobs_sent = (None if state.prompt_logprobs_sent else prompt_logprobs), True
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions, finished,
-                             state.num_cached_tokens, metrics)
+                             state.num_cached_tokens, prompt_logprobs, metrics)
 
     def _completion(self, choice: ChoiceState, delta: bool) -> CompletionOutput | None:
         detok, finished = choice.detokenizer, choice.finish_reason is not None

@@ -8,6 +8,18 @@ SampleLogprobs = list[dict[int, float]]
 
 
 @dataclass
+class Logprob:
+    """A prompt token's, or one of the top ones at its position (vLLM's Logprob)."""
+    logprob: float
+    rank: int  # 1 for the most likely token
+    decoded_token: str | None = None
+
+
+# Per prompt token: the prompt token's Logprob and the top ones; None for the first token, which nothing predicts.
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
@@ -31,4 +43,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # Timestamps (arrival_time, first_scheduled_time, first_token_time, last_token_time, finished_time once
     # finished) and num_preemptions, for the server's per-request metrics.
+    prompt_logprobs: PromptLogprobs | None = None  # when its SamplingParams.prompt_logprobs asked
     metrics: dict[str, float] = field(default_factory=dict)

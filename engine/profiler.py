@@ -88,16 +88,16 @@ class EngineProfiler:
 
     def _recording_batches(self, execute_model: Callable) -> Callable:
         @functools.wraps(execute_model)
-        def recorded(output: SchedulerOutput):
+        def recorded(output: SchedulerOutput, *args):
             decodes, prefills = [], []
-            for request, num_new in zip(output.requests, output.num_scheduled_tokens):
+            for num_computed, num_new in zip(output.num_computed_tokens, output.num_scheduled_tokens):
                 if num_new == 1:
-                    decodes.append(request.num_computed_tokens + 1)
+                    decodes.append(num_computed + 1)
                 else:
-                    prefills.append([request.num_computed_tokens, num_new])
+                    prefills.append([num_computed, num_new])
             self._steps.append({"decode_seq_lens": decodes, "prefills": prefills})
             with record_function("execute_model"):
-                return execute_model(output)
+                return execute_model(output, *args)
 
         return recorded
 

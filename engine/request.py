@@ -56,6 +56,9 @@ class Request:
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.penalty_state = None  # penalties.PenaltyState, made on first use by a request with penalties
         self.grammar = None  # its structured output's matcher, advanced by each sampled token
+        # Logprobs of prompt tokens 1.. (sampling_params.prompt_logprobs), gathered chunk by chunk as the runner
+        # computes them; a request asking for them never reads the prefix cache, so none is skipped.
+        self.prompt_logprobs: list[dict] = []
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,6 +1,7 @@
-"""Batched sampling on the model's device, in vLLM's order: logit_bias and min_tokens, penalties, then greedy
-rows by argmax and the others by random_sampling.py (temperature, min_p, top_k, top_p). Each stage works on
-the whole batch at once, from settings gathered once per step; logprobs are of the raw distribution."""
+"""Batched sampling on the model's device, in vLLM's order: the logits processors (allowed_token_ids, bad_words,
+logit_bias, min_tokens), penalties, then greedy rows by argmax and the others by random_sampling.py (temperature,
+min_p, top_k, top_p). Each stage works on the whole batch at once, from settings gathered once per step; logprobs
+are of the raw distribution."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -9,7 +10,7 @@ import torch
 
 from engine import vocab_chunks
 from engine.device_copy import to_device
-from engine.logits_processors import apply_logit_bias_and_min_tokens
+from engine.logits_processors import apply_logits_processors
 from engine.logprobs import gather_logprobs, raw_logprobs
 from engine.outputs import SampleLogprobs
 from engine.penalties import apply_penalties
@@ -31,7 +32,7 @@ class Sampler:
         """logits: fp32 [num_rows, vocab], one row per request (forks repeat their parent's row); overwritten."""
         asked = [r.sampling_params.logprobs for r in requests]
         raw = raw_logprobs(logits, asked)
-        apply_logit_bias_and_min_tokens(logits, requests)
+        apply_logits_processors(logits, requests)
         apply_penalties(logits, requests)
         token_ids = self._sample(logits, requests)
         return SamplerOutput(token_ids.tolist(), gather_logprobs(raw, token_ids, asked))

@@ -20,9 +20,10 @@ _REAL_RANGES: dict[str, tuple[float, float, bool]] = {
 # Integer fields: (lowest, highest); those in _OPTIONAL may also be None. top_k: -1 and 0 both mean off.
 _INT_RANGES: dict[str, tuple[int, float]] = {
     "n": (1, math.inf), "top_k": (-1, math.inf), "seed": _INT64, "max_tokens": (1, math.inf),
-    "min_tokens": (0, math.inf), "logprobs": (0, 20),
+    "min_tokens": (0, math.inf), "logprobs": (0, 20), "prompt_logprobs": (-1, math.inf),
+    "truncate_prompt_tokens": (-1, math.inf),
 }
-_OPTIONAL = frozenset({"seed", "max_tokens", "logprobs"})
+_OPTIONAL = frozenset({"seed", "max_tokens", "logprobs", "prompt_logprobs", "truncate_prompt_tokens"})
 
 
 class RequestOutputKind(enum.Enum):
@@ -49,15 +50,27 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs besides the sampled token's
+    prompt_logprobs: int | None = None  # per prompt token: its logprob and this many top ones; -1: the whole vocabulary
+    allowed_token_ids: list[int] | None = None  # sample only among these
+    bad_words: list[str] | None = None  # words never generated (as vLLM: with and without a leading space)
+    include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Only slow (Python) tokenizers put spaces between special tokens; fast ones, which TokModel uses, never do.
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max_model_len
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must match
     # Filled by the engine: the model's end tokens, unless ignore_eos.
     eos_token_ids: frozenset[int] = field(default=frozenset(), repr=False)
+    # Filled by the engine: each bad word's token ids (bad_words_token_ids in engine/logits_processors.py).
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else _as_list(self.stop, "stop")
         self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids")
+        self.bad_words = _as_list(self.bad_words, "bad_words")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _as_list(self.allowed_token_ids, "allowed_token_ids")
         self._validate()
         if self.top_k == -1:
             self.top_k = 0
@@ -73,7 +86,14 @@ class SamplingParams:
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be a non-empty string or a list of non-empty strings")
-        _check(all(map(_is_int, self.stop_token_ids)), "stop_token_ids", "must be a list of integer token ids")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            ids = getattr(self, name) or []
+            bad = next((i for i in ids if not _is_int(i)), None)
+            _check(bad is None, name, f"must be a list of integer token ids, got {_show(bad)}")
+        _check(self.allowed_token_ids != [], "allowed_token_ids", "must not be empty")
+        _check(all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
+               "must be a list of non-blank strings")
+        _check(self.truncate_prompt_tokens != 0, "truncate_prompt_tokens", "must be -1 or an integer >= 1, got 0")
         _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
                "structured_outputs", f"must be a StructuredOutputsParams, got {_show(self.structured_outputs)}")
 
@@ -81,7 +101,8 @@ class SamplingParams:
         """What only the model can bound: top_k and the token ids of logit_bias and stop_token_ids.
         Raises ValueError naming the field and the offending value."""
         _check(self.top_k <= vocab_size, "top_k", f"must be -1, 0 (off) or in [1, {vocab_size}], got {self.top_k}")
-        for name, ids in (("logit_bias", list(self.logit_bias or ())), ("stop_token_ids", self.stop_token_ids)):
+        for name, ids in (("logit_bias", list(self.logit_bias or ())), ("stop_token_ids", self.stop_token_ids),
+                          ("allowed_token_ids", self.allowed_token_ids)):
             check_token_ids(name, ids, vocab_size)
 
     @property

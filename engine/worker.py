@@ -115,10 +115,10 @@ def run_worker(rank: int, init_method: str, config: EngineConfig, model_dir: Pat
         if method == "shutdown":
             break
         if method == "execute_model":
-            output, update = args
+            output, update, prompt_rows = args
             if update:  # once per scheduled step, as on rank 0
                 runner.update_states(output)
-            runner.execute_model(output)
+            runner.execute_model(output, prompt_rows)
         else:
             getattr(runner, method)(*args)
             dist.barrier()

@@ -1,5 +1,5 @@
 """A chat request's messages as the chat template takes them: {"role", "content": str}, text parts joined,
-developer as the template's system role; an assistant's tool_calls (arguments parsed from their JSON text, as
+developer as the template's system role, other roles as they are; an assistant's tool_calls (arguments parsed from their JSON text, as
 templates expect objects) and a tool message's tool_call_id and name kept. Any malformed message is a 400 on
 `messages` saying which one."""
 from __future__ import annotations
@@ -8,7 +8,8 @@ import json
 
 from server.errors import OpenAIError, bad_request
 
-# A role as the template knows it: developer is OpenAI's newer name for system.
+# A role as the template knows it: developer is OpenAI's newer name for system. Other roles go to the template
+# as they are (as vLLM passes them), for templates that know more roles.
 TEMPLATE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
@@ -20,12 +21,12 @@ def chat_messages(body: dict) -> list[dict]:
 
 
 def _chat_message(message: object, where: str) -> dict:
-    if not isinstance(message, dict) or message.get("role") not in TEMPLATE_ROLES:
-        raise _malformed(f"{where} must be an object with a role among {sorted(TEMPLATE_ROLES)}")
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+        raise _malformed(f"{where} must be an object with a role (such as {', '.join(TEMPLATE_ROLES)})")
     role = message["role"]
     tool_calls = message.get("tool_calls") if role == "assistant" else None
     content = _content(message.get("content"), where, optional=role == "assistant")
-    parsed = {"role": TEMPLATE_ROLES[role], "content": content}
+    parsed = {"role": TEMPLATE_ROLES.get(role, role), "content": content}
     if tool_calls is not None:
         if not isinstance(tool_calls, list):
             raise _malformed(f"{where}.tool_calls must be an array")

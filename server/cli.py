@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from bench.cli import add_bench_command, add_profile_command
 from server.logging_config import LOG_LEVEL_ENV, configure_logging
 from server.response_store import DEFAULT_MAX_STORED_RESPONSES
-from server.startup import UsageError, bind_socket, check_device, check_model
+from server.startup import UsageError, bind_socket, check_device, check_model, load_chat_template
 from server.tool_parsers import TOOL_PARSERS
 from server.version import package_version
 
@@ -129,7 +129,7 @@ def add_serve_command(commands: argparse._SubParsersAction, common: argparse.Arg
     parser = commands.add_parser("serve", parents=[common], help="serve the OpenAI-compatible HTTP API",
                                  description="Check the flags and bind the port, load the model, then serve "
                                  "/v1/chat/completions, /v1/completions, /v1/responses, /v1/models, /tokenize, "
-                                 "/detokenize, /health, /version and /metrics. Exit codes: 0 after a drain, 1 when the "
+                                 "/detokenize, /health, /ping, /invocations, /load, /version and /metrics. Exit codes: 0 after a drain, 1 when the "
                                  "engine dies or the model fails to load, 2 for a bad flag or a busy port.")
     add_engine_args(parser)
     group = parser.add_argument_group("server")
@@ -159,6 +159,15 @@ def add_serve_command(commands: argparse._SubParsersAction, common: argparse.Arg
                        "--tool-call-parser reads its calls from its text")
     group.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS),
                        help="the format the model writes tool calls in, for --enable-auto-tool-choice")
+    group.add_argument("--chat-template", help="a Jinja chat template, or the path of a file holding one, used instead "
+                       "of the model's")
+    group.add_argument("--trust-request-chat-template", action="store_true",
+                       help="let requests bring their own chat template (chat_template, or chat_template_kwargs' "
+                       "chat_template); without it such requests get a 400, as in vLLM")
+    group.add_argument("--enable-server-load-tracking", action="store_true",
+                       help="count generation requests in flight, for GET /load ({\"server_load\": N})")
+    group.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                       help="serve GET /tokenizer_info (the tokenizer's configuration and chat template)")
     parser.set_defaults(run=serve)
 
 
@@ -176,10 +185,14 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     sock = bind_socket(args.host, args.port)
     config = checked_engine_config(args)
+    chat_template = load_chat_template(args.chat_template) if args.chat_template is not None else None
     options = ServerOptions(args.api_key, args.max_waiting_requests, args.shutdown_grace_period,
                             access_log=not args.disable_uvicorn_access_log, log_requests=args.enable_log_requests,
                             stats_interval_s=args.stats_log_interval, max_stored_responses=args.max_stored_responses,
                             tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+                            chat_template=chat_template, trust_request_chat_template=args.trust_request_chat_template,
+                            enable_server_load_tracking=args.enable_server_load_tracking,
+                            enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
                             profiler_dir=trace_dir)
     return asyncio.run(_load_and_serve(config, options, sock))
 

@@ -34,29 +34,31 @@ _UNUSED = frozenset({"safety_identifier", "prompt_cache_key", "prompt_cache_rete
                      "metadata",  # OpenAI stores it with a completion (`store: true` is refused); a response repeats it
                      "max_tool_calls"})  # counts calls to OpenAI's built-in tools, which TokModel has none of
 
-_CHAT_TEMPLATE = {"add_generation_prompt": only(True), "continue_final_message": only(False),
-                  "chat_template": only(), "chat_template_kwargs": only({}), "mm_processor_kwargs": only({})}
+_MULTIMODAL = {"mm_processor_kwargs": only({})}
 _GENERATION = {  # every endpoint that generates: chat, completions, responses
     "best_of": lambda value, body: _same_json(value, body.get("n") or 1),  # one candidate per choice is the default
-    "include_stop_str_in_output": only(False),
-    "spaces_between_special_tokens": only(True), "truncate_prompt_tokens": only(), "prompt_logprobs": only(),
-    "allowed_token_ids": only(), "bad_words": only([]), "logits_processors": only([]),
+    "logits_processors": only([]),
     "structural_tag": only(), "guided_decoding_backend": only(), "guided_whitespace_pattern": only(),
     "priority": only(0), "request_id": only(), "cache_salt": only(), "kv_transfer_params": only(),
-    "vllm_xargs": only({}), "return_tokens_as_token_ids": only(False), "return_token_ids": only(False),
-    "store": only(False), "service_tier": only("auto", "default"),
+    "vllm_xargs": only({}), "store": only(False), "service_tier": only("auto", "default"),
 }
-CHAT_REFUSED: dict[str, NoOp] = _GENERATION | _CHAT_TEMPLATE | {
+# vLLM's extra sampling and output parameters: honoured on chat and completions, not (yet) on Responses.
+_VLLM_EXTRAS = {
+    "include_stop_str_in_output": only(False), "spaces_between_special_tokens": only(True),
+    "truncate_prompt_tokens": only(), "prompt_logprobs": only(), "allowed_token_ids": only(), "bad_words": only([]),
+    "return_tokens_as_token_ids": only(False), "return_token_ids": only(False),
+}
+CHAT_REFUSED: dict[str, NoOp] = _GENERATION | _MULTIMODAL | {
     "functions": only([]), "function_call": only("none", "auto"),  # deprecated for tools and tool_choice
     "audio": only(), "modalities": only(["text"]), "prediction": only(), "web_search_options": only(),
     "moderation": only(), "reasoning_effort": only("none"), "verbosity": only("medium"),
-    "include_reasoning": only(True), "echo": only(False), "add_special_tokens": only(False), "documents": only([]),
+    "include_reasoning": only(True), "add_special_tokens": only(False), "documents": only([]),
     "media_io_kwargs": only({}),
 }
 COMPLETION_REFUSED: dict[str, NoOp] = _GENERATION | {
     "suffix": only(""), "add_special_tokens": only(True), "prompt_embeds": only(),
 }
-RESPONSES_REFUSED: dict[str, NoOp] = _GENERATION | {
+RESPONSES_REFUSED: dict[str, NoOp] = _GENERATION | _VLLM_EXTRAS | {
     "n": only(1),  # a response has one output
     "use_beam_search": only(False), "length_penalty": only(1),
     "max_tokens": only(),  # chat's name: here max_output_tokens
@@ -68,7 +70,7 @@ RESPONSES_REFUSED: dict[str, NoOp] = _GENERATION | {
     "conversation": only(), "prompt": only(), "context_management": only([]), "moderation": only(),
     "image": only({}), "access_programs": only({}),
 }
-TOKENIZE_REFUSED: dict[str, NoOp] = _CHAT_TEMPLATE | {"return_token_strs": only(False)}
+TOKENIZE_REFUSED: dict[str, NoOp] = _MULTIMODAL
 
 _MAX_LOGGED_NAMES = 1000  # a client inventing a name per request must not grow the log, or this set, forever
 _logged_names: set[str] = set()  # per process, as the log it deduplicates

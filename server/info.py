@@ -1,4 +1,4 @@
-"""GET /v1/models, /v1/models/{model}, /health, /version, /metrics."""
+"""GET /v1/models, /v1/models/{model}, /health (and SageMaker's /ping), /load, /version, /metrics."""
 from __future__ import annotations
 
 import time
@@ -36,6 +36,15 @@ async def health(request: web.Request) -> web.Response:
     """200 once the model is loaded (the server listens only then); 503 while draining or once the engine died."""
     state = request.app[STATE]
     return web.Response(status=503 if state.draining or state.llm.errored else 200)
+
+
+async def ping(request: web.Request) -> web.Response:
+    return await health(request)
+
+
+async def load(request: web.Request) -> web.Response:
+    """vLLM's {"server_load": N}: generation requests in flight; 0 without --enable-server-load-tracking."""
+    return web.json_response({"server_load": request.app[STATE].server_load or 0})
 
 
 async def version(request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from jinja2 import TemplateError
 
+from engine.chat_template import ChatTemplateOptions
 from engine.sampling_params import RequestOutputKind, SamplingParams, check_token_ids
 from engine.structured_output import StructuredOutputsParams
 from server.errors import OpenAIError, bad_request
@@ -17,6 +18,7 @@ from server.structured_outputs import structured_outputs
 
 if TYPE_CHECKING:
     from engine.async_llm import AsyncLLM
+    from server.state import ServerState
 
 # JSON types a field may take; None (JSON null) is always accepted and means "the default".
 _NUMBER = (int, float)
@@ -26,16 +28,24 @@ _SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {
     "logit_bias": (dict,), "max_tokens": (int,), "min_tokens": (int,), "stop": (str, list), "stop_token_ids": (list,),
     "ignore_eos": (bool,), "skip_special_tokens": (bool,), "stream": (bool,), "stream_options": (dict,), "user": (str,),
     "use_beam_search": (bool,), "length_penalty": _NUMBER,  # server/beam_search.py
+    # vLLM's extra parameters
+    "prompt_logprobs": (int,), "allowed_token_ids": (list,), "bad_words": (list,), "include_stop_str_in_output": (bool,),
+    "spaces_between_special_tokens": (bool,), "truncate_prompt_tokens": (int,), "return_token_ids": (bool,),
+    "return_tokens_as_token_ids": (bool,),
 }
 _SAMPLING_FIELDS |= STRUCTURED_OUTPUT_FIELDS
+# The chat template fields of chat requests and /tokenize (vLLM's extra parameters).
+CHAT_TEMPLATE_FIELDS = {"add_generation_prompt": (bool,), "continue_final_message": (bool,), "chat_template": (str,),
+                        "chat_template_kwargs": (dict,)}
 CHAT_FIELDS = _SAMPLING_FIELDS | {"messages": (list,), "max_completion_tokens": (int,), "logprobs": (bool,),
                                   "top_logprobs": (int,), "tools": (list,), "tool_choice": (str, dict),
-                                  "parallel_tool_calls": (bool,)}
+                                  "parallel_tool_calls": (bool,), "echo": (bool,)} | CHAT_TEMPLATE_FIELDS
 COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt": (str, list), "echo": (bool,), "logprobs": (int,)}
 # SamplingParams copies these request fields under the same name.
 _PASSTHROUGH = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                 "repetition_penalty", "logit_bias", "min_tokens", "stop", "stop_token_ids", "ignore_eos",
-                "skip_special_tokens")
+                "skip_special_tokens", "prompt_logprobs", "allowed_token_ids", "bad_words", "include_stop_str_in_output",
+                "spaces_between_special_tokens", "truncate_prompt_tokens")
 # Arrays and objects within each other: far more than any request needs (a tool's JSON schema included), few
 # enough that nothing after parsing (templates, schema checks) can recurse too deep.
 MAX_BODY_DEPTH = 64
@@ -47,6 +57,7 @@ _CONTAINERS = (dict, list)  # exactly the types json.loads builds for objects an
 class StreamOptions:
     stream: bool
     include_usage: bool
+    continuous_usage_stats: bool = False  # usage on every chunk too (vLLM's), with include_usage
 
 
 async def read_json(request: web.Request) -> dict:
@@ -118,10 +129,14 @@ def stream_options(body: dict) -> StreamOptions:
     stream = bool(body.get("stream"))
     if options and not stream:
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise bad_request("stream_options.include_usage must be a boolean", param="stream_options")
-    return StreamOptions(stream, include_usage)
+    flags = [options.get(name, False) for name in ("include_usage", "continuous_usage_stats")]
+    for name, flag in zip(("include_usage", "continuous_usage_stats"), flags):
+        if not isinstance(flag, bool):
+            raise bad_request(f"stream_options.{name} must be a boolean, got {json.dumps(flag)[:64]}",
+                              param="stream_options")
+    if stream and body.get("prompt_logprobs") is not None:
+        raise bad_request("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+    return StreamOptions(stream, flags[0], flags[0] and flags[1])
 
 
 def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None, vocab_size: int | None,
@@ -152,15 +167,35 @@ def vocab_size(llm: AsyncLLM) -> int | None:
     return len(llm.tokenizer) if llm.tokenizer is not None else None
 
 
-async def chat_prompt(llm: AsyncLLM, messages: list[dict], tools: list[dict] | None = None,
-                      param: str = "messages") -> list[int]:
-    """Messages as templates take them (server/chat_messages.py) and tools (OpenAI's function tools) through the
-    model's chat template, as token ids. A template that refuses the messages (say, roles that do not alternate)
-    raises with a message written for the user: a 400 on param."""
+def chat_template_options(body: dict, state: ServerState) -> ChatTemplateOptions:
+    """The request's rendering options; its own template (chat_template, or one in chat_template_kwargs) only when
+    the server trusts request templates (--trust-request-chat-template, as vLLM), else the server's or the model's."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    template = body.get("chat_template") or kwargs.get("chat_template")
+    if template is not None and not state.trust_request_chat_template:
+        param = "chat_template" if body.get("chat_template") else "chat_template_kwargs"
+        raise bad_request("the request brings its own chat template, but the server does not trust request templates "
+                          "(start it with --trust-request-chat-template)", param=param)
+    kwargs = {name: value for name, value in kwargs.items() if name != "chat_template"}
     try:
-        return await llm.apply_chat_template(messages, tools)
+        return ChatTemplateOptions(body.get("add_generation_prompt", True), body.get("continue_final_message", False),
+                                   template or state.chat_template, kwargs)
+    except ValueError as e:
+        param = "chat_template_kwargs" if str(e).startswith("chat_template_kwargs") else "continue_final_message"
+        raise bad_request(str(e), param=param) from None
+
+
+async def chat_prompt(llm: AsyncLLM, messages: list[dict], tools: list[dict] | None = None, param: str = "messages",
+                      options: ChatTemplateOptions = ChatTemplateOptions()) -> list[int]:
+    """Messages as templates take them (server/chat_messages.py) and tools (OpenAI's function tools) through the
+    model's chat template, as token ids. A template that refuses the messages (say, roles that do not alternate,
+    or a last message it cannot continue) raises with a message written for the user: a 400 on param."""
+    try:
+        return await llm.apply_chat_template(messages, tools, options)
     except TemplateError as e:
-        raise bad_request(f"the model's chat template refused the messages: {e}", param=param) from None
+        raise bad_request(f"the chat template refused the messages: {e}", param=param) from None
+    except ValueError as e:  # transformers: continue_final_message on a message the template does not end with
+        raise bad_request(f"the chat template could not render the messages: {e}", param=param) from None
 
 
 def completion_prompts(body: dict, vocab_size: int | None) -> list[str | list[int]]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from engine.chat_template import ChatTemplateOptions
 from engine.outputs import RequestOutput
 from server.errors import OpenAIError, bad_request
 from server.fields import RESPONSES_REFUSED, check_fields
@@ -47,7 +48,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     messages = input_messages(body)
     history = previous.conversation if previous else []
     prompt = await chat_prompt(state.llm, instructions_messages(body) + history + messages,
-                               tool_calling.template_tools(), param="input")
+                               tool_calling.template_tools(), "input", ChatTemplateOptions(chat_template=state.chat_template))
     builder = ResponseBuilder(state.llm.model_name, body, params, tool_calling.new_parser())
     outputs = generate_many(state, [prompt], params, builder.id)
     store = state.responses if body.get("store") is not False else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -65,3 +66,23 @@ def check_model(config: EngineConfig) -> None:
         check_tensor_parallel(hf_config, config.tensor_parallel_size)
     except (ValueError, OSError) as e:
         raise UsageError(str(e).splitlines()[0]) from e
+
+
+def load_chat_template(value: str) -> str:
+    """--chat-template as vLLM reads it: a file's path, or the Jinja template itself (text that holds a brace or
+    a newline, which no path here does); the template must compile."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    path = Path(value)
+    if path.is_file():
+        template = path.read_text()
+    elif any(c in value for c in "{}\n"):
+        template = value
+    else:
+        raise UsageError(f"--chat-template {value!r} is neither a file nor a template")
+    try:
+        ImmutableSandboxedEnvironment().parse(template)
+    except TemplateSyntaxError as e:
+        raise UsageError(f"--chat-template: the template does not compile: {e}") from None
+    return template

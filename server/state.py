@@ -26,6 +26,9 @@ class ServerState:
     draining: bool = False  # set by the first SIGTERM or Ctrl-C: /health and new requests get 503 from then on
     in_flight: set[asyncio.Task] = field(default_factory=set)  # handler tasks: a drain waits for them
     responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses created with store: true
+    chat_template: str | None = None  # --chat-template: instead of the model's
+    trust_request_chat_template: bool = False  # --trust-request-chat-template: requests may bring their own
+    server_load: int | None = None  # with --enable-server-load-tracking: generation requests in flight (GET /load)
 
 
 STATE = web.AppKey("state", ServerState)

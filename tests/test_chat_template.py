@@ -29,14 +29,14 @@ def test_a_template_that_renders_tools_gets_tools_and_history_as_given(tokenizer
     echo = copy.deepcopy(tokenizer)
     echo.chat_template = ECHO_TEMPLATE
     template = ChatTemplate(echo)
-    assert template.supports_tools
+    assert template.supports_tools()
     tools, *messages = [json.loads(line) for line in render(template, HISTORY, TOOLS).splitlines()]
     assert tools == TOOLS and messages == HISTORY
 
 
 def test_the_default_models_template_gets_tools_and_history_in_the_hermes_format(tokenizer):
     template = ChatTemplate(tokenizer)
-    assert not template.supports_tools, "SmolLM2's template renders only roles and text"
+    assert not template.supports_tools(), "SmolLM2's template renders only roles and text"
     prompt = render(template, HISTORY, TOOLS)
     assert f"<tools>\n{json.dumps(TOOLS[0])}\n</tools>" in prompt.split("<|im_end|>")[0], "in the system turn"
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

@@ -2,7 +2,10 @@
 max_tokens, logprobs, aborts and rejections."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from engine import EngineConfig, RequestOutputKind, SamplingParams
 from engine.engine_core import EngineCore
@@ -16,10 +19,12 @@ def engine() -> EngineCore:
     return EngineCore(EngineConfig(device="cpu", dtype="float32", kernel_backend="torch", block_size=16))
 
 
-def run(engine: EngineCore, prompts: dict[str, object], params: SamplingParams) -> dict:
-    """Add the requests, step to completion, return {request_id: final cumulative RequestOutput}."""
-    for request_id, prompt in prompts.items():
-        engine.add_request(request_id, prompt, params)
+def run(engine: EngineCore, prompts: dict[str, object], params: SamplingParams | list[SamplingParams]) -> dict:
+    """Add the requests (params: for all, or one per request), step to completion, return {request_id: final
+    cumulative RequestOutput}."""
+    per_request = params if isinstance(params, list) else [params] * len(prompts)
+    for (request_id, prompt), request_params in zip(prompts.items(), per_request):
+        engine.add_request(request_id, prompt, request_params)
     final = {}
     while engine.has_unfinished_requests():
         final.update({o.request_id: o for o in engine.step() if o.finished})
@@ -119,6 +124,34 @@ def test_logprobs_match_transformers(engine, hf_model, tokenizer):
         assert set(top_ids) | {token_id} == set(entry)
         for tid, value in entry.items():
             assert value == pytest.approx(ref[tid].item(), abs=1e-4)
+
+
+def test_prompt_logprobs_survive_chunked_prefill_preemption_and_forks(hf_model, tokenizer):
+    """Prefill in 8-token chunks, a cache too small for both requests (the newer, which asks for prompt logprobs,
+    is preempted and recomputed): its prompt logprobs are still one per prompt token, as transformers has them."""
+    engine = EngineCore(EngineConfig(device="cpu", dtype="float32", kernel_backend="torch", block_size=16,
+                                     max_num_batched_tokens=8, num_gpu_blocks_override=4))
+    ids = tokenizer.encode(PROMPT)
+    assert 16 < len(ids) < 32, "each request must hold two blocks after its prompt and need a third while decoding"
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    out = run(engine, {"first": ids, "second": ids},
+              [params, dataclasses.replace(params, prompt_logprobs=1)])["second"]
+    assert engine.scheduler.num_preemptions > 0
+    with torch.no_grad():
+        reference = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for position, token_id in enumerate(ids[1:], start=1):
+        entry = out.prompt_logprobs[position]
+        assert entry[token_id].logprob == pytest.approx(reference[position - 1, token_id].item(), abs=1e-4)
+        assert entry[token_id].decoded_token == tokenizer.decode([token_id])
+        best = reference[position - 1].argmax().item()
+        assert entry[best].rank == 1
+
+
+def test_choices_share_their_requests_prompt_logprobs(engine):
+    out = run(engine, {"forks": PROMPT}, SamplingParams(n=3, temperature=1.0, max_tokens=2, prompt_logprobs=0))["forks"]
+    assert len(out.outputs) == 3 and len(out.prompt_logprobs) == len(out.prompt_token_ids)
+    assert all(len(position) == 1 for position in out.prompt_logprobs[1:])
 
 
 def test_logit_bias_and_top_k_shape_the_distribution(engine, tokenizer):

@@ -370,7 +370,7 @@ def test_fused_moe_launches_one_variant_per_gemm_and_block_config(launches: set[
     # gate_up and down, each with small and large blocks; one SiLU-and-mul.
     # The alignment: its count, and its placement per block size.
     assert Counter(name for name, *_ in launches) == {"_count_experts_kernel": 1, "_align_kernel": 2,
-                                                      "_fused_moe_kernel": 4, "_silu_and_mul_kernel": 1}
+                                                      "_fused_moe_kernel": 4, "_act_and_mul_kernel": 1}
 
 
 class Step(NamedTuple):

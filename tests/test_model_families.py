@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config,
-                          PretrainedConfig, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig,
+                          Phi3Config, PretrainedConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 from benchmarks.random_model import save_random_model
 from engine import LLM, SamplingParams
@@ -84,6 +84,8 @@ def _family_configs() -> dict[str, PretrainedConfig]:
                 "short_factor": (1 + torch.rand(rotary_dim // 2, generator=generator)).tolist(),
                 "long_factor": (4 + torch.rand(rotary_dim // 2, generator=generator)).tolist()}
     gemma = dict(common, query_pre_attn_scalar=half, sliding_window=WINDOW, tie_word_embeddings=True)
+    # Four experts, two per token: with the test's few tokens, some experts get none.
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=SIZES.hidden)
     return {
         "llama": LlamaConfig(**common | {"num_key_value_heads": SIZES.num_heads}, rope_parameters=llama3_rope),
         "mistral": MistralConfig(**common, sliding_window=WINDOW,
@@ -98,6 +100,9 @@ def _family_configs() -> dict[str, PretrainedConfig]:
                                        "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}}),
         "phi3": Phi3Config(**common | {"max_position_embeddings": 4 * original}, rope_parameters=longrope,
                            original_max_position_embeddings=original),
+        "mixtral": MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+        "qwen2_moe": Qwen2MoeConfig(**common, **moe, norm_topk_prob=False, shared_expert_intermediate_size=SIZES.hidden),
+        "qwen3_moe": Qwen3MoeConfig(**common, **moe, norm_topk_prob=True),
     }
 
 
@@ -107,6 +112,7 @@ FAMILIES = _family_configs()
 class Family(NamedTuple):
     model_dir: Path
     reference: torch.nn.Module  # transformers' model in fp32, on the same weights
+    is_moe: bool
 
 
 def _save_perturbed_model(config: PretrainedConfig, out_dir: Path) -> Path:
@@ -127,7 +133,7 @@ def _save_perturbed_model(config: PretrainedConfig, out_dir: Path) -> Path:
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Family:
     model_dir = _save_perturbed_model(FAMILIES[request.param], tmp_path_factory.mktemp(request.param))
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
-    return Family(model_dir, reference)
+    return Family(model_dir, reference, hasattr(FAMILIES[request.param], "num_experts_per_tok"))
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +207,9 @@ def _first_divergence(model: torch.nn.Module, prompt: list[int], tokens: list[in
 # several units): over 32 tokens of 4 prompts, near-ties flipped with shortfalls of up to 0.077. A real error (a
 # wrong token) falls short by far more: the best token leads a typical other by several units.
 BF16_LOGPROB_TOLERANCE = 0.1
+# A mixture of experts also routes on bf16 router scores: a near-tie between two experts can send a token to the
+# other one, which moves its logits more than rounding alone (0.135 seen on the tiny Mixtral; fp32 above is exact).
+BF16_MOE_LOGPROB_TOLERANCE = 0.3
 
 
 @pytest.mark.parametrize("backend", [
@@ -216,7 +225,8 @@ def test_bf16_greedy_tokens_are_transformers_fp32_argmax_within_rounding(family:
             logprobs = torch.stack(hf_logprobs(family.reference, prompt, tokens))
         chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0]
         shortfall = logprobs.max(dim=1).values - chosen
-        assert shortfall.max() <= BF16_LOGPROB_TOLERANCE, f"shortfall per token: {shortfall.tolist()}"
+        tolerance = BF16_MOE_LOGPROB_TOLERANCE if family.is_moe else BF16_LOGPROB_TOLERANCE
+        assert shortfall.max() <= tolerance, f"shortfall per token: {shortfall.tolist()}"
 
 
 def test_engine_imports_and_loads_a_hf_directory_without_the_gguf_package(tmp_path: Path,

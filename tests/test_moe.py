@@ -72,7 +72,7 @@ def saved_block(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 def _layer(family: Family, backend: str, weights: dict[str, torch.Tensor]) -> FusedMoE:
     layer = FusedMoE(hidden_size=family.config.hidden_size, ops=get_ops(backend), **family.layer_args(family.config))
-    loaded = {layer.load_weight(name, tensor) for name, tensor in weights.items()}
+    loaded = {layer.load_weight(name, tensor)[0] for name, tensor in weights.items()}
     assert loaded == {name for name, _ in layer.named_parameters()}
     return layer
 

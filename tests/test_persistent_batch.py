@@ -87,10 +87,11 @@ def test_decode_steps_padded_to_graph_sizes_give_identical_outputs(plain_outputs
     prepare = engine.runner._prepare_inputs
 
     def recording(output):
-        num_tokens, num_sample_rows, meta = prepare(output)
+        prepared = prepare(output)
+        meta = prepared[2]
         if meta.num_prefills == 0:
             padded_sizes.append((len(output.req_ids), meta.num_decodes))
-        return num_tokens, num_sample_rows, meta
+        return prepared
     engine.runner._prepare_inputs = recording
     assert run_mixed_traffic(engine) == plain_outputs
     assert any(padded > real for real, padded in padded_sizes), f"no step was padded: {padded_sizes}"

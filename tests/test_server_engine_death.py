@@ -30,7 +30,7 @@ def llm(model_dir) -> AsyncLLM:
 
 def poison(llm: AsyncLLM) -> None:
     """The engine's next step hits a CUDA error, which it cannot survive."""
-    def broken_forward(output):
+    def broken_forward(output, prompt_rows=()):
         raise torch.AcceleratorError(CAUSE)
 
     llm.core.runner.execute_model = broken_forward

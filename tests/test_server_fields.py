@@ -55,21 +55,12 @@ def assert_400(response, param: str | None, message: str | None = None) -> str:
     (CHAT, "store", True),
     (CHAT, "service_tier", "flex"),
     (CHAT, "reasoning_effort", "high"),
-    (CHAT, "echo", True),
-    (CHAT, "add_generation_prompt", False),
-    (CHAT, "continue_final_message", True),
-    (CHAT, "chat_template", "{{ messages }}"),
-    (CHAT, "chat_template_kwargs", {"enable_thinking": False}),
     (CHAT, "documents", [{"title": "a", "text": "b"}]),
     (CHAT, "best_of", 3),
     (RESPONSES, "use_beam_search", True),
     (CHAT, "guided_decoding_backend", "outlines"),
     (CHAT, "structural_tag", {"type": "structural_tag"}),
     (CHAT, "logits_processors", ["my.Processor"]),
-    (CHAT, "allowed_token_ids", [1, 2]),
-    (CHAT, "bad_words", ["bad"]),
-    (CHAT, "include_stop_str_in_output", True),
-    (CHAT, "prompt_logprobs", 1),
     (CHAT, "priority", 1),
     (CHAT, "priority", True),  # true is no priority 0
     (CHAT, "cache_salt", "secret"),
@@ -77,9 +68,12 @@ def assert_400(response, param: str | None, message: str | None = None) -> str:
     (COMPLETIONS, "suffix", "and so on"),
     (COMPLETIONS, "best_of", 2),
     (COMPLETIONS, "add_special_tokens", False),
-    (COMPLETIONS, "truncate_prompt_tokens", 8),
     (COMPLETIONS, "prompt_embeds", "AAAA"),
-    ("/tokenize", "chat_template", "{{ messages }}"),
+    (CHAT, "mm_processor_kwargs", {"num_crops": 4}),
+    ("/tokenize", "mm_processor_kwargs", {"num_crops": 4}),
+    (RESPONSES, "prompt_logprobs", 1),
+    (RESPONSES, "return_token_ids", True),
+    (RESPONSES, "allowed_token_ids", [1, 2]),
     (RESPONSES, "include", ["message.output_text.logprobs"]),
     (RESPONSES, "top_logprobs", 5),
     (RESPONSES, "reasoning", {"effort": "high"}),
@@ -206,6 +200,11 @@ def test_a_number_with_thousands_of_digits_is_a_400_without_python_internals(ser
     ("logit_bias", {"x": 1}, "logit_bias keys must be token ids, got 'x'"),
     ("stop_token_ids", [2, 99999], "stop_token_ids token id 99999 is out of range [0, {vocab})"),
     ("stop_token_ids", [-1], "stop_token_ids token id -1 is out of range [0, {vocab})"),
+    ("stop_token_ids", [2, "x"], "stop_token_ids must be a list of integer token ids, got 'x'"),
+    ("allowed_token_ids", [5, 99999], "allowed_token_ids token id 99999 is out of range [0, {vocab})"),
+    ("allowed_token_ids", [], "allowed_token_ids must not be empty"),
+    ("prompt_logprobs", -2, "prompt_logprobs must be an integer >= -1, got -2"),
+    ("truncate_prompt_tokens", 0, "truncate_prompt_tokens must be -1 or an integer >= 1, got 0"),
     ("repetition_penalty", 0, "repetition_penalty must be a finite number > 0, got 0"),
     ("repetition_penalty", 1e39, "repetition_penalty must be a finite number > 0, got 1e+39"),
     ("min_p", 1.5, "min_p must be a number in [0, 1], got 1.5"),
@@ -216,6 +215,26 @@ def test_a_number_out_of_bounds_is_a_400_naming_the_field_and_value(server, voca
     error = assert_400(server.post(CHAT, CHAT_BODY | {field: value}), field)
     if message is not None:
         assert error == message.replace("{vocab}", str(vocab_size))
+
+
+def test_prompt_logprobs_with_stream_is_a_400_naming_it(server):
+    body = CHAT_BODY | {"prompt_logprobs": 0, "stream": True}
+    assert_400(server.post(CHAT, body), "prompt_logprobs", "prompt_logprobs are not available when stream is true")
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"chat_template": "{{ messages[0]['content'] }}"}, "chat_template"),
+    ({"chat_template_kwargs": {"chat_template": "{{ messages[0]['content'] }}"}}, "chat_template_kwargs"),
+])
+def test_a_request_template_is_refused_unless_the_server_trusts_them(server, body, param):
+    for path in (CHAT, "/tokenize"):
+        message = assert_400(server.post(path, CHAT_BODY | body), param)
+        assert "--trust-request-chat-template" in message
+
+
+def test_tokenizer_info_needs_its_flag_and_load_is_zero_without_tracking(server):
+    assert server.request("GET", "/tokenizer_info").status == 404
+    assert server.request("GET", "/load").json() == {"server_load": 0}
 
 
 def test_a_prompt_token_id_outside_the_vocabulary_is_named(server, vocab_size):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.linear import MergedLinear
 from kernels import KernelOps
 
 # Checkpoint projection -> vLLM's shard name: w1 the gate, w3 the up projection (together w13), w2 the down one.
@@ -48,7 +49,7 @@ class SharedExpert(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, ops: KernelOps) -> None:
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,33 +85,41 @@ class FusedMoE(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
         return out
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> str:
+    def load_weight(self, name: str, tensor: torch.Tensor) -> tuple[str, tuple | None]:
         """Copy one checkpoint tensor, named relative to the block (module docstring), into its place; returns
-        the parameter written, for the caller's check that none is left unloaded. Unknown names: ValueError."""
-        param_name, rows = self._destination(name)
+        the parameter written and the shard it filled (None: the whole parameter), for the caller's check that
+        none is left unloaded (expected_shards). Unknown names: ValueError."""
+        param_name, shard, rows = self._destination(name)
         if rows.shape != tensor.shape:
             raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(rows.shape)}")
         rows.copy_(tensor)
-        return param_name
+        return param_name, shard
 
-    def _destination(self, name: str) -> tuple[str, torch.Tensor]:
-        """(parameter name, the part of it that the checkpoint tensor `name` fills)."""
+    def expected_shards(self, param_name: str) -> set[tuple]:
+        """The shards that load a stacked parameter piecewise: each expert's w1 and w3 (w13_weight), w2."""
+        parts = ("w1", "w3") if param_name == "w13_weight" else ("w2",) if param_name == "w2_weight" else ()
+        return {(expert, part) for expert in range(self.w13_weight.shape[0]) for part in parts}
+
+    def _destination(self, name: str) -> tuple[str, tuple | None, torch.Tensor]:
+        """(parameter name, shard, the part of the parameter that the checkpoint tensor `name` fills)."""
         match = _EXPERT_WEIGHT.fullmatch(name)
         if match:
             expert, shard_id = int(match[1]), _SHARD_IDS[match[2]]
             if expert >= self.w13_weight.shape[0]:
                 raise ValueError(f"weight {name!r} names expert {expert} of {self.w13_weight.shape[0]}")
             if shard_id == "w2":
-                return "w2_weight", self.w2_weight.data[expert]
+                return "w2_weight", (expert, shard_id), self.w2_weight.data[expert]
             # w1 fills the first half of the expert's w13 rows, w3 the second.
             half = self.intermediate_size
-            return "w13_weight", self.w13_weight.data[expert].narrow(0, 0 if shard_id == "w1" else half, half)
+            rows = self.w13_weight.data[expert].narrow(0, 0 if shard_id == "w1" else half, half)
+            return "w13_weight", (expert, shard_id), rows
         if name in _STACKED_EXPERTS:
-            return _STACKED_EXPERTS[name], getattr(self, _STACKED_EXPERTS[name]).data
+            return _STACKED_EXPERTS[name], None, getattr(self, _STACKED_EXPERTS[name]).data
         if self.shared_expert is not None and name in _SHARED_GATE_UP:
             gate_up = self.shared_expert.gate_up_proj.weight.data
-            return "shared_expert.gate_up_proj.weight", gate_up.chunk(2)[_SHARED_GATE_UP[name]]
+            half = _SHARED_GATE_UP[name]
+            return "shared_expert.gate_up_proj.weight", half, gate_up.chunk(2)[half]
         params = dict(self.named_parameters())
         if name not in params:
             raise ValueError(f"unexpected mixture-of-experts weight {name!r}")
-        return name, params[name].data
+        return name, None, params[name].data

@@ -158,6 +158,7 @@ class LlamaForCausalLM(nn.Module):
     stacked_params: StackedParams = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"),
                                      ("qkv_proj", "v_proj", "v"), ("gate_up_proj", "gate_proj", 0),
                                      ("gate_up_proj", "up_proj", 1)]
+    checkpoint_renames: dict[str, str] = {}  # checkpoint module names to ours, where they differ
 
     def __init__(self, config, ops: KernelOps) -> None:
         super().__init__()
@@ -189,4 +190,4 @@ class LlamaForCausalLM(nn.Module):
         return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_weights(self, weights, self.stacked_params, self.config.tie_word_embeddings)
+        load_weights(self, weights, self.stacked_params, self.config.tie_word_embeddings, self.checkpoint_renames)
