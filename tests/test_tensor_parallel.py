@@ -1,5 +1,5 @@
 """Tensor parallelism over gloo on the CPU: two ranks (the engine's process and one spawned worker) give the
-greedy tokens of one rank, through chunked prefill, prefix-cache hits, preemption and n > 1; a model that
+greedy tokens (and prompt logprobs) of one rank, through chunked prefill, prefix-cache hits, preemption and n > 1; a model that
 cannot be split is refused by name; a killed worker fails the requests in flight and the server, not a hang."""
 from __future__ import annotations
 
@@ -52,29 +52,37 @@ def model_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 ENGINE_ARGS = dict(dtype="float32", block_size=BLOCK_SIZE, num_gpu_blocks_override=NUM_BLOCKS, max_num_batched_tokens=32)
 
 
-def _run(model: str, tensor_parallel_size: int, **node_args) -> tuple[list[list[list[int]]], list[int], int]:
-    """(token ids per request and choice, cached prompt tokens per request, preemptions) of a greedy batch run
-    after the first prompt alone, whose blocks the second prompt then finds in the prefix cache."""
+def _run(model: str, tensor_parallel_size: int, **node_args) -> tuple[list, list[int], int, list[dict]]:
+    """(token ids per request and choice, cached prompt tokens per request, preemptions, the last prompt's
+    logprobs: its own token's and the top 2 per position) of a greedy batch run after the first prompt alone, whose
+    blocks the second prompt then finds in the prefix cache."""
     llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, **ENGINE_ARGS, **node_args)
     try:
         prompts = [SHARED + [40, 41], SHARED + [50, 51, 52], [7, 8, 9] * 5, list(range(100, 117))]
         greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
         llm.generate([prompts[0]], greedy, use_tqdm=False)
-        params = [greedy, greedy, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, n=2), greedy]
+        # The last request also asks for its prompt's logprobs: rows that go through the gathered lm_head too.
+        params = [greedy, greedy, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, n=2),
+                  SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=2)]
         outputs = llm.generate(prompts, params, use_tqdm=False)
+        prompt_logprobs = [{token: p.logprob for token, p in position.items()}
+                           for position in outputs[-1].prompt_logprobs[1:]]
         return ([[list(c.token_ids) for c in o.outputs] for o in outputs], [o.num_cached_tokens for o in outputs],
-                llm.engine.get_stats().num_preemptions)
+                llm.engine.get_stats().num_preemptions, prompt_logprobs)
     finally:
         llm.engine.shutdown()
 
 
 def test_two_ranks_give_the_greedy_tokens_of_one(model_path: str) -> None:
-    tokens, cached, preemptions = _run(model_path, TP)
-    expected_tokens, expected_cached, _ = _run(model_path, 1)
+    tokens, cached, preemptions, prompt_logprobs = _run(model_path, TP)
+    expected_tokens, expected_cached, _, expected_prompt_logprobs = _run(model_path, 1)
     assert tokens == expected_tokens
+    assert [set(p) for p in prompt_logprobs] == [set(p) for p in expected_prompt_logprobs]
+    for position, expected in zip(prompt_logprobs, expected_prompt_logprobs):
+        assert all(abs(position[token] - logprob) < 1e-4 for token, logprob in expected.items())
     assert cached == expected_cached and cached[1] == len(SHARED), "the second prompt missed the prefix cache"
     assert preemptions > 0, "the batch was meant to outgrow the KV cache"
-    assert len(tokens[2]) == 2
+    assert len(tokens[2]) == 2 and len(prompt_logprobs) == 16
 
 
 def test_two_nodes_on_loopback_give_the_greedy_tokens_of_one_rank(tmp_path: Path) -> None:
@@ -87,7 +95,7 @@ def test_two_nodes_on_loopback_give_the_greedy_tokens_of_one_rank(tmp_path: Path
                               "--tensor-parallel-size=2", "--nnodes=2", "--node-rank=1", "--master-addr=127.0.0.1",
                               f"--master-port={port}"], cwd=REPO)
     try:
-        tokens, _, _ = _run(model, TP, nnodes=2, node_rank=0, master_addr="127.0.0.1", master_port=port)
+        tokens = _run(model, TP, nnodes=2, node_rank=0, master_addr="127.0.0.1", master_port=port)[0]
         assert node1.wait(timeout=60) == 0, "node 1 must exit cleanly when node 0 shuts down"
     finally:
         node1.kill()
