@@ -50,6 +50,11 @@ def headline(name: str, figures: dict) -> str:
     if name == "serving":
         return (f"{f['completed']}/{f['num_requests']} done, {f['output_tok_s']:.0f} tok/s, "
                 f"TTFT mean {f['ttft_ms'].get('mean', float('nan')):.0f} ms, ITL mean {f['itl_ms'].get('mean', float('nan')):.1f} ms")
+    if name == "tensor_parallel":
+        if "skipped" in f:
+            return f"skipped: {f['skipped']}"
+        return (f"TP=2 {f['tp2_ms_per_token_median']:.2f} vs TP=1 {f['tp1_ms_per_token_median']:.2f} ms/token "
+                f"({f['speedup']:.2f}x)")
     if name == "compile_stalls":
         return f"{sum(f['after_warm_up'].values())} variants after warm-up, {sum(f['new'].values())} new after"
     return ""

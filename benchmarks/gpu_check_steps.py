@@ -186,7 +186,7 @@ def run_decode_latency(plan: Plan, work_dir: Path) -> dict:
     import torch
 
     from benchmarks.kernels import copy_bandwidth_gbps
-    from engine import LLM, SamplingParams
+    from engine import LLM
 
     copy_gbps = copy_bandwidth_gbps(plan.device, plan.kernel_sweep.copy_elements)
     llm = LLM(model=str(shape_config(plan, work_dir, "llama-3.1-8b")), load_format="dummy", device=plan.device,
@@ -195,15 +195,7 @@ def run_decode_latency(plan: Plan, work_dir: Path) -> dict:
     streamed = sum(p.numel() * p.element_size() for p in model.parameters())
     if not model.config.tie_word_embeddings:
         streamed -= model.model.embed_tokens.weight.nbytes
-    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, plan.decode_prompt_len).tolist()
-    llm.engine.add_request("decode", prompt, SamplingParams(temperature=0, max_tokens=plan.decode_tokens + 1,
-                                                            ignore_eos=True))
-    llm.engine.step()  # the prefill and the first token
-    step_s = []
-    while llm.engine.has_unfinished_requests():
-        start = time.perf_counter()
-        llm.engine.step()  # synchronous: the sampled token is copied to the host
-        step_s.append(time.perf_counter() - start)
+    step_s = _decode_step_seconds(llm, plan)
     median_ms = 1e3 * float(np.median(step_s))
     floor_ms = 1e3 * streamed / (copy_gbps * 1e9)
     log(f"{median_ms:.2f} ms per token, weight-streaming floor {floor_ms:.2f} ms")
@@ -212,6 +204,49 @@ def run_decode_latency(plan: Plan, work_dir: Path) -> dict:
                "ms_per_token_mean": 1e3 * float(np.mean(step_s)), "streamed_weight_bytes": streamed,
                "copy_bw_gbps": copy_gbps, "floor_ms": floor_ms, "floor_over_actual": floor_ms / median_ms,
                "torch_threads": torch.get_num_threads()}
+    return {"figures": figures, "goals": []}
+
+
+def _decode_step_seconds(llm, plan: Plan) -> list[float]:
+    """Seconds of each step of one batch-1 greedy decode of plan.decode_tokens tokens."""
+    from engine import SamplingParams
+
+    prompt = np.random.default_rng(0).integers(0, llm.engine.vocab_size, plan.decode_prompt_len).tolist()
+    llm.engine.add_request("decode", prompt, SamplingParams(temperature=0, max_tokens=plan.decode_tokens + 1,
+                                                            ignore_eos=True))
+    llm.engine.step()  # the prefill and the first token
+    step_s = []
+    while llm.engine.has_unfinished_requests():
+        start = time.perf_counter()
+        llm.engine.step()  # synchronous: the sampled token is copied to the host
+        step_s.append(time.perf_counter() - start)
+    return step_s
+
+
+def run_tensor_parallel(plan: Plan, work_dir: Path) -> dict:
+    """Batch-1 decode on the Llama-3.1-8B shape with TP=2 (NCCL) against TP=1. Needs two GPUs: with fewer (the
+    CPU dry run included) it says so and passes; tests/test_tensor_parallel.py covers TP on the CPU."""
+    import gc
+
+    import torch
+
+    from engine import LLM
+
+    num_gpus = torch.cuda.device_count() if plan.device.startswith("cuda") else 0
+    if num_gpus < 2:
+        log(f"skipped: {num_gpus} GPUs, TP=2 needs 2")
+        return {"figures": {"skipped": f"{num_gpus} GPUs; TP=2 needs 2"}, "goals": []}
+    figures = {"model": "Llama-3.1-8B shape, dummy weights", "dtype": plan.dtype}
+    for tp in (1, 2):
+        llm = LLM(model=str(shape_config(plan, work_dir, "llama-3.1-8b")), load_format="dummy", device=plan.device,
+                  dtype=plan.dtype, tensor_parallel_size=tp)
+        figures[f"tp{tp}_ms_per_token_median"] = 1e3 * float(np.median(_decode_step_seconds(llm, plan)))
+        llm.engine.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    figures["speedup"] = figures["tp1_ms_per_token_median"] / figures["tp2_ms_per_token_median"]
+    log(f"TP=1 {figures['tp1_ms_per_token_median']:.2f} ms/token, TP=2 {figures['tp2_ms_per_token_median']:.2f}")
     return {"figures": figures, "goals": []}
 
 
@@ -356,4 +391,5 @@ def _free_port() -> int:
 STEPS: dict[str, Callable[[Plan, Path], dict]] = {
     "tests": run_tests, "kernels": run_kernels, "throughput": run_throughput, "decode_latency": run_decode_latency,
     "serving": run_serving, "compile_stalls": run_compile_stalls, "fast_path": run_fast_path,
+    "tensor_parallel": run_tensor_parallel,
 }

@@ -18,11 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, TypeVar
 
+from transformers import PreTrainedTokenizerBase
+
 from engine.beam_search import BeamSearchInstance, BeamSearchParams
 from engine.chat_template import ChatTemplate, ChatTemplateOptions
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore, PromptType
 from engine.errors import EngineDeadError
+from engine.executor import MultiprocExecutor
 from engine.metrics import EngineStats
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -37,25 +40,33 @@ T = TypeVar("T")
 class AsyncLLM:
     def __init__(self, config: EngineConfig) -> None:
         self.core = EngineCore(config)
-        self.config = config
-        self.tokenizer = copy.deepcopy(self.core.tokenizer)  # the event loop's
-        self._prompt_tokenizer = copy.deepcopy(self.core.tokenizer)  # the tokenizer thread's
-        self._chat_template = ChatTemplate(self._prompt_tokenizer)
-        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokmodel-tokenizer")
-        self.max_model_len = self.core.max_model_len
-        self.model_name = config.served_model_name or (config.model or "SmolLM2-135M-Instruct").rstrip("/").split("/")[-1]
-        self.num_kv_blocks = self.core.num_blocks
-        self.block_size = config.block_size
-        self.device = str(self.core.runner.device)
-        self.dtype = config.dtype
+        self._init_front_end(config, self.core.tokenizer, self.core.max_model_len, self.core.num_blocks,
+                             str(self.core.runner.device))
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stats = self.core.get_stats()
-        self._running = True
-        self.dead_error: EngineDeadError | None = None  # set once the engine cannot go on
+        if isinstance(self.core.runner, MultiprocExecutor):  # a dead worker is noticed even while the engine idles
+            self.core.runner.on_death = self._die
         self._profiler: EngineProfiler | None = None  # made by the first start_profile
         self._thread = threading.Thread(target=self._run, name="tokmodel-engine", daemon=True)
         self._thread.start()
+
+    def _init_front_end(self, config: EngineConfig, tokenizer: PreTrainedTokenizerBase, max_model_len: int,
+                        num_kv_blocks: int, device: str) -> None:
+        """What the front end holds whatever runs the engine: tokenizers, the model's limits, the streams."""
+        self.config = config
+        self.tokenizer = copy.deepcopy(tokenizer)  # the event loop's
+        self._prompt_tokenizer = copy.deepcopy(tokenizer)  # the tokenizer thread's
+        self._chat_template = ChatTemplate(self._prompt_tokenizer)
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokmodel-tokenizer")
+        self.max_model_len = max_model_len
+        self.model_name = config.served_model_name or (config.model or "SmolLM2-135M-Instruct").rstrip("/").split("/")[-1]
+        self.num_kv_blocks = num_kv_blocks
+        self.block_size = config.block_size
+        self.device = device
+        self.dtype = config.dtype
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._running = True
+        self.dead_error: EngineDeadError | None = None  # set once the engine cannot go on
 
     @property
     def errored(self) -> bool:
@@ -64,11 +75,15 @@ class AsyncLLM:
 
     @property
     def num_waiting_requests(self) -> int:
-        return self._stats.num_waiting_reqs
+        return self.get_stats().num_waiting_reqs
 
     def get_stats(self) -> EngineStats:
         """A snapshot taken after the last step (the engine thread owns the live counters)."""
         return self._stats
+
+    def get_engine_stats(self) -> list[EngineStats]:
+        """Per engine core (one here; one per data-parallel replica in DPAsyncLLM), for /metrics' engine label."""
+        return [self._stats]
 
     async def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                                   options: ChatTemplateOptions = ChatTemplateOptions()) -> list[int]:
@@ -89,7 +104,7 @@ class AsyncLLM:
         if self.dead_error is not None:
             raise self.dead_error
         text, token_ids, _ = await self._in_tokenizer_thread(
-            lambda tokenizer: self.core.process_inputs(prompt, sampling_params, tokenizer))
+            lambda tokenizer: self._process_inputs(prompt, sampling_params, tokenizer))
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
@@ -100,7 +115,7 @@ class AsyncLLM:
                 raise self.dead_error
             # Already tokenized: the engine thread only re-checks the ids, it does not tokenize again.
             tokenized = {"prompt": text, "prompt_token_ids": token_ids}
-            self._commands.put(("add", request_id, tokenized, sampling_params, time.time()))
+            self._add(request_id, tokenized, sampling_params)
             while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -112,6 +127,14 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    def _process_inputs(self, prompt: PromptType, params: SamplingParams,
+                        tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, list[int], int]:
+        """In the tokenizer thread: the prompt's text and token ids, checked (ValueError) before it queues."""
+        return self.core.process_inputs(prompt, params, tokenizer)
+
+    def _add(self, request_id: str, prompt: dict, params: SamplingParams) -> None:
+        self._commands.put(("add", request_id, prompt, params, time.time()))
 
     async def start_profile(self, trace_dir: str) -> None:
         """Start torch.profiler over the engine (engine/profiler.py), as vLLM's AsyncLLM.start_profile. It runs on
@@ -180,6 +203,8 @@ class AsyncLLM:
         self._commands.put(("stop",))
         self._thread.join(timeout=30)
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        if not self._thread.is_alive():  # else it still runs the model: a worker stuck in a collective
+            self.core.shutdown()
 
     def _run(self) -> None:
         """The engine thread. A request that fails a step fails alone (the core sees to that); anything that
@@ -193,6 +218,7 @@ class AsyncLLM:
                         self._deliver(output.request_id, output)
                 self._stats = self.core.get_stats()
         except Exception as error:
+            self._stats = self.core.get_stats()
             self._die(error)
 
     def _take_commands(self, block: bool) -> None:
@@ -238,9 +264,11 @@ class AsyncLLM:
             self._deliver(request_id, output)
 
     def _die(self, error: Exception) -> None:
+        """From the engine thread, or from the executor's monitor when a tensor-parallel worker dies."""
+        if self.dead_error is not None:
+            return
         logger.critical("the engine cannot go on: %s", error, exc_info=error)
         self.dead_error = error if isinstance(error, EngineDeadError) else EngineDeadError(f"engine failed: {error}")
-        self._stats = self.core.get_stats()
         for request_id in list(self._streams):
             self._deliver(request_id, self.dead_error)
 

@@ -28,6 +28,12 @@ class EngineConfig:
     # Tests: pad decode steps to the CUDA graph sizes and run them eagerly on the static step buffers, the path
     # a graph replays, without capture (a CPU has no graphs).
     eager_graph_padding: bool = False
+    tensor_parallel_size: int = 1  # ranks the model is split over (engine/executor.py)
+    data_parallel_size: int = 1  # engine replicas behind one server (engine/data_parallel.py)
+    nnodes: int = 1  # machines the tensor-parallel ranks span, tensor_parallel_size / nnodes on each
+    node_rank: int = 0  # this machine's index; node 0 runs the engine, the others only workers
+    master_addr: str = "127.0.0.1"  # where rank 0 listens for the other ranks to join
+    master_port: int | None = None  # None: a free port (one node only)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -38,11 +44,26 @@ class EngineConfig:
             raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {self.kernel_backend!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("tensor_parallel_size", "data_parallel_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be a multiple of "
+                             f"nnodes={self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ValueError("master_port is required with nnodes > 1: every node must name the same one")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         on_cuda = self.device.startswith("cuda")
+        gpus_needed = self.ranks_per_node * self.data_parallel_size
+        if on_cuda and gpus_needed > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} over nnodes={self.nnodes} with "
+                             f"data_parallel_size={self.data_parallel_size} needs {gpus_needed} GPUs on this node, "
+                             f"which has {torch.cuda.device_count()}")
         if self.kernel_backend is None:
             self.kernel_backend = "triton" if on_cuda else "torch"
         if self.dtype is None:
@@ -51,6 +72,10 @@ class EngineConfig:
             self.max_num_batched_tokens = 8192 if on_cuda else 2048
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
 
     @property
     def torch_dtype(self) -> torch.dtype:

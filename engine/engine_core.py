@@ -10,13 +10,13 @@ import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig
+from engine.executor import make_executor
 from engine.failure_isolation import find_failing_rows, raise_if_fatal
 from engine.kv_cache_manager import KVCacheManager
 from engine.logits_processors import bad_words_token_ids
-from engine.loader import end_token_ids, iter_weights, load_tokenizer, resolve_model
+from engine.loader import end_token_ids, load_tokenizer, resolve_model
 from engine.logprobs import prompt_logprob_rows
 from engine.metrics import ITERATION_TOKENS_BUCKETS, EngineStats, HistogramCounts
-from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -31,6 +31,9 @@ logger = logging.getLogger("tokmodel.engine")
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
+        if config.data_parallel_size > 1:
+            raise ValueError(f"data_parallel_size={config.data_parallel_size}: one EngineCore is one replica; "
+                             f"replicas are the server's (tokmodel serve --data-parallel-size, DPAsyncLLM)")
         self.config = config
         self.model_dir = resolve_model(config.model, config.load_format)
         hf_config = AutoConfig.from_pretrained(self.model_dir)
@@ -39,8 +42,9 @@ class EngineCore:
         self.max_model_len = derive_max_model_len(config.max_model_len, hf_config)
         self.eos_token_ids = frozenset(end_token_ids(self.model_dir, self.tokenizer))
         torch.manual_seed(config.seed)
-        weights = None if config.load_format == "dummy" else iter_weights(self.model_dir)
-        self.runner = ModelRunner(dataclasses.replace(config, max_model_len=self.max_model_len), hf_config, weights)
+        # A ModelRunner, or a MultiprocExecutor over tensor-parallel ranks: the same calls either way.
+        self.runner = make_executor(dataclasses.replace(config, max_model_len=self.max_model_len), hf_config,
+                                    self.model_dir)
         self.sampler = Sampler()
         self.num_blocks = self.runner.determine_num_blocks(self.sampler)
         self.runner.allocate_kv_cache(self.num_blocks)
@@ -61,7 +65,7 @@ class EngineCore:
         own tokenizer (one instance must not serve two threads). Returns (prompt text, prompt token ids,
         max_tokens); raises ValueError when it can never run."""
         tokenizer = tokenizer or self.tokenizer
-        text, token_ids = self._tokenize(prompt, tokenizer)
+        text, token_ids = tokenize_prompt(prompt, tokenizer)
         if not token_ids:
             raise ValueError("prompt must not be empty")
         if params.truncate_prompt_tokens is not None:
@@ -177,6 +181,10 @@ class EngineCore:
         self.scheduler.finish_requests(_sequence_ids(request_id, state.params.n), status)
         return self.output_processor.finish(request_id, status.finish_reason)
 
+    def shutdown(self) -> None:
+        """Release the model's processes and memory; the engine cannot step afterwards."""
+        self.runner.shutdown()
+
     def get_stats(self) -> EngineStats:
         kv = self.kv_cache_manager
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), kv.usage,
@@ -191,21 +199,23 @@ class EngineCore:
         keep = self.max_model_len if keep == -1 else keep
         return (text, token_ids) if len(token_ids) <= keep else (None, token_ids[-keep:])
 
-    def _tokenize(self, prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompt token ids")
-            return prompt, tokenizer.encode(prompt, add_special_tokens=True)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return None, list(prompt)
-        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+def tokenize_prompt(prompt: PromptType, tokenizer: PreTrainedTokenizerBase | None) -> tuple[str | None, list[int]]:
+    """(prompt text or None, token ids) of a string, a list of token ids or a dict with either."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            prompt = prompt["prompt"]
+        else:
+            raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompt token ids")
+        return prompt, tokenizer.encode(prompt, add_special_tokens=True)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return None, list(prompt)
+    raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
 
 def _sequence_ids(request_id: str, n: int) -> list[str]:

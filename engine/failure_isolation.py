@@ -15,7 +15,10 @@ from engine.scheduler import SchedulerOutput
 
 
 def raise_if_fatal(error: BaseException) -> None:
-    """A CUDA error leaves the device context unusable: nothing after it can be trusted, so the engine dies."""
+    """A CUDA error leaves the device context unusable: nothing after it can be trusted, so the engine dies. So
+    does a failed tensor-parallel step (EngineDeadError already): its ranks are out of step."""
+    if isinstance(error, EngineDeadError):
+        raise error
     if isinstance(error, torch.AcceleratorError) or "CUDA error" in str(error):
         raise EngineDeadError(f"the engine hit an unrecoverable error: {error}") from error
 

@@ -88,7 +88,10 @@ def prompt_logprobs(hidden: torch.Tensor, compute_logits: Callable[[torch.Tensor
     out: list[dict[int, Logprob]] = []
     targets = to_device(target_ids, hidden.device, torch.int64)
     for start in range(0, len(target_ids), PROMPT_ROWS_PER_SLICE):
-        logprobs = torch.log_softmax(compute_logits(hidden[start:start + PROMPT_ROWS_PER_SLICE]).float(), dim=-1)
+        logits = compute_logits(hidden[start:start + PROMPT_ROWS_PER_SLICE])
+        if logits.shape[1] == 0:  # a tensor-parallel rank that does not sample: it only joins the logits' gather
+            continue
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         target = targets[start:start + PROMPT_ROWS_PER_SLICE, None]
         target_logprobs = logprobs.gather(1, target)
         ranks = (logprobs >= target_logprobs).sum(-1)

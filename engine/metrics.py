@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 # vLLM's buckets for tokens per engine step (vllm/v1/metrics/buckets.py: ITERATION_TOKENS_BUCKETS).
 ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -26,6 +26,12 @@ class HistogramCounts:
     def copy(self) -> HistogramCounts:
         return HistogramCounts(self.bounds, list(self.counts), self.total)
 
+    @classmethod
+    def sum(cls, histograms: list[HistogramCounts]) -> HistogramCounts:
+        """Histograms of the same bounds as one."""
+        return cls(histograms[0].bounds, [sum(counts) for counts in zip(*(h.counts for h in histograms))],
+                   sum(h.total for h in histograms))
+
 
 @dataclass
 class EngineStats:
@@ -39,3 +45,10 @@ class EngineStats:
     num_generation_tokens: int = 0
     # Per step that produced tokens: the prompt tokens of the requests it prefilled plus the tokens it sampled.
     iteration_tokens: HistogramCounts = field(default_factory=lambda: HistogramCounts(ITERATION_TOKENS_BUCKETS))
+
+    @classmethod
+    def total(cls, engines: list[EngineStats]) -> EngineStats:
+        """Several engine cores' stats as one: counts summed, KV-cache usage averaged."""
+        numbers = {f.name: sum(getattr(e, f.name) for e in engines) for f in fields(cls) if f.name != "iteration_tokens"}
+        numbers["kv_cache_usage"] /= len(engines)
+        return cls(**numbers, iteration_tokens=HistogramCounts.sum([e.iteration_tokens for e in engines]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import mmap
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -15,6 +15,7 @@ from torch import nn
 from engine.attention_metadata import AttentionMetadata
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, capture_sizes
+from engine.distributed import TPGroup, tensor_parallel
 from engine.input_batch import InputBatch
 from engine.logprobs import PromptLogprobRows, prompt_logprobs
 from engine.models import get_model_class
@@ -38,14 +39,17 @@ class ModelRunnerOutput(NamedTuple):
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, weights) -> None:
-        """weights: an iterator of (name, tensor) in checkpoint names, or None for random (dummy) weights."""
+    def __init__(self, config: EngineConfig, hf_config, weights, tp: TPGroup = TPGroup()) -> None:
+        """weights: an iterator of (name, tensor or safetensors slice) in checkpoint names, or None for random
+        (dummy) weights. tp: this rank's tensor-parallel group; the model holds its shard, the KV cache its heads."""
         self.config = config
+        self.tp = tp
         self.device = _indexed(torch.device(config.device))
         self.bind_device()
         self.dtype = config.torch_dtype
         self.block_size = config.block_size
-        self.model = _build_model(hf_config, config, weights, self.device, self.dtype)
+        with tensor_parallel(tp):
+            self.model = _build_model(hf_config, config, weights, self.device, self.dtype)
         attn = self.model.model.layers[0].self_attn
         self.num_layers = hf_config.num_hidden_layers
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
@@ -65,6 +69,9 @@ class ModelRunner:
     def pads_decodes(self) -> bool:
         return self.uses_cuda_graphs or self.config.eager_graph_padding
 
+    def shutdown(self) -> None:
+        self.kv_caches = []
+
     def bind_device(self) -> None:
         """Make this runner's GPU the current one of the calling thread (CUDA's current device is per thread):
         Triton launches, memory statistics and new tensors follow it, so cuda:1 must not fall back to cuda:0."""
@@ -76,7 +83,11 @@ class ModelRunner:
         element = torch.tensor([], dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
 
-    def determine_num_blocks(self, sampler: Sampler) -> int:
+    def determine_num_blocks(self, sampler: Sampler | None) -> int:
+        """Blocks of KV cache every rank can hold. sampler: None on the ranks that do not sample."""
+        return self.tp.all_min(self._num_blocks(sampler))
+
+    def _num_blocks(self, sampler: Sampler | None) -> int:
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
         if self.device.type == "cuda":
@@ -104,7 +115,8 @@ class ModelRunner:
                       prompt_rows: Sequence[PromptLogprobRows] = ()) -> ModelRunnerOutput:
         """fp32 logits [num_sample_rows, vocab_size] of the step, whose sequences update_states has placed, and
         the prompt logprobs of prompt_rows (only those rows go through the lm_head: the other requests' prompts
-        cost nothing extra)."""
+        cost nothing extra). Tensor-parallel ranks but the first (they do not sample) get [num_sample_rows, 0]
+        logits and no prompt logprobs."""
         if output.blocks_to_copy:
             self._copy_blocks(output.blocks_to_copy)
         num_tokens, num_sample_rows, meta, token_starts = self._prepare_inputs(output)
@@ -237,7 +249,7 @@ class ModelRunner:
         new_reqs = [NewRequestData(req_id, [0] * n, list(range(blocks[i], blocks[i + 1])))
                     for i, (req_id, n) in enumerate(zip(req_ids, seq_lens))]
         output = SchedulerOutput(req_ids, num_new, [n - k for n, k in zip(seq_lens, num_new)], [0] * len(req_ids),
-                                 new_reqs, [], [], [req_ids[row] for row in sample_rows], sample_rows, [], 0)
+                                 new_reqs, [], [], [req_ids[row] for row in sample_rows], sample_rows, [], [])
         self.update_states(output)
         try:
             return self.execute_model(output).logits
@@ -250,7 +262,7 @@ class ModelRunner:
         for kv_cache in self.kv_caches:
             kv_cache[:, dst] = kv_cache[:, src]
 
-    def _profile_cuda_kv_budget(self, sampler: Sampler) -> int:
+    def _profile_cuda_kv_budget(self, sampler: Sampler | None) -> int:
         """Run the largest step once and give the KV cache what is left of gpu_memory_utilization after
         weights and peak activations."""
         torch.cuda.empty_cache()
@@ -264,7 +276,7 @@ class ModelRunner:
         used = total - free
         return int(total * self.config.gpu_memory_utilization - used - peak_activation)
 
-    def profile_run(self, sampler: Sampler) -> None:
+    def profile_run(self, sampler: Sampler | None) -> None:
         """The step that needs the most memory besides the KV cache: max_num_batched_tokens of prefill, then
         max_num_seqs rows sampled with every costly setting (top-p over the whole vocabulary, penalty state,
         seeded streams, logprobs), all on a throwaway cache."""
@@ -277,7 +289,8 @@ class ModelRunner:
                                seed=0)
         rows = [_dummy_request(i, seq_len, heavy) for i in range(max_num_seqs)]  # all read row 0
         logits = self._dummy_step([seq_len] * num_seqs, [seq_len] * num_seqs, [0] * max_num_seqs)
-        sampler(logits, rows)
+        if sampler is not None:
+            sampler(logits, rows)
 
 
 def _dummy_request(index: int, num_tokens: int, params: SamplingParams) -> Request:

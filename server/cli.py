@@ -90,6 +90,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="reuse KV blocks of identical prompt prefixes across requests (default: on)")
     group.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights, for benchmarks (default: auto)")
     group.add_argument("--seed", type=int, help="seed of the engine's random state (default: 0)")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int,
+                       help="split the model over this many ranks, one process each (GPUs: one per rank; default: 1)")
+    group.add_argument("--nnodes", type=int, help="machines the tensor-parallel ranks span (default: 1)")
+    group.add_argument("--node-rank", type=int,
+                       help="this machine's index among --nnodes; 0 serves HTTP, the others run workers only")
+    group.add_argument("--master-addr", help="address of node 0, where the ranks meet (default: 127.0.0.1)")
+    group.add_argument("--master-port", type=int, help="port of node 0 where the ranks meet (needed with --nnodes)")
+    group.add_argument("--data-parallel-size", "-dp", type=int,
+                       help="serve with this many engine replicas, one process each, requests routed to the least "
+                       "loaded or to the one that holds their prefix (default: 1)")
     group.add_argument("--kernel-backend", choices=["torch", "triton"],
                        help="attention and fused kernels (default: triton on cuda, torch on cpu)")
     group.add_argument("--enforce-eager", action="store_true", default=None,
@@ -167,6 +177,8 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise UsageError("--enable-auto-tool-choice requires --tool-call-parser")
+    if args.node_rank:  # a worker node: no HTTP
+        return _serve_worker_node(checked_engine_config(args))
     try:
         trace_dir = profiler_dir(args.profiler_config) if args.profiler_config else None
     except ValueError as e:
@@ -185,12 +197,24 @@ def serve(args: argparse.Namespace) -> int:
     return asyncio.run(_load_and_serve(config, options, sock))
 
 
+def _serve_worker_node(config: EngineConfig) -> int:
+    from engine.executor import run_headless_node
+    from engine.loader import resolve_model
+
+    logger.info("TokModel node %d of %d: tensor-parallel ranks %d-%d, joining %s:%d", config.node_rank,
+                config.nnodes, config.node_rank * config.ranks_per_node,
+                (config.node_rank + 1) * config.ranks_per_node - 1, config.master_addr, config.master_port)
+    return run_headless_node(config, resolve_model(config.model, config.load_format))
+
+
 async def _load_and_serve(config: EngineConfig, options: ServerOptions, sock: socket.socket) -> int:
     from engine.async_llm import AsyncLLM
+    from engine.data_parallel import DPAsyncLLM
     from server.lifecycle import serve
 
     _log_loading(config)
-    llm = AsyncLLM(config)  # created inside the loop that will await its outputs
+    # Created inside the loop that will await its outputs.
+    llm = DPAsyncLLM(config) if config.data_parallel_size > 1 else AsyncLLM(config)
     try:
         return await serve(llm, options, sock)
     finally:

@@ -29,7 +29,8 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 REQUEST_PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
 REQUEST_NUM_PREEMPTIONS_BUCKETS = (1, 2, 3, 4, 5, 10, 20)
 LABELS = ("model_name", "engine")
-ENGINE_INDEX = "0"  # one engine per server; vLLM labels each engine's series with its index
+# The front end's own series (request histograms, cache config); engine series carry each engine core's index.
+ENGINE_INDEX = "0"
 
 _ENGINE_GAUGES = {"num_requests_running": ("num_running_reqs", "Number of requests in model execution batches."),
                   "num_requests_waiting": ("num_waiting_reqs", "Number of requests waiting to be processed."),
@@ -57,7 +58,6 @@ def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
 class _EngineStatsCollector:
     def __init__(self, llm: AsyncLLM) -> None:
         self.llm = llm
-        self.labels = [llm.model_name, ENGINE_INDEX]
         config = llm.config
         # vLLM's cache_config_info: a gauge fixed at 1 whose labels carry the cache configuration (and engine).
         self.cache_config = {"block_size": config.block_size, "cache_dtype": "auto",
@@ -67,37 +67,44 @@ class _EngineStatsCollector:
                              "num_gpu_blocks_override": config.num_gpu_blocks_override, "engine": ENGINE_INDEX}
 
     def collect(self):
-        stats = self.llm.get_stats()
+        """Engine series: one sample per engine core, labelled engine="<index>" as vLLM's (several with
+        data-parallel replicas)."""
+        engines = [([self.llm.model_name, str(i)], stats) for i, stats in enumerate(self.llm.get_engine_stats())]
         for name, (field, doc) in _ENGINE_GAUGES.items():
-            yield self._family(GaugeMetricFamily, name, doc, getattr(stats, field))
+            yield self._family(GaugeMetricFamily, name, doc, [(labels, getattr(s, field)) for labels, s in engines])
         for name, (field, doc) in _ENGINE_COUNTERS.items():
-            yield self._family(CounterMetricFamily, name, doc, getattr(stats, field))
+            yield self._family(CounterMetricFamily, name, doc, [(labels, getattr(s, field)) for labels, s in engines])
         # TokModel defers no waiting request for a transient reason (vLLM's "deferred"): all wait for capacity.
         by_reason = GaugeMetricFamily("tokmodel:num_requests_waiting_by_reason",
                                       "Number of requests waiting, by the reason they wait.",
                                       labels=[*LABELS, "reason"])
-        by_reason.add_metric([*self.labels, "capacity"], stats.num_waiting_reqs)
-        by_reason.add_metric([*self.labels, "deferred"], 0)
+        for labels, stats in engines:
+            by_reason.add_metric([*labels, "capacity"], stats.num_waiting_reqs)
+            by_reason.add_metric([*labels, "deferred"], 0)
         yield by_reason
         yield self._histogram("iteration_tokens_total", "Histogram of number of tokens per engine_step.",
-                              stats.iteration_tokens)
+                              [(labels, stats.iteration_tokens) for labels, stats in engines])
         info = GaugeMetricFamily("tokmodel:cache_config_info", "Information of the LLMEngine CacheConfig",
                                  labels=list(self.cache_config))
         info.add_metric([str(value) for value in self.cache_config.values()], 1)
         yield info
 
-    def _family(self, family_type, name: str, doc: str, value: float):
+    @staticmethod
+    def _family(family_type, name: str, doc: str, samples: list[tuple[list[str], float]]):
         family = family_type(f"tokmodel:{name}", doc, labels=LABELS)
-        family.add_metric(self.labels, value)
+        for labels, value in samples:
+            family.add_metric(labels, value)
         return family
 
-    def _histogram(self, name: str, doc: str, histogram: HistogramCounts) -> HistogramMetricFamily:
+    @staticmethod
+    def _histogram(name: str, doc: str, histograms: list[tuple[list[str], HistogramCounts]]) -> HistogramMetricFamily:
         family = HistogramMetricFamily(f"tokmodel:{name}", doc, labels=LABELS)
-        cumulative, buckets = 0, []
-        for bound, count in zip((*histogram.bounds, float("inf")), histogram.counts):
-            cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))
-        family.add_metric(self.labels, buckets, histogram.total)
+        for labels, histogram in histograms:
+            cumulative, buckets = 0, []
+            for bound, count in zip((*histogram.bounds, float("inf")), histogram.counts):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))
+            family.add_metric(labels, buckets, histogram.total)
         return family
 
 

@@ -52,16 +52,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def check_model(config: EngineConfig) -> None:
-    """The model exists and --max-model-len fits its context, read from config.json without loading weights
+    """The model exists, --max-model-len fits its context and --tensor-parallel-size splits it, read from config.json without loading weights
     (the default model is fetched and converted here on first use, once)."""
     from transformers import AutoConfig
 
     from engine.engine_core import derive_max_model_len
+    from engine.executor import check_tensor_parallel
     from engine.loader import resolve_model
 
     try:
         hf_config = AutoConfig.from_pretrained(resolve_model(config.model, config.load_format))
         derive_max_model_len(config.max_model_len, hf_config)
+        check_tensor_parallel(hf_config, config.tensor_parallel_size)
     except (ValueError, OSError) as e:
         raise UsageError(str(e).splitlines()[0]) from e
 

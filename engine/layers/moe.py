@@ -21,10 +21,10 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.linear import MergedLinear
+from engine.distributed import TPGroup, tensor_parallel
+from engine.layers.linear import MergedColumnParallelLinear
 from kernels import KernelOps
 
 # Checkpoint projection -> vLLM's shard name: w1 the gate, w3 the up projection (together w13), w2 the down one.
@@ -49,7 +49,8 @@ class SharedExpert(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, ops: KernelOps) -> None:
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias=False)
+        with tensor_parallel(TPGroup()):  # whole on every rank, as the experts: the MoE block is not sharded
+            self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,10 @@ from pathlib import Path
 from engine.loader.cache import atomic_path, cache_root
 from engine.loader.default_model import DEFAULT_MODEL_NAME, GGUF_SHA256, default_model_gguf
 from engine.loader.gguf_convert import converted_gguf
-from engine.loader.hf import download_hub_model, iter_weights
+from engine.loader.hf import download_hub_model, iter_weight_slices, iter_weights
 from engine.loader.tokenizer import end_token_ids, load_tokenizer
 
-__all__ = ["resolve_model", "default_model_gguf", "iter_weights", "load_tokenizer", "end_token_ids"]
+__all__ = ["resolve_model", "default_model_gguf", "iter_weights", "iter_weight_slices", "load_tokenizer", "end_token_ids"]
 
 
 def resolve_model(model: str | None, load_format: str = "auto") -> Path:

@@ -5,6 +5,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -19,13 +20,20 @@ SHARD_BYTES = 4 << 30
 
 def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF parameter name, tensor) over every *.safetensors file in `model_dir`, one tensor at a time."""
+    for name, lazy in iter_weight_slices(model_dir):
+        yield name, lazy[:]
+
+
+def iter_weight_slices(model_dir: Path) -> Iterator[tuple[str, Any]]:
+    """(HF parameter name, safetensors slice): indexing a slice reads only those rows or columns from disk,
+    so a tensor-parallel rank reads only its shard. A slice is valid until the next one is taken."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise ValueError(f"{model_dir} holds no *.safetensors weights")
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
 def save_weights(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, shard_bytes: int = SHARD_BYTES) -> None:

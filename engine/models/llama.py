@@ -17,8 +17,9 @@ from engine.attention_metadata import AttentionMetadata
 from engine.layers.activation import act_and_mul_op
 from engine.layers.attention import PagedAttention
 from engine.layers.layernorm import RMSNorm
-from engine.layers.linear import MergedLinear, QKVLinear
+from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.rotary import cos_sin_cache, rope_layer_types, rope_parameters
+from engine.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.models.weight_loading import StackedParams, load_weights
 from kernels import KernelOps
 
@@ -49,14 +50,15 @@ class LlamaAttention(nn.Module):
         is head_dim ** -0.5. qk_norm: a norm over each head of q and k, before the rotation (Qwen3, Gemma 3)."""
         super().__init__()
         self.ops = ops
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim(config)
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-                                  bias if qkv_bias is None else qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias if o_bias is None else o_bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias if qkv_bias is None else qkv_bias)
+        # This rank's heads: all of them on one rank.
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        bias=bias if o_bias is None else o_bias)
         self.q_norm = self.k_norm = None
         if qk_norm is not None:
             self.q_norm = qk_norm(ops, self.head_dim, config.rms_norm_eps)
@@ -87,8 +89,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config, ops: KernelOps) -> None:
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias)
         self.ops = ops
         self.act_and_mul = act_and_mul_op(getattr(config, "hidden_activation", None) or config.hidden_act)
 
@@ -132,7 +134,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config, ops: KernelOps, make_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = self.norm_class(ops, config.hidden_size, config.rms_norm_eps)
 
@@ -164,7 +166,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = self.model_class(config, ops, lambda i: self.decoder_layer_class(
             config, ops, i, self.attention_class, self.mlp_class))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.logits_soft_cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2

@@ -2,8 +2,10 @@
 
 A model names its stacked parameters as vLLM's `stacked_params_mapping`: (our parameter, checkpoint part,
 shard id). A checkpoint tensor whose name holds the part (".q_proj.") goes to that shard of the stacked
-layer (`StackedLinear.load_shard`); a tensor inside a block that loads its own (`FusedMoE.load_weight`: experts
-per expert or stacked) goes to that block; every other tensor must match a parameter's name and shape exactly.
+layer; a tensor inside a block that loads its own (`FusedMoE.load_weight`: experts per expert or stacked) goes
+to that block, whole; every other tensor must match a parameter's name. A layer with a `weight_loader` (the
+parallel layers of engine/layers/) copies its own slice of the tensor; any other parameter must match the
+tensor's shape exactly.
 A checkpoint that lacks a parameter, or a part of one, or holds a tensor the model has no place for, is refused.
 """
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-import torch
 from torch import nn
+
+from engine.layers.sharded_weights import Loaded, copy_weight
 
 StackedParams = list[tuple[str, str, str | int]]
 
@@ -20,7 +23,7 @@ StackedParams = list[tuple[str, str, str | int]]
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], stacked_params: StackedParams,
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, Loaded]], stacked_params: StackedParams,
                  tied_lm_head: bool, renames: dict[str, str] | None = None) -> None:
     """renames: checkpoint module names to ours (Mixtral's ".block_sparse_moe." is our ".mlp.")."""
     params = dict(model.named_parameters())  # a tied lm_head is the embedding's parameter, listed once
@@ -33,21 +36,21 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
             name = name.replace(old, new)
         block = next((prefix for prefix in blocks if name.startswith(prefix)), None)
         if block is not None:
-            param, shard = blocks[block].load_weight(name[len(block):], tensor)
+            param, shard = blocks[block].load_weight(name[len(block):], tensor[:])  # experts are not sharded
             loaded[block + param].add(shard)
             continue
         for fused, part, shard_id in stacked_params:
             if f".{part}." in name:
                 name = name.replace(f".{part}.", f".{fused}.")
-                _stacked_layer(model, name).load_shard(_param(params, name), tensor, shard_id)
+                _owner(model, name).weight_loader(_param(params, name), tensor, shard_id)
                 loaded[name].add(shard_id)
                 break
         else:
-            param = _param(params, name)
-            if param.shape != tensor.shape:
-                raise ValueError(f"checkpoint weight {name!r} has shape {tuple(tensor.shape)}, the model "
-                                 f"{tuple(param.shape)}")
-            param.data.copy_(tensor)
+            param, owner = _param(params, name), _owner(model, name)
+            if hasattr(owner, "weight_loader"):
+                owner.weight_loader(param, tensor, None)
+            else:
+                copy_weight(param, tensor, name)
             loaded[name].add(None)
     missing = [name for name in params if not _complete(model, name, loaded[name])]
     if missing:
@@ -60,7 +63,7 @@ def _param(params: dict[str, nn.Parameter], name: str) -> nn.Parameter:
     return params[name]
 
 
-def _stacked_layer(model: nn.Module, param_name: str) -> nn.Module:
+def _owner(model: nn.Module, param_name: str) -> nn.Module:
     return model.get_submodule(param_name.rpartition(".")[0])
 
 
@@ -68,8 +71,8 @@ def _complete(model: nn.Module, name: str, shards: set[str | int | None]) -> boo
     """Loaded whole, or every part of a stacked layer (or of a block's stacked parameter) loaded."""
     if None in shards:
         return True
-    layer = _stacked_layer(model, name)
+    layer = _owner(model, name)
     if hasattr(layer, "expected_shards"):
         return bool(shards) and shards == layer.expected_shards(name.rpartition(".")[2])
-    parts = getattr(layer, "part_sizes", None)
+    parts = getattr(layer, "parts", None)
     return bool(shards) and parts is not None and shards == set(parts)
