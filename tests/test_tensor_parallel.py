@@ -1,6 +1,6 @@
 """Tensor parallelism over gloo on the CPU: two ranks (the engine's process and one spawned worker) give the
 greedy tokens (and prompt logprobs) of one rank, through chunked prefill, prefix-cache hits, preemption and
-n > 1; so do two "nodes" on loopback; a model that cannot be split is refused by name; a killed worker fails the
+n > 1; so do the default model on three ranks and two "nodes" on loopback; a model that cannot be split is refused by name; a killed worker fails the
 requests in flight and the server, not a hang."""
 from __future__ import annotations
 
@@ -111,6 +111,21 @@ def test_a_model_that_does_not_split_is_refused_by_name(model_dir: Path) -> None
     check_tensor_parallel(config, 3)
     with pytest.raises(ValueError, match="tensor_parallel_size=2"):
         LLM(model=str(model_dir), tensor_parallel_size=2)
+
+
+def test_the_default_model_on_three_ranks_gives_the_greedy_tokens_of_one(model_dir: Path) -> None:
+    """Its 9 heads and 3 KV heads split over three ranks, one KV head each."""
+    prompts = [list(range(100, 120)), [7, 8, 9] * 4]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    def tokens(tensor_parallel_size: int) -> list[list[int]]:
+        llm = LLM(model=str(model_dir), dtype="float32", tensor_parallel_size=tensor_parallel_size, max_model_len=256)
+        try:
+            return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        finally:
+            llm.engine.shutdown()
+
+    assert tokens(3) == tokens(1)
 
 
 def test_a_killed_worker_fails_requests_in_flight_and_the_server(tmp_path: Path) -> None:
