@@ -1,7 +1,7 @@
 """Tensor parallelism over gloo on the CPU: two ranks (the engine's process and one spawned worker) give the
 greedy tokens (and prompt logprobs) of one rank, through chunked prefill, prefix-cache hits, preemption and
-n > 1; so do the default model on three ranks and two "nodes" on loopback; a model that cannot be split is refused by name; a killed worker fails the
-requests in flight and the server, not a hang."""
+n > 1; so do the default model on three ranks and two "nodes" on loopback; a model that cannot be split is
+refused by name; a killed worker fails the requests in flight and the server, not a hang."""
 from __future__ import annotations
 
 import asyncio
