@@ -26,7 +26,8 @@ from typing import NamedTuple
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig,
-                          Phi3Config, PretrainedConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
+                          OlmoeConfig, Phi3Config, PretrainedConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                          Qwen3MoeConfig)
 
 from benchmarks.random_model import save_random_model
 from engine import LLM, SamplingParams
@@ -103,6 +104,9 @@ def _family_configs() -> dict[str, PretrainedConfig]:
         "mixtral": MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
         "qwen2_moe": Qwen2MoeConfig(**common, **moe, norm_topk_prob=False, shared_expert_intermediate_size=SIZES.hidden),
         "qwen3_moe": Qwen3MoeConfig(**common, **moe, norm_topk_prob=True),
+        # head_dim * heads = hidden, as OLMoE's q norm (over hidden_size) assumes
+        "olmoe": OlmoeConfig(**common | {"head_dim": SIZES.hidden // SIZES.num_heads}, num_experts=4,
+                             num_experts_per_tok=2, norm_topk_prob=False),
     }
 
 

@@ -45,9 +45,10 @@ def sliding_window(config, layer_idx: int) -> int | None:
 class LlamaAttention(nn.Module):
     def __init__(self, config, ops: KernelOps, layer_idx: int, *, qkv_bias: bool | None = None,
                  o_bias: bool | None = None, scale: float | None = None, logits_soft_cap: float | None = None,
-                 qk_norm: type[RMSNorm] | None = None) -> None:
+                 qk_norm: type[RMSNorm] | None = None, qk_norm_per_head: bool = True) -> None:
         """The keywords are what families change; by default biases follow config.attention_bias and the scale
-        is head_dim ** -0.5. qk_norm: a norm over each head of q and k, before the rotation (Qwen3, Gemma 3)."""
+        is head_dim ** -0.5. qk_norm: a norm over each head of q and k, before the rotation (Qwen3, Gemma 3), or
+        with qk_norm_per_head False over all of q's heads together and all of k's (OLMoE)."""
         super().__init__()
         self.ops = ops
         self.head_dim = head_dim(config)
@@ -60,9 +61,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                         bias=bias if o_bias is None else o_bias)
         self.q_norm = self.k_norm = None
+        self.qk_norm_per_head = qk_norm_per_head
         if qk_norm is not None:
-            self.q_norm = qk_norm(ops, self.head_dim, config.rms_norm_eps)
-            self.k_norm = qk_norm(ops, self.head_dim, config.rms_norm_eps)
+            q_width, k_width = (self.head_dim, self.head_dim) if qk_norm_per_head else (self.q_size, self.kv_size)
+            self.q_norm = qk_norm(ops, q_width, config.rms_norm_eps)
+            self.k_norm = qk_norm(ops, k_width, config.rms_norm_eps)
         kind = layer_type(config, layer_idx)
         ropes = rope_layer_types(config)
         self.rope_index = ropes.index(kind if kind in ropes else None)
@@ -73,10 +76,12 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, rope_cache: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden)
+        if self.q_norm is not None and not self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # reads the heads in place in qkv; writes new tensors
+        if self.q_norm is not None and self.qk_norm_per_head:  # reads the heads in place in qkv; writes new tensors
             q, k = self.q_norm(q), self.k_norm(k)
         self.ops.rotary_embedding(positions, q, k, rope_cache[self.rope_index], True)
         out = self.attn(q, k, v, kv_cache, meta)
