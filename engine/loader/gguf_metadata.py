@@ -72,6 +72,10 @@ def hf_config(reader: GGUFReader) -> dict[str, Any]:
         token_id = field(reader, f"tokenizer.ggml.{key}_token_id", None)
         if token_id is not None:
             config[f"{key.replace('padding', 'pad')}_token_id"] = token_id
+    num_experts = field(reader, f"{arch}.expert_count", None)
+    if arch == "llama" and num_experts:  # Mixtral: llama's tensors, with a mixture of experts for the MLP
+        config |= {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": num_experts,
+                   "num_experts_per_tok": field(reader, "llama.expert_used_count")}
     if arch == "gemma2":
         config |= gemma2_config(reader, config)
     if arch == "phi3":

@@ -1,5 +1,6 @@
-"""GGUF tensors as Hugging Face parameters (Llama, Qwen2, Qwen3, Gemma 2, Phi-3): dequantized, renamed, Llama's
-Q/K rows restored, Gemma's norms taken back from llama.cpp's 1 + weight."""
+"""GGUF tensors as Hugging Face parameters (Llama, Mixtral, Qwen2, Qwen3, Gemma 2, Phi-3): dequantized, renamed,
+Llama's Q/K rows restored, Gemma's norms taken back from llama.cpp's 1 + weight, Mixtral's stacked experts split
+into the per-expert tensors of its checkpoints."""
 from __future__ import annotations
 
 import re
@@ -26,7 +27,12 @@ _FAMILY_LAYER_NAMES = {
     "gemma2": _LAYER_NAMES | {"post_attention_norm": "post_attention_layernorm",
                               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
     "phi3": _LAYER_NAMES | {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "mixtral": _LAYER_NAMES | {"ffn_gate_inp": "block_sparse_moe.gate"},
 }
+# llama.cpp stacks each projection of all experts in one tensor [experts, out, in]; Mixtral's checkpoints hold
+# one per expert: block_sparse_moe.experts.{e}.w1 (gate), w3 (up), w2 (down).
+_STACKED_EXPERTS = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
+_PERMUTED_Q_K = ("llama", "mixtral")  # llama.cpp permutes the rotary rows of llama's q and k alone
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)")
 
 
@@ -48,12 +54,19 @@ def hf_name(gguf_name: str, model_type: str) -> str:
 def hf_tensors(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the file as (HF name, float32 tensor), with a progress bar on stderr."""
     for tensor in tqdm(reader.tensors, desc="converting GGUF tensors", unit="tensor", file=sys.stderr):
-        name = hf_name(tensor.name, config["model_type"])
         # dequantize() gives numpy order (GGUF dims reversed), which is HF's [out, in].
         weights = dequantize(tensor.data, tensor.tensor_type)
-        if config["model_type"] == "llama" and ".q_proj." in name:  # llama.cpp permutes llama's q/k alone
+        stacked = _LAYER_TENSOR.fullmatch(tensor.name.removesuffix(".weight"))
+        if stacked and stacked.group(2) in _STACKED_EXPERTS:
+            prefix = f"model.layers.{stacked.group(1)}.block_sparse_moe.experts"
+            for expert, rows in enumerate(weights):
+                name = f"{prefix}.{expert}.{_STACKED_EXPERTS[stacked.group(2)]}.weight"
+                yield name, torch.from_numpy(np.array(rows, dtype=np.float32))
+            continue
+        name = hf_name(tensor.name, config["model_type"])
+        if config["model_type"] in _PERMUTED_Q_K and ".q_proj." in name:
             weights = unpermute_rows(weights, config["num_attention_heads"])
-        elif config["model_type"] == "llama" and ".k_proj." in name:
+        elif config["model_type"] in _PERMUTED_Q_K and ".k_proj." in name:
             weights = unpermute_rows(weights, config["num_key_value_heads"])
         elif config["model_type"] == "gemma2" and name.endswith("norm.weight"):  # llama.cpp stores 1 + weight
             weights = weights - 1
