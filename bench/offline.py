@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from engine.config import EngineConfig
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # model shapes (config.json files) for --load-format dummy
-SHAPES = ("llama-3.1-8b", "qwen3-0.6b", "qwen2.5-7b", "llama-3-8b", "qwen3-8b")
+SHAPES = ("llama-3.1-8b", "qwen3-0.6b", "qwen2.5-7b", "llama-3-8b", "qwen3-8b", "mixtral-8x7b", "qwen3-30b-a3b")
 
 
 def add_offline_args(parser: argparse.ArgumentParser) -> None:

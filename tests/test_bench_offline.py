@@ -49,7 +49,8 @@ def test_the_nano_vllm_preset_sets_its_workload_and_flags_beside_it_win() -> Non
     assert (args.input_len_min, args.input_len_max, args.output_len_min, args.output_len_max) == (100, 1024, 100, 1024)
 
 
-@pytest.mark.parametrize("shape, billions", [("llama-3.1-8b", 8.03), ("qwen3-0.6b", 0.596), ("qwen2.5-7b", 7.62)])
+@pytest.mark.parametrize("shape, billions", [("llama-3.1-8b", 8.03), ("qwen3-0.6b", 0.596), ("qwen2.5-7b", 7.62),
+                                            ("mixtral-8x7b", 46.7), ("qwen3-30b-a3b", 30.5)])
 def test_shapes_have_the_published_models_parameter_counts(shape: str, billions: float) -> None:
     config = offline_config(throughput.parse_args(["--shape", shape]))  # checked as the engine will read it
     assert config.load_format == "dummy"
