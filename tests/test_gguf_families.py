@@ -101,25 +101,19 @@ def _write_gguf(model: torch.nn.Module, arch: str, path: Path,
     writer.close()
 
 
-@pytest.mark.parametrize("arch", list(CONFIGS))
-def test_gguf_converts_to_the_weights_and_tokens_of_transformers_gguf_loader(arch: str, tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TOKMODEL_CACHE", str(tmp_path / "cache"))  # the conversion's cache
+def _random_model(config) -> torch.nn.Module:
+    """transformers' random model (seed 0), its norms and biases off their initial ones and zeros, so that no two
+    are alike."""
     torch.manual_seed(0)
-    path = tmp_path / f"{arch}.gguf"
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch])
-    with torch.no_grad():  # norms and biases off their initial ones and zeros, so that no two are alike
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 1:
                 param.add_(0.2 * torch.randn(param.shape))
-    _write_gguf(model, arch, path)
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    return model
 
-    converted = dict(iter_weights(resolve_model(str(path))))
-    expected = dict(reference.named_parameters())
-    assert set(converted) == set(expected)
-    assert all(torch.equal(converted[name], param.detach()) for name, param in expected.items())
 
+def _assert_engine_gives_greedy_tokens_of(reference: torch.nn.Module, path: Path) -> None:
     prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 20)]
     llm = LLM(model=str(path), device="cpu", dtype="float32", kernel_backend="torch", num_gpu_blocks_override=32)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
@@ -128,18 +122,30 @@ def test_gguf_converts_to_the_weights_and_tokens_of_transformers_gguf_loader(arc
         assert output.outputs[0].token_ids == hf_generate_greedy(reference, prompt, MAX_TOKENS)
 
 
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_gguf_converts_to_the_weights_and_tokens_of_transformers_gguf_loader(arch: str, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKMODEL_CACHE", str(tmp_path / "cache"))  # the conversion's cache
+    path = tmp_path / f"{arch}.gguf"
+    model = _random_model(CONFIGS[arch])
+    _write_gguf(model, arch, path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+
+    converted = dict(iter_weights(resolve_model(str(path))))
+    expected = dict(reference.named_parameters())
+    assert set(converted) == set(expected)
+    assert all(torch.equal(converted[name], param.detach()) for name, param in expected.items())
+
+    _assert_engine_gives_greedy_tokens_of(reference, path)
+
+
 def test_a_mixtral_gguf_converts_to_its_checkpoint_and_greedy_tokens(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOKMODEL_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.2)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.add_(0.2 * torch.randn(param.shape))
+    model = _random_model(MixtralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+        tie_word_embeddings=False, initializer_range=0.2))
     model.save_pretrained(tmp_path / "hf")
     checkpoint = load_file(tmp_path / "hf" / "model.safetensors")  # per-expert w1/w2/w3, as Mixtral's are saved
     path = tmp_path / "mixtral.gguf"
@@ -149,9 +155,4 @@ def test_a_mixtral_gguf_converts_to_its_checkpoint_and_greedy_tokens(tmp_path: P
     assert set(converted) == set(checkpoint)
     assert all(torch.equal(converted[name], tensor) for name, tensor in checkpoint.items())
 
-    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (3, 20)]
-    llm = LLM(model=str(path), device="cpu", dtype="float32", kernel_backend="torch", num_gpu_blocks_override=32)
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
-                           use_tqdm=False)
-    for prompt, output in zip(prompts, outputs):
-        assert output.outputs[0].token_ids == hf_generate_greedy(model, prompt, MAX_TOKENS)
+    _assert_engine_gives_greedy_tokens_of(model, path)
