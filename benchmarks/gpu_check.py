@@ -1,7 +1,7 @@
 """One command for a GPU (issue 9): TokModel's CUDA tests, kernel figures, end-to-end runs and a count of kernel
 compilations after warm-up, each figure judged against the issue's goal for an H100.
 
-    python benchmarks/gpu_check.py                  # on a CUDA machine: H100 sizes, at most 8 minutes
+    python benchmarks/gpu_check.py                  # on a CUDA machine: H100 sizes, at most 10 minutes
     python benchmarks/gpu_check.py --cpu-dry-run    # every step at tiny sizes on the CPU, so CI keeps it working
 
 It needs only torch, triton, transformers, safetensors, aiohttp, numpy and pytest, and no network: the models are
