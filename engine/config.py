@@ -12,7 +12,7 @@ class EngineConfig:
     tokenizer: str | None = None  # None: the model's own
     device: str | None = None  # None: cuda when present, else cpu
     dtype: str | None = None  # None: bfloat16 on cuda or on a CPU with fast bf16 matmul, else float32
-    kernel_backend: str | None = None  # None: "triton" on cuda, "torch" on cpu
+    kernel_backend: str | None = None  # None: "triton" on cuda; on a CPU "cpu" (C kernels), "torch" without a compiler
     load_format: str = "auto"  # "auto" or "dummy" (random weights)
     seed: int = 0
     block_size: int = 16
@@ -40,8 +40,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        if self.kernel_backend not in (None, "torch", "triton"):
-            raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {self.kernel_backend!r}")
+        if self.kernel_backend not in (None, "torch", "triton", "cpu"):
+            raise ValueError(f"kernel_backend must be 'torch', 'triton' or 'cpu', got {self.kernel_backend!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("tensor_parallel_size", "data_parallel_size", "nnodes"):
@@ -65,7 +65,9 @@ class EngineConfig:
                              f"data_parallel_size={self.data_parallel_size} needs {gpus_needed} GPUs on this node, "
                              f"which has {torch.cuda.device_count()}")
         if self.kernel_backend is None:
-            self.kernel_backend = "triton" if on_cuda else "torch"
+            self.kernel_backend = "triton" if on_cuda else "cpu" if cpu_kernels_available() else "torch"
+        if self.kernel_backend == "cpu" and on_cuda:
+            raise ValueError("kernel_backend 'cpu' runs on the CPU: use 'triton' or 'torch' with device cuda")
         if self.dtype is None:
             self.dtype = "bfloat16" if on_cuda or cpu_has_fast_bf16() else "float32"
         if self.max_num_batched_tokens is None:
@@ -94,3 +96,10 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_kernels_available() -> bool:
+    """Whether the CPU's compiled kernels (kernels/cpu/) build and load here: they need a C compiler."""
+    from kernels import cpu_ops  # builds them on first use (about a second), cached afterwards
+
+    return cpu_ops.available()

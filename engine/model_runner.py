@@ -139,7 +139,7 @@ class ModelRunner:
         num_new = np.asarray(output.num_scheduled_tokens, dtype=np.int64)
         is_prefill = num_new != 1
         seq_lens = np.asarray(output.num_computed_tokens, dtype=np.int64) + num_new
-        if self.config.kernel_backend == "torch":
+        if self.config.kernel_backend == "torch":  # decode groups pad to their longest: sort by length
             batch_order = np.lexsort((-seq_lens, is_prefill))
         else:
             batch_order = np.argsort(is_prefill, kind="stable")
@@ -194,7 +194,8 @@ class ModelRunner:
 
     def _decode_groups(self, decode_seq_lens: np.ndarray) -> list[tuple[int, int, int]]:
         """Split the decodes (longest first on the torch path) into equal-count groups; each pads only to its own
-        longest. The Triton kernel reads each sequence's own length: one group, whose longest sets the splits."""
+        longest. The Triton and C kernels read each sequence's own length: one group (the longest sets Triton's
+        splits)."""
         num_groups = DECODE_GROUPS if self.config.kernel_backend == "torch" else 1
         bounds = np.linspace(0, len(decode_seq_lens), min(num_groups, len(decode_seq_lens)) + 1).astype(int)
         return [(int(s), int(e), int(decode_seq_lens[s:e].max())) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]

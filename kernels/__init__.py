@@ -1,7 +1,8 @@
 """Kernels for the model's hot path, behind one small API chosen once per engine.
 
 Every op exists twice with one signature: a Triton kernel (kernel_backend="triton") and the PyTorch
-reference in kernels/reference.py (kernel_backend="torch"). Kernels know only tensors.
+reference in kernels/reference.py (kernel_backend="torch"). kernel_backend="cpu" is the reference with the ops a
+compiled C kernel does faster on a CPU (kernels/cpu_ops.py). Kernels know only tensors.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def get_ops(backend: str) -> KernelOps:
         from kernels import reference as impl
     elif backend == "triton":
         from kernels import triton_ops as impl
+    elif backend == "cpu":
+        from kernels import cpu_ops as impl
     else:
-        raise ValueError(f"kernel_backend must be 'torch' or 'triton', got {backend!r}")
+        raise ValueError(f"kernel_backend must be 'torch', 'triton' or 'cpu', got {backend!r}")
     return KernelOps(**{name: getattr(impl, name) for name in KernelOps._fields})

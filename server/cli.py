@@ -100,8 +100,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-parallel-size", "-dp", type=int,
                        help="serve with this many engine replicas, one process each, requests routed to the least "
                        "loaded or to the one that holds their prefix (default: 1)")
-    group.add_argument("--kernel-backend", choices=["torch", "triton"],
-                       help="attention and fused kernels (default: triton on cuda, torch on cpu)")
+    group.add_argument("--kernel-backend", choices=["torch", "triton", "cpu"],
+                       help="attention and fused kernels (default: triton on cuda; on a cpu, cpu: the PyTorch "
+                       "reference with decode attention compiled from C, or torch without a C compiler)")
     group.add_argument("--enforce-eager", action="store_true", default=None,
                        help="no CUDA graphs: run every decode step eagerly (graphs need --kernel-backend triton)")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
+from types import ModuleType
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 from benchmarks import kernels as bench
 from kernels import KernelOps, get_ops
 from kernels import reference as ref
-from kernels import compile_count, decode_attention, triton_ops
+from kernels import compile_count, cpu_ops, decode_attention, triton_ops
 from kernels.decode_attention import choose_num_splits, decode_with_splits
 from kernels.fused_moe import moe_align_block_size
 from tests.kernel_launches import launches  # noqa: F401 (fixture)
@@ -134,6 +135,35 @@ def test_decode_attention_matches_reference_on_mixed_contexts(case: AttentionCas
                   target)
 
 
+# The C kernel (kernel_backend="cpu") on CPU tensors, with or without CUDA: fp32 to summation order, and bf16 to
+# a rounding step of the output (the reference rounds its softmax to bf16 too).
+CPU_KERNEL_TARGETS = [Target("cpu", torch.float32, 1e-5, 1e-5, 1), Target("cpu", torch.bfloat16, 2e-2, 2e-2, 1)]
+needs_cpu_kernels = pytest.mark.skipif(not cpu_ops.available(), reason="no C compiler to build kernels/cpu/")
+# The elementwise ops of both: the Triton kernels on ELEMENTWISE_TARGETS, the C kernels on the CPU's targets.
+ELEMENTWISE_OPS = ([pytest.param(triton_ops, *target.values, id=f"triton-{target.id}", marks=target.marks)
+                    for target in ELEMENTWISE_TARGETS]
+                   + [pytest.param(cpu_ops, target, id=f"cpu-{str(target.dtype)[6:]}", marks=needs_cpu_kernels)
+                      for target in CPU_KERNEL_TARGETS])
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("target", CPU_KERNEL_TARGETS, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", ATTENTION_CASES.values(), ids=ATTENTION_CASES.keys())
+def test_cpu_decode_attention_matches_reference_on_mixed_contexts(case: AttentionCase, target: Target) -> None:
+    lens = DECODE_CONTEXTS + [0]  # and an empty row (graph padding may have one): zeros, not NaN
+    cache = _paged_cache(lens, case.block_size, case.num_kv_heads, case.head_dim, target)
+    # The query is a view into a fused projection, as the model passes it: strided tokens.
+    qkv = _query(len(lens), 2 * case.num_heads, case.head_dim, target)
+    query = qkv[:, :case.num_heads]
+    args = (query, *cache, slice(0, len(lens) - 1), case.head_dim ** -0.5, max(lens), case.sliding_window,
+            case.logits_soft_cap)
+    actual = _attend(cpu_ops.paged_decode_attention, *args)
+    _assert_close(actual[:-1], _attend(ref.paged_decode_attention, *args)[:-1], target)
+    assert actual[-1].isnan().all(), "a row outside seqs was written"
+    cpu_ops.paged_decode_attention(query, *cache, slice(len(lens) - 1, len(lens)), 1.0, 0, out=actual)
+    assert (actual[-1] == 0).all()
+
+
 @pytest.mark.parametrize("target", ATTENTION_TARGETS)
 @pytest.mark.parametrize("num_splits", [1, 2, 7])
 def test_decode_attention_is_independent_of_the_split_count(num_splits: int, target: Target) -> None:
@@ -196,8 +226,10 @@ MIXED_BATCH = [(40, 1), (7, 1), (129, 1), (45, 30), (0, 19), (16, 17)]
 
 
 @pytest.mark.parametrize("target", ATTENTION_TARGETS)
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cpu", marks=needs_cpu_kernels)])
 def test_attention_ops_read_whole_tables_and_write_their_rows_of_a_larger_out(backend: str, target: Target) -> None:
+    if backend == "cpu" and target.device != "cpu":
+        pytest.skip("the C kernels take CPU tensors")
     ops, scale = get_ops(backend), 0.125
     chunks = [(_grow(prefix, target), _grow(q_len, target)) for prefix, q_len in MIXED_BATCH]
     lens = [prefix + q_len for prefix, q_len in chunks]
@@ -242,15 +274,16 @@ def test_kv_write_scatters_tokens_to_their_slots_and_skips_padding(target: Targe
     assert torch.equal(cache, expected)
 
 
-@pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
+@pytest.mark.parametrize("ops, target", ELEMENTWISE_OPS)
 @pytest.mark.parametrize("weight_offset", [0.0, 1.0], ids=["llama", "gemma"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-def test_rms_norm_matches_reference(with_residual: bool, weight_offset: float, target: Target) -> None:
+def test_rms_norm_matches_reference(with_residual: bool, weight_offset: float, ops: ModuleType,
+                                    target: Target) -> None:
     hidden = 96 * target.scale  # not a power of two: the tail of the row is masked
     x = torch.randn(3, 5, hidden, device=target.device).to(target.dtype)
     weight = torch.randn(hidden, device=target.device).to(target.dtype)
     residual = torch.randn_like(x) if with_residual else None
-    actual = triton_ops.rms_norm(x, weight, 1e-6, residual, weight_offset)
+    actual = ops.rms_norm(x, weight, 1e-6, residual, weight_offset)
     expected = ref.rms_norm(x, weight, 1e-6, residual, weight_offset)
     if with_residual:
         _assert_close(actual[1], expected[1], target)
@@ -258,10 +291,11 @@ def test_rms_norm_matches_reference(with_residual: bool, weight_offset: float, t
     _assert_close(actual, expected, target)
 
 
-@pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
+@pytest.mark.parametrize("ops, target", ELEMENTWISE_OPS)
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("rotary_dim", [128, 64], ids=["full", "partial"])
-def test_rotary_embedding_rotates_query_and_key_in_place(rotary_dim: int, is_neox: bool, target: Target) -> None:
+def test_rotary_embedding_rotates_query_and_key_in_place(rotary_dim: int, is_neox: bool, ops: ModuleType,
+                                                         target: Target) -> None:
     num_tokens, num_heads, num_kv_heads, head_dim = 6 * target.scale, 8, 2, 128
     # Query and key are views into one fused qkv projection, as the model hands them over.
     qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, device=target.device).to(target.dtype)
@@ -269,24 +303,25 @@ def test_rotary_embedding_rotates_query_and_key_in_place(rotary_dim: int, is_neo
     expected_qkv = qkv.clone()
     cos_sin_cache = torch.randn(64, rotary_dim, device=target.device)
     positions = torch.randint(0, 64, (num_tokens,), device=target.device)
-    triton_ops.rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    ops.rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
     ref.rotary_embedding(positions, expected_qkv[:, :num_heads], expected_qkv[:, num_heads:num_heads + num_kv_heads],
                          cos_sin_cache, is_neox)
     _assert_close(qkv, expected_qkv, target)  # the value heads are untouched
 
 
-@pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
-def test_rms_norm_of_heads_cut_from_a_fused_projection_reads_them_where_they_are(target: Target) -> None:
+@pytest.mark.parametrize("ops, target", ELEMENTWISE_OPS)
+def test_rms_norm_of_heads_cut_from_a_fused_projection_reads_them_where_they_are(ops: ModuleType,
+                                                                                 target: Target) -> None:
     num_tokens, num_heads, num_kv_heads, head_dim = 6 * target.scale, 8, 2, 128
     qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, device=target.device).to(target.dtype)
     key = qkv[:, num_heads:num_heads + num_kv_heads]  # strided tokens, as Qwen3's k_norm gets them
     weight = torch.randn(head_dim, device=target.device).to(target.dtype)
-    _assert_close(triton_ops.rms_norm(key, weight, 1e-6), ref.rms_norm(key.contiguous(), weight, 1e-6), target)
+    _assert_close(ops.rms_norm(key, weight, 1e-6), ref.rms_norm(key.contiguous(), weight, 1e-6), target)
 
 
-@pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
+@pytest.mark.parametrize("ops, target", ELEMENTWISE_OPS)
 @pytest.mark.parametrize("name", ["silu_and_mul", "gelu_tanh_and_mul"])
-def test_gated_activations_match_reference(name: str, target: Target) -> None:
+def test_gated_activations_match_reference(name: str, ops: ModuleType, target: Target) -> None:
     x = torch.randn(2, 3, 2 * 1100 * target.scale, device=target.device).to(target.dtype)  # d spans column blocks
     _assert_close(getattr(triton_ops, name)(x), getattr(ref, name)(x), target)
 

@@ -1,0 +1,133 @@
+/* Paged decode attention on the CPU, reading K and V where they lie in the block pool.
+
+   The PyTorch reference (kernels/reference.py) gathers every sequence's blocks into a padded copy each layer and
+   step, then runs SDPA over it: the gather writes and re-reads the whole context. Here each (sequence, KV head)
+   walks its block table and keeps an online softmax, CHUNK keys at a time, so the cache is read once.
+   One OpenMP task per (sequence, KV head); the query heads that share the KV head ride along (GQA).
+
+   Layouts (element strides are passed where a tensor can be a view):
+     query, out  [num_tokens, num_heads, head_dim], head_dim contiguous; row i is sequence i's query
+     kv_cache    [2, num_blocks, block_size, num_kv_heads, head_dim], contiguous
+     block_tables [num_seqs, table_stride] int32; seq_lens [num_seqs] int32
+   dtype 0: float32, 1: bfloat16 (query, cache and out share it). Scores, softmax and sums run in float32. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_HEAD_DIM 256
+#define MAX_GROUP 32
+#define CHUNK 32 /* keys scored at a time: one softmax rescale per chunk, any block size */
+
+static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline void load_row(const void *base, int64_t offset, int dtype, int n, float *dst) {
+    if (dtype == 0) {
+        memcpy(dst, (const float *)base + offset, (size_t)n * sizeof(float));
+    } else {
+        /* bf16 is float32's upper half: widen the bits (vectorizes; built with -fno-strict-aliasing). */
+        const uint16_t *src = (const uint16_t *)base + offset;
+        uint32_t *bits = (uint32_t *)dst;
+#pragma omp simd
+        for (int d = 0; d < n; d++) bits[d] = (uint32_t)src[d] << 16;
+    }
+}
+
+static inline float dot(const float *a, const float *b, int n) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int d = 0; d < n; d++) sum += a[d] * b[d];
+    return sum;
+}
+
+static void attend_one(const void *query, const void *kv_cache, void *out, const int32_t *table, int seq_len,
+                       int64_t q_row, int64_t q_stride_head, int64_t out_row, int64_t out_stride_head,
+                       int64_t v_offset, int kv_head, int group, int num_kv_heads, int head_dim, int block_size,
+                       float scale, int sliding_window, float soft_cap, int dtype) {
+    float q[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
+    float scores[MAX_GROUP][CHUNK], row_max[MAX_GROUP], row_sum[MAX_GROUP];
+    float key[CHUNK][MAX_HEAD_DIM], value[MAX_HEAD_DIM];
+    int64_t slot[CHUNK]; /* each key's offset in the K half of the cache */
+    /* With a soft cap the score is cap * tanh(q.k * scale / cap); without, q.k * scale folded into q. */
+    float q_scale = soft_cap > 0.0f ? scale / soft_cap : scale;
+    for (int g = 0; g < group; g++) {
+        load_row(query, q_row + (int64_t)(kv_head * group + g) * q_stride_head, dtype, head_dim, q[g]);
+        for (int d = 0; d < head_dim; d++) q[g][d] *= q_scale;
+        memset(acc[g], 0, (size_t)head_dim * sizeof(float));
+        row_max[g] = -INFINITY;
+        row_sum[g] = 0.0f;
+    }
+    int first = sliding_window > 0 && seq_len > sliding_window ? seq_len - sliding_window : 0;
+    int64_t token_stride = (int64_t)num_kv_heads * head_dim;
+    for (int start = first; start < seq_len; start += CHUNK) {
+        int count = seq_len - start < CHUNK ? seq_len - start : CHUNK;
+        for (int t = 0; t < count; t++) {
+            int position = start + t;
+            slot[t] = ((int64_t)table[position / block_size] * block_size + position % block_size) * token_stride
+                      + (int64_t)kv_head * head_dim;
+            load_row(kv_cache, slot[t], dtype, head_dim, key[t]);
+        }
+        for (int g = 0; g < group; g++) {
+            float chunk_max = -INFINITY;
+            for (int t = 0; t < count; t++) {
+                float s = dot(q[g], key[t], head_dim);
+                if (soft_cap > 0.0f) s = soft_cap * tanhf(s);
+                scores[g][t] = s;
+                chunk_max = s > chunk_max ? s : chunk_max;
+            }
+            float new_max = chunk_max > row_max[g] ? chunk_max : row_max[g];
+            float correction = expf(row_max[g] - new_max); /* 0 on the first chunk (-inf) */
+            row_sum[g] *= correction;
+            for (int d = 0; d < head_dim; d++) acc[g][d] *= correction;
+            row_max[g] = new_max;
+            for (int t = 0; t < count; t++) {
+                scores[g][t] = expf(scores[g][t] - new_max);
+                row_sum[g] += scores[g][t];
+            }
+        }
+        for (int t = 0; t < count; t++) {
+            load_row(kv_cache, v_offset + slot[t], dtype, head_dim, value);
+            for (int g = 0; g < group; g++) {
+                float p = scores[g][t];
+#pragma omp simd
+                for (int d = 0; d < head_dim; d++) acc[g][d] += p * value[d];
+            }
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        float inv = row_sum[g] > 0.0f ? 1.0f / row_sum[g] : 0.0f; /* an empty sequence (padding) gives zeros */
+        int64_t o = out_row + (int64_t)(kv_head * group + g) * out_stride_head;
+        if (dtype == 0) {
+            for (int d = 0; d < head_dim; d++) ((float *)out)[o + d] = acc[g][d] * inv;
+        } else {
+            for (int d = 0; d < head_dim; d++) ((uint16_t *)out)[o + d] = float_to_bf16(acc[g][d] * inv);
+        }
+    }
+}
+
+/* Returns 0, or -1 when a head is larger than the fixed buffers (the caller then takes the reference path). */
+int paged_decode_attention(const void *query, int64_t q_stride_token, int64_t q_stride_head, const void *kv_cache,
+                           int64_t num_blocks, const int32_t *block_tables, int64_t table_stride,
+                           const int32_t *seq_lens, int seq_start, int seq_stop, void *out, int64_t out_stride_token,
+                           int64_t out_stride_head, int num_heads, int num_kv_heads, int head_dim, int block_size,
+                           float scale, int sliding_window, float soft_cap, int dtype, int num_threads) {
+    int group = num_heads / num_kv_heads;
+    if (head_dim > MAX_HEAD_DIM || group > MAX_GROUP) return -1;
+    int64_t v_offset = num_blocks * block_size * (int64_t)num_kv_heads * head_dim;
+    int64_t num_tasks = (int64_t)(seq_stop - seq_start) * num_kv_heads;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t task = 0; task < num_tasks; task++) {
+        int seq = seq_start + (int)(task / num_kv_heads);
+        int kv_head = (int)(task % num_kv_heads);
+        attend_one(query, kv_cache, out, block_tables + (int64_t)seq * table_stride, seq_lens[seq],
+                   (int64_t)seq * q_stride_token, q_stride_head, (int64_t)seq * out_stride_token, out_stride_head,
+                   v_offset, kv_head, group, num_kv_heads, head_dim, block_size, scale, sliding_window, soft_cap,
+                   dtype);
+    }
+    return 0;
+}

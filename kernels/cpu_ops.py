@@ -1,0 +1,129 @@
+"""The CPU's kernels (kernel_backend="cpu"): the PyTorch reference ops, with the ones a compiled C kernel does
+faster on a CPU taken from kernels/cpu/: decode attention read from the paged cache in place (instead of gathered
+and padded), and RMSNorm, rotary embedding and the gated activations in one pass each (instead of 5-20 tensor
+ops). Each falls back to the reference for what the C kernels do not take (fp16, a last dim that is not
+contiguous), and the whole backend is the reference where no C compiler built them."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kernels import reference
+from kernels.cpu.build import load
+from kernels.reference import fused_moe, prefill_attention, write_kv_cache
+
+__all__ = ["write_kv_cache", "paged_decode_attention", "prefill_attention", "rms_norm", "rotary_embedding",
+           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "available"]
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_I64, _INT, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+_SIGNATURES = {
+    "paged_decode_attention": (_INT, [_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _INT, _INT, _PTR, _I64, _I64,
+                                      _INT, _INT, _INT, _INT, _FLOAT, _INT, _FLOAT, _INT, _INT]),
+    "rms_norm": (None, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _INT, _FLOAT, _INT, _FLOAT, _INT, _INT]),
+    "rotary_embedding": (None, [_PTR, _PTR, _I64, _I64, _INT, _PTR, _I64, _I64, _INT, _PTR, _INT, _I64, _INT, _INT,
+                                _INT]),
+    "act_and_mul": (None, [_PTR, _I64, _PTR, _I64, _I64, _INT, _INT, _INT, _INT]),
+}
+
+
+def _function(library_name: str, name: str):
+    library = load(library_name)
+    if library is None:
+        return None
+    function = getattr(library, name)
+    function.restype, function.argtypes = _SIGNATURES[name]
+    return function
+
+
+_ATTENTION = _function("paged_decode_attention", "paged_decode_attention")
+_RMS_NORM = _function("elementwise", "rms_norm")
+_ROTARY = _function("elementwise", "rotary_embedding")
+_ACT_AND_MUL = _function("elementwise", "act_and_mul")
+
+
+def available() -> bool:
+    """Whether the compiled kernels loaded (a C compiler was found): without them this backend is the reference."""
+    return _ATTENTION is not None and _RMS_NORM is not None
+
+
+def _code(*tensors: torch.Tensor) -> int | None:
+    """The C kernels' dtype code when every tensor has one dtype they take and a contiguous last dim, else None."""
+    code = _DTYPE_CODES.get(tensors[0].dtype)
+    if code is None or any(t.dtype != tensors[0].dtype or t.stride(-1) != 1 or t.device.type != "cpu"
+                           for t in tensors):
+        return None
+    return code
+
+
+def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, seqs: slice, scale: float, max_seq_len: int,
+                           sliding_window: int | None = None, logits_soft_cap: float | None = None, *,
+                           out: torch.Tensor) -> None:
+    """kernels/reference.py's paged_decode_attention, reading each sequence's blocks where they lie."""
+    code = _code(query, kv_cache, out)
+    if (_ATTENTION is None or code is None or not kv_cache.is_contiguous() or block_tables.dtype != torch.int32
+            or seq_lens.dtype != torch.int32):
+        return reference.paged_decode_attention(query, kv_cache, block_tables, seq_lens, seqs, scale, max_seq_len,
+                                                sliding_window, logits_soft_cap, out=out)
+    start, stop, _ = seqs.indices(seq_lens.shape[0])
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
+    status = _ATTENTION(query.data_ptr(), query.stride(0), query.stride(1), kv_cache.data_ptr(), num_blocks,
+                        block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), start, stop,
+                        out.data_ptr(), out.stride(0), out.stride(1), query.shape[1], num_kv_heads, head_dim,
+                        block_size, scale, sliding_window or 0, logits_soft_cap or 0.0, code, torch.get_num_threads())
+    if status != 0:  # a head or a query group larger than the kernel's buffers
+        reference.paged_decode_attention(query, kv_cache, block_tables, seq_lens, seqs, scale, max_seq_len,
+                                         sliding_window, logits_soft_cap, out=out)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             weight_offset: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """kernels/reference.py's rms_norm in one pass."""
+    code = _code(x, weight) if residual is None else _code(x, weight, residual)
+    if _RMS_NORM is None or code is None or not weight.is_contiguous():
+        return reference.rms_norm(x, weight, eps, residual, weight_offset)
+    rows, hidden = x.reshape(-1, x.shape[-1]), x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype)
+    summed = None if residual is None else torch.empty(x.shape, dtype=x.dtype)
+    residual_rows = None if residual is None else residual.reshape(-1, hidden)
+    _RMS_NORM(rows.data_ptr(), rows.stride(0), 0 if residual is None else residual_rows.data_ptr(),
+              0 if residual is None else residual_rows.stride(0), out.data_ptr(), hidden,
+              0 if summed is None else summed.data_ptr(), weight.data_ptr(), rows.shape[0], hidden, eps,
+              int(bool(weight_offset)), weight_offset, code, torch.get_num_threads())
+    return out if summed is None else (out, summed)
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None:
+    """kernels/reference.py's rotary_embedding in one pass over query and key, in place."""
+    code = _code(query, key)
+    if (_ROTARY is None or code is None or cos_sin_cache.dtype != torch.float32
+            or not cos_sin_cache.is_contiguous() or positions.dtype != torch.int64 or not positions.is_contiguous()):
+        return reference.rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    _ROTARY(positions.data_ptr(), query.data_ptr(), query.stride(0), query.stride(1), query.shape[1],
+            key.data_ptr(), key.stride(0), key.stride(1), key.shape[1], cos_sin_cache.data_ptr(),
+            cos_sin_cache.shape[1], positions.shape[0], int(is_neox), code, torch.get_num_threads())
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """kernels/reference.py's silu_and_mul in one pass."""
+    return _act_and_mul(x, gelu_tanh=False)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """kernels/reference.py's gelu_tanh_and_mul in one pass."""
+    return _act_and_mul(x, gelu_tanh=True)
+
+
+def _act_and_mul(x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
+    code = _code(x)
+    if _ACT_AND_MUL is None or code is None:
+        return (reference.gelu_tanh_and_mul if gelu_tanh else reference.silu_and_mul)(x)
+    rows, d = x.reshape(-1, x.shape[-1]), x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], d, dtype=x.dtype)
+    _ACT_AND_MUL(rows.data_ptr(), rows.stride(0), out.data_ptr(), d, rows.shape[0], d, int(gelu_tanh), code,
+                 torch.get_num_threads())
+    return out
