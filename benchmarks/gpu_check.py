@@ -18,6 +18,8 @@ gpu_check_plan.py has the sizes and limits):
   decode_latency  batch-1 decode time per token on the Llama-3.1-8B shape against its weight-streaming floor
   serving         a short streaming-chat load through `tokmodel serve`
   compile_stalls  after warm-up, batches of varied sizes and lengths compile no Triton kernel (counted)
+  idle_time       decode steps at batch 256 (Qwen3-0.6B shape, graphs on) under torch.profiler: the device's
+                  busy share of each step (issue 12: idle under 10%)
 
 Writes one JSON (device, date, commit, each step's figures, goals and verdicts: met, or missed by how much) and a
 PNG to benchmarks/results/gpu-check-<gpu>-<date>.*; the dry run writes them to --output-dir (default: a new

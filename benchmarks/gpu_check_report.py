@@ -63,6 +63,9 @@ def headline(name: str, figures: dict) -> str:
                 f"({f['speedup']:.2f}x)")
     if name == "compile_stalls":
         return f"{sum(f['after_warm_up'].values())} variants after warm-up, {sum(f['new'].values())} new after"
+    if name == "idle_time":
+        return (f"batch {f['batch']}: {f['step_ms_mean']:.2f} ms a step, device busy "
+                f"{f['step_split']['device_busy_pct']:.1f}%, host {f['step_split']['host_pct']:.1f}%")
     return ""
 
 

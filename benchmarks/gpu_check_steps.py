@@ -348,6 +348,41 @@ def run_fast_path(plan: Plan, work_dir: Path) -> dict:
     return {"figures": figures, "goals": goals}
 
 
+def run_idle_time(plan: Plan, work_dir: Path) -> dict:
+    """Decode steps of a full batch on the Qwen3-0.6B shape (CUDA graphs on) under torch.profiler, every request
+    past its prefill: the share of the steps' wall time the device is busy (kernels and copies). What remains is
+    the host's time the device waits through: scheduling, input preparation, sampling, output processing."""
+    from bench.trace_report import analyze
+    from engine import LLM, SamplingParams
+    from engine.profiler import EngineProfiler
+
+    batch, prompt_len, decode_steps = plan.idle_time
+    llm = LLM(model=str(qwen3_dir(plan, work_dir)), device=plan.device, dtype=plan.dtype, max_num_seqs=batch)
+    core = llm.engine
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=0, max_tokens=decode_steps + 8, ignore_eos=True)
+    for index, ids in enumerate(rng.integers(0, core.vocab_size, (batch, prompt_len)).tolist()):
+        core.add_request(str(index), {"prompt_token_ids": ids}, params)
+    while core.scheduler.waiting or len(core.scheduler.running) < batch:
+        core.step()
+    core.step()  # the last prefill's request decodes too: every step from here is decode-only
+    profiler = EngineProfiler(core, work_dir / "idle-time-trace")
+    profiler.start()
+    try:
+        for _ in range(decode_steps):
+            core.step()
+    finally:
+        trace = profiler.stop()
+    report = analyze(trace, None)
+    busy = report["step_split"]["device_busy_pct"]
+    log(f"decode at batch {batch}: step {report['step_ms_mean']:.2f} ms, device busy {busy:.1f}%")
+    figures = {"batch": batch, "prompt_len": prompt_len, "steps": report["steps"],
+               "step_ms_mean": report["step_ms_mean"], "step_split": report["step_split"]}
+    return {"figures": figures,
+            "goals": [goal("device idle share of decode steps (%)", 100 - busy, 10, at_most=True,
+                           detail=f"batch {batch}, {report['steps']} steps under torch.profiler")]}
+
+
 @contextmanager
 def _variant_counter(plan: Plan) -> Iterator[Callable[[], dict[str, int]]]:
     """A function giving kernel name -> variants so far."""
@@ -393,5 +428,5 @@ def _free_port() -> int:
 STEPS: dict[str, Callable[[Plan, Path], dict]] = {
     "tests": run_tests, "kernels": run_kernels, "throughput": run_throughput, "decode_latency": run_decode_latency,
     "serving": run_serving, "compile_stalls": run_compile_stalls, "fast_path": run_fast_path,
-    "tensor_parallel": run_tensor_parallel,
+    "tensor_parallel": run_tensor_parallel, "idle_time": run_idle_time,
 }
