@@ -72,6 +72,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: every request runs its full length")
     sampling.add_argument("--temperature", type=float, default=0.0, help="(default: 0, greedy, as vLLM's)")
+    sampling.add_argument("--top-p", type=float, help="sent when given (default: the server's)")
     result = parser.add_argument_group("result")
     result.add_argument("--goodput", nargs="+", default=[], metavar="METRIC:MS",
                         help=f"service-level limits for request_goodput, from {', '.join(GOODPUT_METRICS)}")
@@ -214,11 +215,18 @@ def sample_requests(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase
         args.prefix_repetition_num_prefixes, args.prefix_repetition_output_len, args.seed)
 
 
+def _sampling_fields(args: argparse.Namespace) -> dict:
+    fields = {"temperature": args.temperature}
+    if args.top_p is not None:
+        fields["top_p"] = args.top_p
+    return fields
+
+
 async def benchmark(args: argparse.Namespace, base_url: str, model: str, requests: list[datasets.SampleRequest],
                     tokenizer: PreTrainedTokenizerBase, rate: float) -> tuple[dict, list[RequestFuncOutput]]:
     inputs = [RequestFuncInput(r.prompt, base_url + args.endpoint, r.prompt_len, r.expected_output_len, model,
                                chat=args.backend == "openai-chat", ignore_eos=args.ignore_eos,
-                               extra_body={"temperature": args.temperature}) for r in requests]
+                               extra_body=_sampling_fields(args)) for r in requests]
     # aiohttp caps a session at 100 connections unless told: the concurrency is ours to set, not its
     connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
     async with aiohttp.ClientSession(connector=connector, headers=args.headers,

@@ -262,7 +262,7 @@ def run_serving(plan: Plan, work_dir: Path) -> dict:
     num_requests, concurrency, max_tokens = plan.serving
     args = argparse.Namespace(model=str(qwen3_dir(plan, work_dir)), dtype=plan.dtype, port=_free_port(),
                               tokmodel_args="", api_key=None, num_requests=num_requests, concurrency=concurrency,
-                              max_tokens=max_tokens, warmup=2)
+                              max_tokens=max_tokens, warmup=2, temperature=0.0, top_p=None)
     with serving.launched("tokmodel", args) as base_url:
         log(f"server up at {base_url}: {num_requests} requests, {concurrency} at a time")
         figures = asyncio.run(serving.run_load(base_url, args, {"ignore_eos": True}))

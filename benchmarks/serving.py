@@ -41,6 +41,7 @@ async def run_load(base_url: str, args: argparse.Namespace, extra_body: dict) ->
         argv += ["--tokenizer", args.model]
     if extra_body.get("ignore_eos"):
         argv.append("--ignore-eos")
+    argv += ["--temperature", str(args.temperature)] + (["--top-p", str(args.top_p)] if args.top_p is not None else [])
     if args.api_key:
         argv += ["--header", f"Authorization=Bearer {args.api_key}"]
     parser = argparse.ArgumentParser()
@@ -62,7 +63,8 @@ def run_offline(args: argparse.Namespace) -> dict:
     from engine import LLM, SamplingParams
 
     llm = LLM(model=args.model, dtype=args.dtype)
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+    params = SamplingParams(temperature=args.temperature, top_p=1.0 if args.top_p is None else args.top_p,
+                            max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     requests = random_requests(llm.get_tokenizer(), args.num_requests, PROMPT_LEN, args.max_tokens)  # as served
     conversations = [[{"role": "user", "content": r.prompt}] for r in requests]
     llm.chat(conversations[:1] * args.warmup, params, use_tqdm=False)
@@ -129,6 +131,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=2, help="requests sent before measuring")
+    parser.add_argument("--temperature", type=float, default=0.0, help="of every request (default: 0, greedy)")
+    parser.add_argument("--top-p", type=float, help="of every request (default: the server's)")
     parser.add_argument("--offline", action="store_true",
                         help="also run the same requests through the offline LLM in-process; with --launch tokmodel "
                         "the report adds the server's overhead: 1 - served tok/s / offline tok/s")
