@@ -136,7 +136,7 @@ def bench_decode(setup: Setup, progress: Callable[[str], None] = lambda _: None)
             out = torch.empty_like(query)
             scale = s.head_dim ** -0.5
             seconds = bench_seconds(lambda: setup.ops.paged_decode_attention(
-                query, kv_cache, block_tables, seq_lens, slice(None), scale, context_len, out=out), setup.device)
+                query, kv_cache, block_tables, seq_lens, 0, batch, scale, context_len, out=out), setup.device)
             key, value = _dense_kv(kv_cache, block_tables, context_len)
             del kv_cache
             q = query[:, :, None]
@@ -163,7 +163,7 @@ def bench_prefill(setup: Setup, progress: Callable[[str], None] = lambda _: None
     out = torch.empty_like(query)
     scale = s.head_dim ** -0.5
     seconds = bench_seconds(lambda: setup.ops.prefill_attention(query, kv_cache, block_tables, seq_lens,
-                                                                query_start_loc, slice(None), scale, tokens, out=out),
+                                                                query_start_loc, 0, 1, scale, tokens, out=out),
                             device)
     key, value = (t.repeat_interleave(s.num_heads // s.num_kv_heads, dim=1)
                   for t in _dense_kv(kv_cache, block_tables, tokens))

@@ -25,5 +25,9 @@ class AttentionMetadata:
         return self.num_decodes
 
     @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
     def num_prefills(self) -> int:
-        return self.seq_lens.shape[0] - self.num_decodes
+        return self.num_seqs - self.num_decodes

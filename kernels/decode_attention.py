@@ -141,25 +141,25 @@ def _merge_splits_kernel(mid_out_ptr, mid_lse_ptr, out_ptr, first_seq, num_split
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, seqs: slice, scale: float, max_seq_len: int,
+                           seq_lens: torch.Tensor, first_seq: int, end_seq: int, scale: float, max_seq_len: int,
                            sliding_window: int | None = None, logits_soft_cap: float | None = None, *,
                            out: torch.Tensor) -> None:
     """kernels.reference.paged_decode_attention (the specification), each context cut in as many splits as
     fill the GPU."""
-    start, stop = seq_range(seqs, seq_lens)
+    check_seq_range(first_seq, end_seq, seq_lens)
     # A sliding window bounds the keys any query sees, and so the work there is to split.
     max_keys = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
-    num_splits = choose_num_splits((stop - start) * kv_cache.shape[3], max_keys, query.device)
-    decode_with_splits(query, kv_cache, block_tables, seq_lens, seqs, scale, sliding_window, num_splits,
+    num_splits = choose_num_splits((end_seq - first_seq) * kv_cache.shape[3], max_keys, query.device)
+    decode_with_splits(query, kv_cache, block_tables, seq_lens, first_seq, end_seq, scale, sliding_window, num_splits,
                        logits_soft_cap, out=out)
 
 
 def decode_with_splits(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                       seq_lens: torch.Tensor, seqs: slice, scale: float, sliding_window: int | None,
+                       seq_lens: torch.Tensor, first_seq: int, end_seq: int, scale: float, sliding_window: int | None,
                        num_splits: int, logits_soft_cap: float | None = None, *, out: torch.Tensor) -> None:
     """paged_decode_attention with the context of every sequence cut into num_splits parts."""
-    start, stop = seq_range(seqs, seq_lens)
-    num_seqs = stop - start
+    check_seq_range(first_seq, end_seq, seq_lens)
+    num_seqs = end_seq - first_seq
     num_heads, head_dim = query.shape[1:]
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     check_attention_args(query, kv_cache, sliding_window, out)
@@ -173,7 +173,7 @@ def decode_with_splits(query: torch.Tensor, kv_cache: torch.Tensor, block_tables
         mid_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, mid_out, mid_lse,
-        *score_scales(scale, logits_soft_cap), window_arg(sliding_window), start, num_splits, group, head_dim,
+        *score_scales(scale, logits_soft_cap), window_arg(sliding_window), first_seq, num_splits, group, head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         BLOCK_SIZE=block_size, GROUP=max(16, triton.next_power_of_2(group)), DIM=dim,
@@ -182,7 +182,7 @@ def decode_with_splits(query: torch.Tensor, kv_cache: torch.Tensor, block_tables
     if split_k:
         # SPLITS is always MAX_SPLITS (the tail masked off), so the merge compiles once, whatever the split count.
         _merge_splits_kernel[(num_seqs, num_heads)](
-            mid_out, mid_lse, out, start, num_splits, head_dim, out.stride(0), out.stride(1),
+            mid_out, mid_lse, out, first_seq, num_splits, head_dim, out.stride(0), out.stride(1),
             SPLITS=MAX_SPLITS, DIM=dim)
 
 
@@ -224,11 +224,10 @@ def window_arg(sliding_window: int | None) -> int:
     return 2**31 - 1 if sliding_window is None else sliding_window
 
 
-def seq_range(seqs: slice, seq_lens: torch.Tensor) -> tuple[int, int]:
-    """The batch rows [start, stop) that seqs selects."""
-    start, stop, step = seqs.indices(seq_lens.shape[0])
-    assert step == 1 and start < stop, f"seqs must be a non-empty contiguous slice, got {seqs}"
-    return start, stop
+def check_seq_range(first_seq: int, end_seq: int, seq_lens: torch.Tensor) -> None:
+    """The sequences attended, rows first_seq .. end_seq - 1: at least one, all in the batch."""
+    assert 0 <= first_seq < end_seq <= seq_lens.shape[0], \
+        f"sequences [{first_seq}, {end_seq}) must be a non-empty range of the batch's {seq_lens.shape[0]}"
 
 
 def check_attention_args(query: torch.Tensor, kv_cache: torch.Tensor, sliding_window: int | None,

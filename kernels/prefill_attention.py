@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import (attend_tile, check_attention_args, dot_precision, paged_offsets, score_scales,
-                                      seq_range, window_arg, wide_rows)
+from kernels.decode_attention import (attend_tile, check_attention_args, check_seq_range, dot_precision, paged_offsets,
+                                      score_scales, window_arg, wide_rows)
 
 BLOCK_M = 64  # query rows (token, head) per program
 TILE_N = 64  # keys per tile, halved for wide key rows to fit shared memory
@@ -91,11 +91,11 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, seq_lens_ptr, query
 
 
 def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, seqs: slice, scale: float,
-                      max_seq_len: int, sliding_window: int | None = None, logits_soft_cap: float | None = None,
-                      *, out: torch.Tensor) -> None:
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, first_seq: int, end_seq: int,
+                      scale: float, max_seq_len: int, sliding_window: int | None = None,
+                      logits_soft_cap: float | None = None, *, out: torch.Tensor) -> None:
     """kernels.reference.prefill_attention (the specification) in one launch for all the sequences."""
-    start, stop = seq_range(seqs, seq_lens)
+    check_seq_range(first_seq, end_seq, seq_lens)
     num_tokens, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     check_attention_args(query, kv_cache, sliding_window, out)
@@ -105,9 +105,9 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables:
     dim = triton.next_power_of_2(head_dim)
     wide = wide_rows(dim, kv_cache.element_size())
     # The sequences' tokens are at most num_tokens, so these programs cover them (see the module's docstring).
-    _prefill_kernel[(num_tokens // block_q + stop - start, num_kv_heads)](
+    _prefill_kernel[(num_tokens // block_q + end_seq - first_seq, num_kv_heads)](
         query, kv_cache[0], kv_cache[1], out, block_tables, seq_lens, query_start_loc,
-        *score_scales(scale, logits_soft_cap), window_arg(sliding_window), start, stop, group, head_dim,
+        *score_scales(scale, logits_soft_cap), window_arg(sliding_window), first_seq, end_seq, group, head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, ROWS=rows, DIM=dim, TILE=TILE_N // 2 if wide else TILE_N,

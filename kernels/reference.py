@@ -61,13 +61,15 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, seqs: slice, scale: float, max_seq_len: int,
+                           seq_lens: torch.Tensor, first_seq: int, end_seq: int, scale: float, max_seq_len: int,
                            sliding_window: int | None = None, logits_soft_cap: float | None = None, *,
                            out: torch.Tensor) -> None:
-    """Sequences seqs of the batch, one query token each (sequence i's is query row i, as decodes come first),
-    attend to their seq_len cached tokens; writes out[seqs]. query and out [num_tokens, num_heads, head_dim].
+    """Sequences first_seq .. end_seq - 1 of the batch, one query token each (sequence i's is query row i, as
+    decodes come first), attend to their seq_len cached tokens; writes their rows of out. query and out
+    [num_tokens, num_heads, head_dim].
     A sliding window shows each query its last sliding_window keys (itself included); logits_soft_cap caps the
     scaled scores at +-cap with tanh."""
+    seqs = slice(first_seq, end_seq)
     key, value = _gather_kv(kv_cache, block_tables[seqs], max_seq_len)
     lens = seq_lens[seqs].long()
     mask = _key_mask((lens - 1)[:, None], lens, max_seq_len, sliding_window)
@@ -75,15 +77,15 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
 
 
 def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, seqs: slice, scale: float,
-                      max_seq_len: int, sliding_window: int | None = None, logits_soft_cap: float | None = None,
-                      *, out: torch.Tensor) -> None:
-    """Variable-length query chunks of sequences seqs of the batch; writes their rows of out. Sequence i owns
-    query rows query_start_loc[i]:query_start_loc[i+1], which are its last tokens (positions seq_len - q_len ..
-    seq_len - 1), causal within the chunk and attending to the whole cached prefix. Their K/V are already in the
-    cache. query and out [num_tokens, num_heads, head_dim]; the window and cap as in paged_decode_attention."""
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, first_seq: int, end_seq: int,
+                      scale: float, max_seq_len: int, sliding_window: int | None = None,
+                      logits_soft_cap: float | None = None, *, out: torch.Tensor) -> None:
+    """Variable-length query chunks of sequences first_seq .. end_seq - 1 of the batch; writes their rows of out.
+    Sequence i owns query rows query_start_loc[i]:query_start_loc[i+1], which are its last tokens (positions
+    seq_len - q_len .. seq_len - 1), causal within the chunk and attending to the whole cached prefix. Their K/V
+    are already in the cache. query and out [num_tokens, num_heads, head_dim]; the window and cap as in paged_decode_attention."""
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
-    for i in range(*seqs.indices(len(lens))):  # per sequence, not per token: prefills are few per step
+    for i in range(first_seq, end_seq):  # per sequence, not per token: prefills are few per step
         start, end, seq_len = starts[i], starts[i + 1], lens[i]
         key, value = _gather_kv(kv_cache, block_tables[i:i + 1], seq_len)
         q_pos = torch.arange(seq_len - (end - start), seq_len, device=query.device)[None]

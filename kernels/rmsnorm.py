@@ -42,8 +42,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     hidden = x.shape[-1]
     tokens = _token_rows(x)
     num_rows = tokens.shape[0] * tokens.shape[1]
-    sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    out_dtype = sum_dtype if weight_offset else torch.promote_types(sum_dtype, weight.dtype)
+    out_dtype, sum_dtype = output_dtypes(x, weight, residual, weight_offset)
     out = torch.empty(num_rows, hidden, dtype=out_dtype, device=x.device)
     # Without a residual the (unused) residual tensors only carry x's dtype into the kernel.
     res_rows = tokens if residual is None else _rows(residual)
@@ -56,6 +55,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         num_warps=min(max(block // 256, 1), 16))
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
+
+
+def output_dtypes(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
+                  weight_offset: float) -> tuple[torch.dtype, torch.dtype]:
+    """(the norm's dtype, x + residual's), as the reference's torch ops promote them."""
+    sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    return (sum_dtype if weight_offset else torch.promote_types(sum_dtype, weight.dtype)), sum_dtype
 
 
 def _token_rows(t: torch.Tensor) -> torch.Tensor:

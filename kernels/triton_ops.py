@@ -1,13 +1,120 @@
-"""The Triton backend of KernelOps (kernel_backend="triton"): one kernel per file, re-exported here."""
+"""The Triton backend of KernelOps (kernel_backend="triton"): one kernel per file, each launcher registered here as a
+torch.library op, torch.ops.tokmodel.<name>, which the engine calls eagerly and torch.compile / torch.export trace
+as one opaque node (what Triton's Python launch code could not be).
+
+Each op's schema is inferred from its launcher's signature and declares the arguments it writes (the KV cache, `out`,
+the rotated query and key); a fake implementation gives its outputs' shapes and dtypes without running it. The ops
+are defined with torch.library.Library rather than torch.library.custom_op: that wraps every call in Python
+autograd and version-counter kernels, 10 to 150 us a call on the host, where the dispatcher alone adds a few
+(benchmarks/op_dispatch.py). The engine runs in inference mode and never differentiates through a kernel.
+
+A custom op takes no keyword-only tensor and returns one fixed type, so the attention ops take `out` first
+(KernelOps' functions keep it as a keyword) and KernelOps' rms_norm picks tokmodel::rms_norm or, with a residual,
+tokmodel::fused_add_rms_norm.
+"""
 from __future__ import annotations
 
-from kernels.activation import gelu_tanh_and_mul, silu_and_mul
-from kernels.decode_attention import paged_decode_attention
-from kernels.fused_moe import fused_moe
-from kernels.kv_write import write_kv_cache
-from kernels.prefill_attention import prefill_attention
-from kernels.rmsnorm import rms_norm
-from kernels.rope import rotary_embedding
+from collections.abc import Callable
+
+import torch
+from torch.library import Library, infer_schema, register_fake
+
+from kernels import activation, decode_attention, fused_moe as moe, kv_write, prefill_attention as prefill, rmsnorm, rope
+
+_LIBRARY = Library("tokmodel", "DEF")
+
+
+def _define(name: str, launcher: Callable, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable:
+    """torch.ops.tokmodel.<name>, run by launcher on every device and traced through fake."""
+    _LIBRARY.define(name + infer_schema(launcher, mutates_args=mutates_args))
+    _LIBRARY.impl(name, launcher, "CompositeExplicitAutograd")
+    register_fake(f"tokmodel::{name}", fake, lib=_LIBRARY)
+    return getattr(torch.ops.tokmodel, name).default
+
+
+def _writes_only(*args, **kwargs) -> None:
+    """The fake of an op whose outputs are its mutated arguments."""
+
+
+def _paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                            seq_lens: torch.Tensor, first_seq: int, end_seq: int, scale: float, max_seq_len: int,
+                            sliding_window: int | None, logits_soft_cap: float | None) -> None:
+    decode_attention.paged_decode_attention(query, kv_cache, block_tables, seq_lens, first_seq, end_seq, scale,
+                                            max_seq_len, sliding_window, logits_soft_cap, out=out)
+
+
+def _prefill_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, first_seq: int, end_seq: int,
+                       scale: float, max_seq_len: int, sliding_window: int | None,
+                       logits_soft_cap: float | None) -> None:
+    prefill.prefill_attention(query, kv_cache, block_tables, seq_lens, query_start_loc, first_seq, end_seq, scale,
+                              max_seq_len, sliding_window, logits_soft_cap, out=out)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor:
+    return rmsnorm.rms_norm(x, weight, eps, None, weight_offset)
+
+
+def _fake_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=rmsnorm.output_dtypes(x, weight, None, weight_offset)[0])
+
+
+def _fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        weight_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return rmsnorm.rms_norm(x, weight, eps, residual, weight_offset)
+
+
+def _fake_fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                             weight_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out_dtype, sum_dtype = rmsnorm.output_dtypes(x, weight, residual, weight_offset)
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape, dtype=sum_dtype)
+
+
+def _fake_act_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def _fake_fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                    topk_ids: torch.Tensor) -> torch.Tensor:
+    return hidden_states.new_empty(hidden_states.shape[0], w2.shape[1])
+
+
+write_kv_cache = _define("write_kv_cache", kv_write.write_kv_cache, _writes_only, ("kv_cache",))
+rotary_embedding = _define("rotary_embedding", rope.rotary_embedding, _writes_only, ("query", "key"))
+silu_and_mul = _define("silu_and_mul", activation.silu_and_mul, _fake_act_and_mul)
+gelu_tanh_and_mul = _define("gelu_tanh_and_mul", activation.gelu_tanh_and_mul, _fake_act_and_mul)
+fused_moe = _define("fused_moe", moe.fused_moe, _fake_fused_moe)
+_decode_op = _define("paged_decode_attention", _paged_decode_attention, _writes_only, ("out",))
+_prefill_op = _define("prefill_attention", _prefill_attention, _writes_only, ("out",))
+_rms_norm_op = _define("rms_norm", _rms_norm, _fake_rms_norm)
+_fused_add_rms_norm_op = _define("fused_add_rms_norm", _fused_add_rms_norm, _fake_fused_add_rms_norm)
+
+
+def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, first_seq: int, end_seq: int, scale: float, max_seq_len: int,
+                           sliding_window: int | None = None, logits_soft_cap: float | None = None, *,
+                           out: torch.Tensor) -> None:
+    """kernels.reference.paged_decode_attention (the specification)."""
+    _decode_op(out, query, kv_cache, block_tables, seq_lens, first_seq, end_seq, scale, max_seq_len, sliding_window,
+               logits_soft_cap)
+
+
+def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, first_seq: int, end_seq: int,
+                      scale: float, max_seq_len: int, sliding_window: int | None = None,
+                      logits_soft_cap: float | None = None, *, out: torch.Tensor) -> None:
+    """kernels.reference.prefill_attention (the specification)."""
+    _prefill_op(out, query, kv_cache, block_tables, seq_lens, query_start_loc, first_seq, end_seq, scale, max_seq_len,
+                sliding_window, logits_soft_cap)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             weight_offset: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """kernels.reference.rms_norm (the specification)."""
+    if residual is None:
+        return _rms_norm_op(x, weight, eps, weight_offset)
+    return _fused_add_rms_norm_op(x, residual, weight, eps, weight_offset)
+
 
 __all__ = ["write_kv_cache", "paged_decode_attention", "prefill_attention", "rms_norm", "rotary_embedding",
            "silu_and_mul", "gelu_tanh_and_mul", "fused_moe"]

@@ -126,11 +126,9 @@ def _attention_launches(f: Family, dtype: torch.dtype) -> None:
     attention = (kv_cache, block_tables, seq_lens)
     window = (f.sliding_window, f.logits_soft_cap)
     scale = f.head_dim ** -0.5
-    ops.paged_decode_attention(q, *attention, slice(0, len(SHORT_CONTEXTS)), scale, max(SHORT_CONTEXTS), *window,
-                               out=out)
-    ops.paged_decode_attention(q, *attention, slice(len(SHORT_CONTEXTS), num_decodes), scale, LONG_CONTEXT, *window,
-                               out=out)
-    ops.prefill_attention(q, *attention, query_start_loc, slice(num_decodes, None), scale, lens[-1], *window, out=out)
+    ops.paged_decode_attention(q, *attention, 0, len(SHORT_CONTEXTS), scale, max(SHORT_CONTEXTS), *window, out=out)
+    ops.paged_decode_attention(q, *attention, len(SHORT_CONTEXTS), num_decodes, scale, LONG_CONTEXT, *window, out=out)
+    ops.prefill_attention(q, *attention, query_start_loc, num_decodes, len(lens), scale, lens[-1], *window, out=out)
 
 
 def _mlp_launches(f: Family, dtype: torch.dtype, num_tokens: int) -> None:

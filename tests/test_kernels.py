@@ -130,7 +130,7 @@ def test_decode_attention_matches_reference_on_mixed_contexts(case: AttentionCas
     lens = [_grow(n, target) for n in DECODE_CONTEXTS]
     cache = _paged_cache(lens, case.block_size, case.num_kv_heads, case.head_dim, target)
     query = _query(len(lens), case.num_heads, case.head_dim, target)
-    args = (query, *cache, slice(None), case.head_dim ** -0.5, max(lens), case.sliding_window, case.logits_soft_cap)
+    args = (query, *cache, 0, len(lens), case.head_dim ** -0.5, max(lens), case.sliding_window, case.logits_soft_cap)
     _assert_close(_attend(triton_ops.paged_decode_attention, *args), _attend(ref.paged_decode_attention, *args),
                   target)
 
@@ -172,8 +172,8 @@ def test_decode_attention_is_independent_of_the_split_count(num_splits: int, tar
     lens = [_grow(n, target) for n in (5, 20, 333)]
     cache = _paged_cache(lens, 16, 2, 64, target)
     query = _query(len(lens), 8, 64, target)
-    expected = _attend(ref.paged_decode_attention, query, *cache, slice(None), 0.125, max(lens))
-    actual = _attend(functools.partial(decode_with_splits, num_splits=num_splits), query, *cache, slice(None), 0.125,
+    expected = _attend(ref.paged_decode_attention, query, *cache, 0, len(lens), 0.125, max(lens))
+    actual = _attend(functools.partial(decode_with_splits, num_splits=num_splits), query, *cache, 0, len(lens), 0.125,
                      None)
     _assert_close(actual, expected, target)
 
@@ -184,8 +184,8 @@ def test_decode_attention_with_one_split_launches_no_merge(monkeypatch: pytest.M
     target = Target("cpu", torch.float32, 1e-5, 1e-5, 1)
     cache = _paged_cache([9, 30], 16, 2, 64, target)
     query = _query(2, 8, 64, target)
-    expected = _attend(ref.paged_decode_attention, query, *cache, slice(None), 0.125, 30)
-    _assert_close(_attend(triton_ops.paged_decode_attention, query, *cache, slice(None), 0.125, 30), expected,
+    expected = _attend(ref.paged_decode_attention, query, *cache, 0, 2, 0.125, 30)
+    _assert_close(_attend(triton_ops.paged_decode_attention, query, *cache, 0, 2, 0.125, 30), expected,
                   target)
 
 
@@ -216,7 +216,7 @@ def test_prefill_attention_matches_reference_with_cached_prefixes(batch: list[tu
     q_lens = torch.tensor([0] + [q_len for _, q_len in chunks], device=target.device)
     query_start_loc = q_lens.cumsum(0).to(torch.int32)
     query = _query(int(q_lens.sum()), case.num_heads, case.head_dim, target)
-    args = (query, *cache, query_start_loc, slice(None), case.head_dim ** -0.5, max(lens), case.sliding_window,
+    args = (query, *cache, query_start_loc, 0, len(lens), case.head_dim ** -0.5, max(lens), case.sliding_window,
             case.logits_soft_cap)
     _assert_close(_attend(triton_ops.prefill_attention, *args), _attend(ref.prefill_attention, *args), target)
 
@@ -242,21 +242,21 @@ def test_attention_ops_read_whole_tables_and_write_their_rows_of_a_larger_out(ba
     # out is a slice of a larger buffer whose margins no op may touch.
     buffer = torch.full((num_tokens + 2, 8, 64), float("nan"), dtype=target.dtype, device=target.device)
     out = buffer[1:-1]
-    ops.prefill_attention(query, *cache, query_start_loc, slice(num_decodes, None), scale, max(lens), out=out)
+    ops.prefill_attention(query, *cache, query_start_loc, num_decodes, len(lens), scale, max(lens), out=out)
     assert out[:num_decodes].isnan().all(), "prefill wrote the decodes' rows"
     for first, end in decode_groups:
-        ops.paged_decode_attention(query, *cache, slice(first, end), scale, max(lens[first:end]), out=out)
+        ops.paged_decode_attention(query, *cache, first, end, scale, max(lens[first:end]), out=out)
     assert buffer[0].isnan().all() and buffer[-1].isnan().all(), "an op wrote outside out"
 
     # Expected: the reference on the sliced batch, as the ops were called before they took whole tables.
     expected = torch.empty_like(query)
     for first, end in decode_groups:
         ref.paged_decode_attention(query[first:end], cache.kv_cache, cache.block_tables[first:end],
-                                   cache.seq_lens[first:end], slice(None), scale, max(lens[first:end]),
+                                   cache.seq_lens[first:end], 0, end - first, scale, max(lens[first:end]),
                                    out=expected[first:end])
     ref.prefill_attention(query[num_decodes:], cache.kv_cache, cache.block_tables[num_decodes:],
-                          cache.seq_lens[num_decodes:], query_start_loc[num_decodes:] - num_decodes, slice(None),
-                          scale, max(lens), out=expected[num_decodes:])
+                          cache.seq_lens[num_decodes:], query_start_loc[num_decodes:] - num_decodes, 0,
+                          len(lens) - num_decodes, scale, max(lens), out=expected[num_decodes:])
     _assert_close(out, expected, target)
 
 
@@ -459,9 +459,9 @@ def _run_step(ops: KernelOps, step: Step, target: Target) -> None:
     half = num_decodes // 2
     for first, end in ((0, half), (half, num_decodes)):
         if end > first:
-            ops.paged_decode_attention(query, *cache, slice(first, end), 0.125, max(lens[first:end]), out=out)
+            ops.paged_decode_attention(query, *cache, first, end, 0.125, max(lens[first:end]), out=out)
     if step.prefills:
-        ops.prefill_attention(query, *cache, query_start_loc, slice(num_decodes, None), 0.125,
+        ops.prefill_attention(query, *cache, query_start_loc, num_decodes, len(lens), 0.125,
                               max(lens[num_decodes:]), out=out)
     ops.silu_and_mul(torch.randn(num_tokens, 2 * intermediate, device=target.device).to(target.dtype))
 

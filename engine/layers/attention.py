@@ -29,11 +29,11 @@ class PagedAttention:
         # The ops read the batch's whole tables and write their sequences' rows of out: no slices, no copies.
         out = torch.empty_like(query)
         for start, end, max_seq_len in meta.decode_groups:
-            self.ops.paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, slice(start, end),
+            self.ops.paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, start, end,
                                             self.scale, max_seq_len, self.sliding_window, self.logits_soft_cap,
                                             out=out)
         if meta.num_prefills:
             self.ops.prefill_attention(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                       slice(meta.num_decodes, None), self.scale, meta.max_prefill_seq_len,
+                                       meta.num_decodes, meta.num_seqs, self.scale, meta.max_prefill_seq_len,
                                        self.sliding_window, self.logits_soft_cap, out=out)
         return out
