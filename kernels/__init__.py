@@ -1,8 +1,9 @@
 """Kernels for the model's hot path, behind one small API chosen once per engine.
 
-Every op exists twice with one signature: a Triton kernel (kernel_backend="triton") and the PyTorch
-reference in kernels/reference.py (kernel_backend="torch"). kernel_backend="cpu" is the reference with the ops a
-compiled C kernel does faster on a CPU (kernels/cpu_ops.py). Kernels know only tensors.
+Every op exists twice with one signature: a Triton kernel (kernel_backend="triton", registered as the torch.library
+op torch.ops.tokmodel.<name> in kernels/triton_ops.py) and the PyTorch reference in kernels/reference.py
+(kernel_backend="torch"). kernel_backend="cpu" is the reference with the ops a compiled C kernel does faster on a
+CPU (kernels/cpu_ops.py). Kernels know only tensors.
 """
 from __future__ import annotations
 

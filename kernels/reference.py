@@ -83,7 +83,8 @@ def prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables:
     """Variable-length query chunks of sequences first_seq .. end_seq - 1 of the batch; writes their rows of out.
     Sequence i owns query rows query_start_loc[i]:query_start_loc[i+1], which are its last tokens (positions
     seq_len - q_len .. seq_len - 1), causal within the chunk and attending to the whole cached prefix. Their K/V
-    are already in the cache. query and out [num_tokens, num_heads, head_dim]; the window and cap as in paged_decode_attention."""
+    are already in the cache. query and out [num_tokens, num_heads, head_dim]; the window and cap as in
+    paged_decode_attention."""
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     for i in range(first_seq, end_seq):  # per sequence, not per token: prefills are few per step
         start, end, seq_len = starts[i], starts[i + 1], lens[i]

@@ -4,9 +4,10 @@ as one opaque node (what Triton's Python launch code could not be).
 
 Each op's schema is inferred from its launcher's signature and declares the arguments it writes (the KV cache, `out`,
 the rotated query and key); a fake implementation gives its outputs' shapes and dtypes without running it. The ops
-are defined with torch.library.Library rather than torch.library.custom_op: that wraps every call in Python
-autograd and version-counter kernels, 10 to 150 us a call on the host, where the dispatcher alone adds a few
-(benchmarks/op_dispatch.py). The engine runs in inference mode and never differentiates through a kernel.
+are defined with torch.library.Library rather than torch.library.custom_op, which wraps every call in Python
+autograd and version-counter kernels: on a CPU these added 4 to 65 us a call to the launcher's host time (most to
+the ops that write their arguments), the dispatcher alone 2 to 8 (benchmarks/op_dispatch.py), so the eager path
+calls the ops too. The engine runs in inference mode and never differentiates through a kernel.
 
 A custom op takes no keyword-only tensor and returns one fixed type, so the attention ops take `out` first
 (KernelOps' functions keep it as a keyword) and KernelOps' rms_norm picks tokmodel::rms_norm or, with a residual,
@@ -19,7 +20,9 @@ from collections.abc import Callable
 import torch
 from torch.library import Library, infer_schema, register_fake
 
-from kernels import activation, decode_attention, fused_moe as moe, kv_write, prefill_attention as prefill, rmsnorm, rope
+from kernels import activation, decode_attention, kv_write, rmsnorm, rope
+from kernels import fused_moe as moe
+from kernels import prefill_attention as prefill
 
 _LIBRARY = Library("tokmodel", "DEF")
 

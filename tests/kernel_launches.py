@@ -1,6 +1,7 @@
 """Kernel launches recorded by the variant Triton would compile for each on an H100: how a CPU run shows that it
 compiles nothing after warm-up. A test module imports the `launches` fixture (launches recorded, not run);
-benchmarks/gpu_check.py's dry run uses `recorded_launches(then_run=True)` around an engine in the interpreter."""
+benchmarks/gpu_check.py's dry run uses `recorded_launches(then_run=True)` around an engine in the interpreter, and
+tests/gpu_compile.py `recorded_launch_args` to cross-compile each variant from its arguments."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Set
