@@ -124,11 +124,16 @@ def _attention_launches(f: Family, dtype: torch.dtype) -> None:
     ops.write_kv_cache(k, v, kv_cache, slots)
     out = torch.empty_like(q)
     attention = (kv_cache, block_tables, seq_lens)
-    window = (f.sliding_window, f.logits_soft_cap)
     scale = f.head_dim ** -0.5
-    ops.paged_decode_attention(q, *attention, 0, len(SHORT_CONTEXTS), scale, max(SHORT_CONTEXTS), *window, out=out)
-    ops.paged_decode_attention(q, *attention, len(SHORT_CONTEXTS), num_decodes, scale, LONG_CONTEXT, *window, out=out)
-    ops.prefill_attention(q, *attention, query_start_loc, num_decodes, len(lens), scale, lens[-1], *window, out=out)
+    # Windowed families (Gemma 2 and 3) alternate windowed and global layers: the window's specialization differs.
+    for window in dict.fromkeys((f.sliding_window, None)):
+        options = (window, f.logits_soft_cap)
+        ops.paged_decode_attention(q, *attention, 0, len(SHORT_CONTEXTS), scale, max(SHORT_CONTEXTS), *options,
+                                   out=out)
+        ops.paged_decode_attention(q, *attention, len(SHORT_CONTEXTS), num_decodes, scale, LONG_CONTEXT, *options,
+                                   out=out)
+        ops.prefill_attention(q, *attention, query_start_loc, num_decodes, len(lens), scale, lens[-1], *options,
+                              out=out)
 
 
 def _mlp_launches(f: Family, dtype: torch.dtype, num_tokens: int) -> None:
