@@ -58,25 +58,24 @@ def _code(*tensors: torch.Tensor) -> int | None:
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, seqs: slice, scale: float, max_seq_len: int,
+                           seq_lens: torch.Tensor, first_seq: int, end_seq: int, scale: float, max_seq_len: int,
                            sliding_window: int | None = None, logits_soft_cap: float | None = None, *,
                            out: torch.Tensor) -> None:
     """kernels/reference.py's paged_decode_attention, reading each sequence's blocks where they lie."""
     code = _code(query, kv_cache, out)
     if (_ATTENTION is None or code is None or not kv_cache.is_contiguous() or block_tables.dtype != torch.int32
             or seq_lens.dtype != torch.int32):
-        return reference.paged_decode_attention(query, kv_cache, block_tables, seq_lens, seqs, scale, max_seq_len,
-                                                sliding_window, logits_soft_cap, out=out)
-    start, stop, _ = seqs.indices(seq_lens.shape[0])
+        return reference.paged_decode_attention(query, kv_cache, block_tables, seq_lens, first_seq, end_seq, scale,
+                                                max_seq_len, sliding_window, logits_soft_cap, out=out)
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
     status = _ATTENTION(query.data_ptr(), query.stride(0), query.stride(1), kv_cache.data_ptr(), num_blocks,
-                        block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), start, stop,
+                        block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), first_seq, end_seq,
                         out.data_ptr(), out.stride(0), out.stride(1), query.shape[1], num_kv_heads, head_dim,
                         block_size, scale, sliding_window or 0, logits_soft_cap or 0.0, code, torch.get_num_threads())
     if status != 0:  # a head or a query group larger than the kernel's buffers
-        reference.paged_decode_attention(query, kv_cache, block_tables, seq_lens, seqs, scale, max_seq_len,
-                                         sliding_window, logits_soft_cap, out=out)
+        reference.paged_decode_attention(query, kv_cache, block_tables, seq_lens, first_seq, end_seq, scale,
+                                         max_seq_len, sliding_window, logits_soft_cap, out=out)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,

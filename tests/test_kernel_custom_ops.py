@@ -132,7 +132,8 @@ def _parameters(fn: Callable) -> list[str]:
 
 def test_both_backends_take_the_same_arguments() -> None:
     # One KernelOps contract: the attention ops select sequences by ints (a custom op takes no Python slice).
-    torch_backend, triton_backend = get_ops("torch"), get_ops("triton")
-    for name in torch_backend._fields:
-        assert _parameters(getattr(triton_backend, name)) == _parameters(getattr(torch_backend, name)), name
+    torch_backend = get_ops("torch")
+    for backend in (get_ops("triton"), get_ops("cpu")):
+        for name in torch_backend._fields:
+            assert _parameters(getattr(backend, name)) == _parameters(getattr(torch_backend, name)), name
     assert {"first_seq", "end_seq"} <= set(_parameters(ref.paged_decode_attention))

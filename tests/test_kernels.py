@@ -155,12 +155,12 @@ def test_cpu_decode_attention_matches_reference_on_mixed_contexts(case: Attentio
     # The query is a view into a fused projection, as the model passes it: strided tokens.
     qkv = _query(len(lens), 2 * case.num_heads, case.head_dim, target)
     query = qkv[:, :case.num_heads]
-    args = (query, *cache, slice(0, len(lens) - 1), case.head_dim ** -0.5, max(lens), case.sliding_window,
+    args = (query, *cache, 0, len(lens) - 1, case.head_dim ** -0.5, max(lens), case.sliding_window,
             case.logits_soft_cap)
     actual = _attend(cpu_ops.paged_decode_attention, *args)
     _assert_close(actual[:-1], _attend(ref.paged_decode_attention, *args)[:-1], target)
     assert actual[-1].isnan().all(), "a row outside seqs was written"
-    cpu_ops.paged_decode_attention(query, *cache, slice(len(lens) - 1, len(lens)), 1.0, 0, out=actual)
+    cpu_ops.paged_decode_attention(query, *cache, len(lens) - 1, len(lens), 1.0, 0, out=actual)
     assert (actual[-1] == 0).all()
 
 
