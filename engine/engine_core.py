@@ -171,7 +171,7 @@ class EngineCore:
         outputs = self._apply_pending()
         if step is not None:
             try:
-                self._pending = self._sample_live(sampling, step.logits) if output.sample_req_ids else None
+                self._pending = self._sample_live(sampling, step.logits)
             except Exception as error:
                 return outputs + self._fail_requests(self._find_culprits(output, error))
             self.scheduler.advance(output)
@@ -189,9 +189,11 @@ class EngineCore:
         self.scheduler.append_tokens(sequences, [sampled.token_ids[row] for row in live])
         return self._emit(sequences, [sampled.logprobs[row] for row in live])
 
-    def _sample_live(self, sequences: list[Request], logits: torch.Tensor) -> PendingTokens:
+    def _sample_live(self, sequences: list[Request], logits: torch.Tensor) -> PendingTokens | None:
         """Sample the rows of the sequences still running, leaving the tokens on the device for the next step."""
         live = [row for row, seq in enumerate(sequences) if not seq.is_finished]
+        if not live:
+            return None
         if len(live) < len(sequences):
             sequences = [sequences[row] for row in live]
             logits = logits[to_device(live, logits.device, torch.int64)]
@@ -242,6 +244,9 @@ class EngineCore:
         that finished meanwhile (async scheduling) are left out."""
         raise_if_fatal(error)
         live = [row for row, req_id in enumerate(output.req_ids) if req_id in self.scheduler.requests]
+        if not live:
+            logger.error("step failed (%s: %s); its requests had all finished", type(error).__name__, error)
+            return []
         if len(live) < len(output.req_ids):
             output = sub_output(output, live)
         rows = find_failing_rows(self._execute, output) or range(len(output.req_ids))  # none alone: the batch
