@@ -314,8 +314,10 @@ def run_compile_stalls(plan: Plan, work_dir: Path) -> dict:
 
 def run_fast_path(plan: Plan, work_dir: Path) -> dict:
     """Greedy requests on random-weight Qwen3 and Llama models, in fp32 (so that a different split of decode
-    attention cannot flip a near tie), through eager decode and through CUDA-graph decode (in the dry run: the
-    graph path's padding and static buffers, run eagerly); every request must get the same tokens."""
+    attention cannot flip a near tie), through eager decode, through CUDA-graph decode (in the dry run: the
+    graph path's padding and static buffers, run eagerly) and through CUDA-graph decode with async scheduling
+    (the next step's inputs read from the last step's sampled ids on the device); every request must get the
+    same tokens."""
     from benchmarks.random_model import random_model_dir
     from engine import LLM, SamplingParams
 
@@ -326,7 +328,8 @@ def run_fast_path(plan: Plan, work_dir: Path) -> dict:
     figures, goals = {}, []
     for name, model_dir in models.items():
         tokens, captured = {}, 0
-        for path, engine_args in (("eager", {"enforce_eager": True}), ("graphs", graphs)):
+        paths = (("eager", {"enforce_eager": True}), ("graphs", graphs), ("async", graphs | {"async_scheduling": True}))
+        for path, engine_args in paths:
             llm = LLM(model=str(model_dir), device=plan.device, dtype="float32", max_num_seqs=check.max_num_seqs,
                       **engine_args)
             vocab = llm.engine.vocab_size
@@ -338,11 +341,16 @@ def run_fast_path(plan: Plan, work_dir: Path) -> dict:
             captured = max(captured, llm.engine.runner.graphs.num_captured)
             del llm
         same = sum(a == b for a, b in zip(tokens["eager"], tokens["graphs"]))
-        log(f"{name}: graph decode gives eager's tokens for {same} of {check.num_prompts} requests")
+        same_async = sum(a == b for a, b in zip(tokens["graphs"], tokens["async"]))
+        log(f"{name}: graph decode gives eager's tokens for {same} of {check.num_prompts} requests, async "
+            f"scheduling the synchronous loop's for {same_async}")
         figures[name] = {"requests": check.num_prompts, "identical_graphs_vs_eager": same,
-                         "graphs_captured": captured}
+                         "identical_async_vs_sync": same_async, "graphs_captured": captured}
         goals.append(goal(f"{name}: requests whose graph decode differs from eager", check.num_prompts - same, 0,
                           at_most=True, on_hardware=False, detail=f"of {check.num_prompts}, greedy fp32"))
+        goals.append(goal(f"{name}: requests whose async-scheduled tokens differ from synchronous",
+                          check.num_prompts - same_async, 0, at_most=True, on_hardware=False,
+                          detail=f"of {check.num_prompts}, greedy fp32, both with graph decode"))
         if not plan.is_dry_run:  # a failed capture falls back to eager decode, which would match trivially
             goals.append(goal(f"{name}: CUDA graphs captured", captured, 1, detail="decode batch sizes"))
     return {"figures": figures, "goals": goals}
