@@ -1,6 +1,6 @@
 """Async scheduling (EngineCore._step_overlapped) gives the plain loop's outputs, token for token: requests that
 join mid-run, finish at different steps (max_tokens, stop strings, stop tokens, EOS), get preempted, aborted or
-fail, with n > 1, seeds, top_p, penalties and logprobs. Both loops run the same script on a tiny random-weight
+fail, with n > 1, seeds, top_p, penalties, logprobs and a grammar. Both loops run the same script on a tiny random-weight
 model (fp32, CPU), step by step. Logprobs agree to float32 rounding, not bit for bit: the overlapped loop
 computes (and drops) a row for a sequence that ended one step before, so some steps run other batch shapes
 (the torch path's decode groups pad to other lengths), as a request joining a step earlier would."""
@@ -15,7 +15,7 @@ from benchmarks.random_model import random_model_dir
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.outputs import RequestOutput
-from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 CONFIG_FILE = Path(__file__).parent.parent / "bench" / "configs" / "qwen3-0.6b.json"
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -53,6 +53,8 @@ SCRIPT: dict[int, list[tuple[str, list[int], SamplingParams]]] = {
         ("aborted", prompt(5, 6), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)),
         ("stop-token", prompt(6, 8), SamplingParams(temperature=1.0, seed=8, max_tokens=25, top_k=5,
                                                     stop_token_ids=[100, 200, 300, 400], ignore_eos=True))],
+    3: [("grammar", prompt(9, 5), SamplingParams(temperature=1.0, seed=9, max_tokens=20,
+                                                 structured_outputs=StructuredOutputsParams(regex="[a-z]{2,8}[.]")))],
     5: [("late", prompt(7, 20), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=2)),
         ("late-n2", prompt(8, 4), SamplingParams(n=2, temperature=1.2, min_p=0.05, seed=2, max_tokens=11,
                                                  ignore_eos=True))],
@@ -159,5 +161,5 @@ def test_llm_takes_async_scheduling(model):
 
     llm = LLM(model=model, device="cpu", dtype="float32", async_scheduling=True, max_num_seqs=4)
     assert llm.engine.async_scheduling
-    [out] = llm.generate([prompt(9, 5)], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    [out] = llm.generate([prompt(10, 5)], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 5
