@@ -133,16 +133,21 @@ def test_async_scheduling_under_preemption_gives_the_plain_loops_outputs(model):
     assert outputs[True][1] == outputs[False][1]
 
 
-def test_a_request_that_fails_an_overlapped_step_fails_alone(model, plain):
+@pytest.mark.parametrize("fails", ["forward", "sampling"])
+def test_a_request_that_fails_an_overlapped_step_fails_alone(model, plain, fails):
     core = engine(model, async_scheduling=True)
-    forward = core.runner.execute_model
+    if fails == "forward":
+        owner, attr, batch_of = core.runner, "execute_model", lambda args: args[0].req_ids
+    else:
+        owner, attr, batch_of = core.sampler, "sample", lambda args: [r.request_id for r in args[1]]
+    function = getattr(owner, attr)
 
-    def failing_with_late_n2(output, *args):
-        if any(req_id.startswith("late-n2") for req_id in output.req_ids):
+    def failing_with_late_n2(*args):
+        if any(req_id.startswith("late-n2") for req_id in batch_of(args)):
             raise RuntimeError("boom")
-        return forward(output, *args)
+        return function(*args)
 
-    core.runner.execute_model = failing_with_late_n2
+    setattr(owner, attr, failing_with_late_n2)
     final, _ = run(core)
     assert [c[3] for c in final.pop("late-n2")[0][1]] == ["error", "error"]
     assert_same_outputs(final, {request_id: out for request_id, out in plain[0].items() if request_id != "late-n2"})
