@@ -359,7 +359,9 @@ def run_fast_path(plan: Plan, work_dir: Path) -> dict:
 def run_idle_time(plan: Plan, work_dir: Path) -> dict:
     """Decode steps of a full batch on the Qwen3-0.6B shape (CUDA graphs on) under torch.profiler, every request
     past its prefill: the share of the steps' wall time the device is busy (kernels and copies). What remains is
-    the host's time the device waits through: scheduling, input preparation, sampling, output processing."""
+    the host's time the device waits through: scheduling, input preparation, sampling, output processing. Then
+    the same with async scheduling (switched on between steps: the engine then overlaps the host's work on one
+    step's outputs with the next step's forward), as a figure beside the synchronous loop's goal."""
     from bench.trace_report import analyze
     from engine import LLM, SamplingParams
     from engine.profiler import EngineProfiler
@@ -368,24 +370,32 @@ def run_idle_time(plan: Plan, work_dir: Path) -> dict:
     llm = LLM(model=str(qwen3_dir(plan, work_dir)), device=plan.device, dtype=plan.dtype, max_num_seqs=batch)
     core = llm.engine
     rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=0, max_tokens=decode_steps + 8, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=2 * decode_steps + 8, ignore_eos=True)
     for index, ids in enumerate(rng.integers(0, core.vocab_size, (batch, prompt_len)).tolist()):
         core.add_request(str(index), {"prompt_token_ids": ids}, params)
     while core.scheduler.waiting or len(core.scheduler.running) < batch:
         core.step()
     core.step()  # the last prefill's request decodes too: every step from here is decode-only
-    profiler = EngineProfiler(core, work_dir / "idle-time-trace")
-    profiler.start()
-    try:
-        for _ in range(decode_steps):
-            core.step()
-    finally:
-        trace = profiler.stop()
-    report = analyze(trace, None)
-    busy = report["step_split"]["device_busy_pct"]
-    log(f"decode at batch {batch}: step {report['step_ms_mean']:.2f} ms, device busy {busy:.1f}%")
+
+    def profiled_decode(name: str) -> dict:
+        profiler = EngineProfiler(core, work_dir / f"idle-time-trace{name}")
+        profiler.start()
+        try:
+            for _ in range(decode_steps):
+                core.step()
+        finally:
+            trace = profiler.stop()
+        return analyze(trace, None)
+
+    report = profiled_decode("")
+    core.async_scheduling = True  # safe between steps in this direction (nothing is pending yet), never back
+    overlapped = profiled_decode("-async")
+    busy, busy_async = report["step_split"]["device_busy_pct"], overlapped["step_split"]["device_busy_pct"]
+    log(f"decode at batch {batch}: step {report['step_ms_mean']:.2f} ms, device busy {busy:.1f}%; with async "
+        f"scheduling {overlapped['step_ms_mean']:.2f} ms, busy {busy_async:.1f}%")
     figures = {"batch": batch, "prompt_len": prompt_len, "steps": report["steps"],
-               "step_ms_mean": report["step_ms_mean"], "step_split": report["step_split"]}
+               "step_ms_mean": report["step_ms_mean"], "step_split": report["step_split"],
+               "async_scheduling": {"step_ms_mean": overlapped["step_ms_mean"], "step_split": overlapped["step_split"]}}
     return {"figures": figures,
             "goals": [goal("device idle share of decode steps (%)", 100 - busy, 10, at_most=True,
                            detail=f"batch {batch}, {report['steps']} steps under torch.profiler")]}
