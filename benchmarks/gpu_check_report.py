@@ -64,8 +64,11 @@ def headline(name: str, figures: dict) -> str:
     if name == "compile_stalls":
         return f"{sum(f['after_warm_up'].values())} variants after warm-up, {sum(f['new'].values())} new after"
     if name == "idle_time":
+        overlapped = f.get("async_scheduling")
         return (f"batch {f['batch']}: {f['step_ms_mean']:.2f} ms a step, device busy "
-                f"{f['step_split']['device_busy_pct']:.1f}%, host {f['step_split']['host_pct']:.1f}%")
+                f"{f['step_split']['device_busy_pct']:.1f}%, host {f['step_split']['host_pct']:.1f}%"
+                + (f"; async scheduling {overlapped['step_ms_mean']:.2f} ms, busy "
+                   f"{overlapped['step_split']['device_busy_pct']:.1f}%" if overlapped else ""))
     return ""
 
 

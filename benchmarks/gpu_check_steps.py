@@ -314,8 +314,10 @@ def run_compile_stalls(plan: Plan, work_dir: Path) -> dict:
 
 def run_fast_path(plan: Plan, work_dir: Path) -> dict:
     """Greedy requests on random-weight Qwen3 and Llama models, in fp32 (so that a different split of decode
-    attention cannot flip a near tie), through eager decode and through CUDA-graph decode (in the dry run: the
-    graph path's padding and static buffers, run eagerly); every request must get the same tokens."""
+    attention cannot flip a near tie), through eager decode, through CUDA-graph decode (in the dry run: the
+    graph path's padding and static buffers, run eagerly) and through CUDA-graph decode with async scheduling
+    (the next step's inputs read from the last step's sampled ids on the device); every request must get the
+    same tokens."""
     from benchmarks.random_model import random_model_dir
     from engine import LLM, SamplingParams
 
@@ -326,7 +328,8 @@ def run_fast_path(plan: Plan, work_dir: Path) -> dict:
     figures, goals = {}, []
     for name, model_dir in models.items():
         tokens, captured = {}, 0
-        for path, engine_args in (("eager", {"enforce_eager": True}), ("graphs", graphs)):
+        paths = (("eager", {"enforce_eager": True}), ("graphs", graphs), ("async", graphs | {"async_scheduling": True}))
+        for path, engine_args in paths:
             llm = LLM(model=str(model_dir), device=plan.device, dtype="float32", max_num_seqs=check.max_num_seqs,
                       **engine_args)
             vocab = llm.engine.vocab_size
@@ -338,11 +341,16 @@ def run_fast_path(plan: Plan, work_dir: Path) -> dict:
             captured = max(captured, llm.engine.runner.graphs.num_captured)
             del llm
         same = sum(a == b for a, b in zip(tokens["eager"], tokens["graphs"]))
-        log(f"{name}: graph decode gives eager's tokens for {same} of {check.num_prompts} requests")
+        same_async = sum(a == b for a, b in zip(tokens["graphs"], tokens["async"]))
+        log(f"{name}: graph decode gives eager's tokens for {same} of {check.num_prompts} requests, async "
+            f"scheduling the synchronous loop's for {same_async}")
         figures[name] = {"requests": check.num_prompts, "identical_graphs_vs_eager": same,
-                         "graphs_captured": captured}
+                         "identical_async_vs_sync": same_async, "graphs_captured": captured}
         goals.append(goal(f"{name}: requests whose graph decode differs from eager", check.num_prompts - same, 0,
                           at_most=True, on_hardware=False, detail=f"of {check.num_prompts}, greedy fp32"))
+        goals.append(goal(f"{name}: requests whose async-scheduled tokens differ from synchronous",
+                          check.num_prompts - same_async, 0, at_most=True, on_hardware=False,
+                          detail=f"of {check.num_prompts}, greedy fp32, both with graph decode"))
         if not plan.is_dry_run:  # a failed capture falls back to eager decode, which would match trivially
             goals.append(goal(f"{name}: CUDA graphs captured", captured, 1, detail="decode batch sizes"))
     return {"figures": figures, "goals": goals}
@@ -351,7 +359,9 @@ def run_fast_path(plan: Plan, work_dir: Path) -> dict:
 def run_idle_time(plan: Plan, work_dir: Path) -> dict:
     """Decode steps of a full batch on the Qwen3-0.6B shape (CUDA graphs on) under torch.profiler, every request
     past its prefill: the share of the steps' wall time the device is busy (kernels and copies). What remains is
-    the host's time the device waits through: scheduling, input preparation, sampling, output processing."""
+    the host's time the device waits through: scheduling, input preparation, sampling, output processing. Then
+    the same with async scheduling (switched on between steps: the engine then overlaps the host's work on one
+    step's outputs with the next step's forward), as a figure beside the synchronous loop's goal."""
     from bench.trace_report import analyze
     from engine import LLM, SamplingParams
     from engine.profiler import EngineProfiler
@@ -360,24 +370,32 @@ def run_idle_time(plan: Plan, work_dir: Path) -> dict:
     llm = LLM(model=str(qwen3_dir(plan, work_dir)), device=plan.device, dtype=plan.dtype, max_num_seqs=batch)
     core = llm.engine
     rng = np.random.default_rng(0)
-    params = SamplingParams(temperature=0, max_tokens=decode_steps + 8, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=2 * decode_steps + 8, ignore_eos=True)
     for index, ids in enumerate(rng.integers(0, core.vocab_size, (batch, prompt_len)).tolist()):
         core.add_request(str(index), {"prompt_token_ids": ids}, params)
     while core.scheduler.waiting or len(core.scheduler.running) < batch:
         core.step()
     core.step()  # the last prefill's request decodes too: every step from here is decode-only
-    profiler = EngineProfiler(core, work_dir / "idle-time-trace")
-    profiler.start()
-    try:
-        for _ in range(decode_steps):
-            core.step()
-    finally:
-        trace = profiler.stop()
-    report = analyze(trace, None)
-    busy = report["step_split"]["device_busy_pct"]
-    log(f"decode at batch {batch}: step {report['step_ms_mean']:.2f} ms, device busy {busy:.1f}%")
+
+    def profiled_decode(name: str) -> dict:
+        profiler = EngineProfiler(core, work_dir / f"idle-time-trace{name}")
+        profiler.start()
+        try:
+            for _ in range(decode_steps):
+                core.step()
+        finally:
+            trace = profiler.stop()
+        return analyze(trace, None)
+
+    report = profiled_decode("")
+    core.async_scheduling = True  # safe between steps in this direction (nothing is pending yet), never back
+    overlapped = profiled_decode("-async")
+    busy, busy_async = report["step_split"]["device_busy_pct"], overlapped["step_split"]["device_busy_pct"]
+    log(f"decode at batch {batch}: step {report['step_ms_mean']:.2f} ms, device busy {busy:.1f}%; with async "
+        f"scheduling {overlapped['step_ms_mean']:.2f} ms, busy {busy_async:.1f}%")
     figures = {"batch": batch, "prompt_len": prompt_len, "steps": report["steps"],
-               "step_ms_mean": report["step_ms_mean"], "step_split": report["step_split"]}
+               "step_ms_mean": report["step_ms_mean"], "step_split": report["step_split"],
+               "async_scheduling": {"step_ms_mean": overlapped["step_ms_mean"], "step_split": overlapped["step_split"]}}
     return {"figures": figures,
             "goals": [goal("device idle share of decode steps (%)", 100 - busy, 10, at_most=True,
                            detail=f"batch {batch}, {report['steps']} steps under torch.profiler")]}

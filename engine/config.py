@@ -28,6 +28,9 @@ class EngineConfig:
     # Tests: pad decode steps to the CUDA graph sizes and run them eagerly on the static step buffers, the path
     # a graph replays, without capture (a CPU has no graphs).
     eager_graph_padding: bool = False
+    # Overlapped scheduling: step N+1 is scheduled and its forward launched before step N's tokens are applied
+    # (EngineCore._step_overlapped); the same outputs as the plain loop. Off with tensor_parallel_size > 1.
+    async_scheduling: bool = False
     tensor_parallel_size: int = 1  # ranks the model is split over (engine/executor.py)
     data_parallel_size: int = 1  # engine replicas behind one server (engine/data_parallel.py)
     nnodes: int = 1  # machines the tensor-parallel ranks span, tensor_parallel_size / nnodes on each

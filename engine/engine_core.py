@@ -5,28 +5,37 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig
+from engine.device_copy import to_device
 from engine.executor import make_executor
-from engine.failure_isolation import find_failing_rows, raise_if_fatal
+from engine.failure_isolation import find_failing_rows, raise_if_fatal, sub_output
 from engine.kv_cache_manager import KVCacheManager
 from engine.logits_processors import bad_words_token_ids
 from engine.loader import end_token_ids, load_tokenizer, resolve_model
 from engine.logprobs import prompt_logprob_rows
 from engine.metrics import ITERATION_TOKENS_BUCKETS, EngineStats, HistogramCounts
+from engine.model_runner import ModelRunner, ModelRunnerOutput
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampler import Sampler, SamplerOutput
+from engine.sampler import DeviceSample, Sampler, SamplerOutput
 from engine.sampling_params import SamplingParams, check_token_ids
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.structured_output import StructuredOutputManager
 
 PromptType = str | list[int] | dict
 logger = logging.getLogger("tokmodel.engine")
+
+
+class PendingTokens(NamedTuple):
+    """A step's sampled tokens that the engine has not applied yet (async scheduling)."""
+    sequences: list[Request]  # one per sampled row
+    sample: DeviceSample
 
 
 class EngineCore:
@@ -58,6 +67,11 @@ class EngineCore:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.iteration_tokens = HistogramCounts(ITERATION_TOKENS_BUCKETS)
+        # Overlapped steps need the last step's sampled ids in the runner's inputs: one in-process runner.
+        self.async_scheduling = config.async_scheduling and isinstance(self.runner, ModelRunner)
+        if config.async_scheduling and not self.async_scheduling:
+            logger.warning("async_scheduling is not supported with tensor_parallel_size > 1: steps run one by one")
+        self._pending: PendingTokens | None = None
 
     def process_inputs(self, prompt: PromptType, params: SamplingParams,
                        tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[str | None, list[int], int]:
@@ -120,6 +134,8 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """One step. A request that makes the step fail fails alone (finish_reason "error"), the others are
         retried by the next step; an error the engine cannot survive raises EngineDeadError."""
+        if self.async_scheduling:
+            return self._step_overlapped()
         output = self.scheduler.schedule()
         self.output_processor.mark_preempted(self._requests(output.preempted_req_ids))
         if not output.req_ids:
@@ -129,11 +145,68 @@ class EngineCore:
         try:
             sampled = self._execute(output)
         except Exception as error:
-            return self._fail_culprits(output, error)
+            return self._fail_requests(self._find_culprits(output, error))
         sequences = self.scheduler.update(output, sampled.token_ids if sampled else [])
+        return self._emit(sequences, sampled.logprobs if sampled else [])
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Async scheduling: schedule step N+1 and launch its forward before applying step N's tokens, which
+        were sampled on the device at the end of the last call. The scheduler counts each of them as one token
+        (a placeholder) and the runner reads them on the device, so N+1 waits for nothing; while the device
+        runs it, the host applies N's tokens (stop checks, detokenization, outputs). N+1 samples only then,
+        since its penalties, seeds, grammars and min_tokens read N's tokens; sequences that N finished (or an
+        abort between calls) drop their N+1 row. Outputs come one call later than the plain loop's, and are
+        the same."""
+        output = self.scheduler.schedule()
+        self.output_processor.mark_preempted(self._requests(output.preempted_req_ids))
+        step, culprits = None, []
+        if output.req_ids:
+            self.runner.update_states(output)
+            self.output_processor.mark_scheduled(self._requests(output.req_ids), time.time())
+            sampling = self._requests(output.sample_req_ids)
+            try:
+                step = self._forward(output)
+            except Exception as error:
+                culprits = self._find_culprits(output, error)
+        outputs = self._apply_pending()
+        if step is not None:
+            try:
+                self._pending = self._sample_live(sampling, step.logits)
+            except Exception as error:
+                return outputs + self._fail_requests(self._find_culprits(output, error))
+            self.scheduler.advance(output)
+        return outputs + self._fail_requests(culprits)
+
+    def _apply_pending(self) -> list[RequestOutput]:
+        """The last step's tokens, into the scheduler and the outputs; a sequence finished or aborted since it
+        was sampled drops its token."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return []
+        sampled = pending.sample.to_host()
+        live = [row for row, seq in enumerate(pending.sequences) if not seq.is_finished]
+        sequences = [pending.sequences[row] for row in live]
+        self.scheduler.append_tokens(sequences, [sampled.token_ids[row] for row in live])
+        return self._emit(sequences, [sampled.logprobs[row] for row in live])
+
+    def _sample_live(self, sequences: list[Request], logits: torch.Tensor) -> PendingTokens | None:
+        """Sample the rows of the sequences still running, leaving the tokens on the device for the next step."""
+        live = [row for row, seq in enumerate(sequences) if not seq.is_finished]
+        if not live:
+            return None
+        if len(live) < len(sequences):
+            sequences = [sequences[row] for row in live]
+            logits = logits[to_device(live, logits.device, torch.int64)]
+        self.structured_output.apply_bitmask(logits, sequences)
+        sample = self.sampler.sample(logits, sequences)
+        self.runner.set_sampled_token_ids([seq.request_id for seq in sequences], sample.token_ids)
+        return PendingTokens(sequences, sample)
+
+    def _emit(self, sequences: list[Request], logprobs: list) -> list[RequestOutput]:
+        """The sequences' new tokens through grammars, detokenization and stop strings, into outputs."""
         grammar_complete, grammar_refused = self.structured_output.accept_tokens(sequences)
         self.scheduler.finish_requests(grammar_complete, RequestStatus.FINISHED_STOPPED)
-        processed = self.output_processor.process(sequences, sampled.logprobs if sampled else [])
+        processed = self.output_processor.process(sequences, logprobs)
         self.scheduler.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
         self._count_tokens(sequences)
         return processed.outputs + self._fail_requests(processed.failed + grammar_refused)
@@ -151,24 +224,36 @@ class EngineCore:
         return [self.scheduler.requests[req_id] for req_id in req_ids]
 
     def _execute(self, output: SchedulerOutput) -> SamplerOutput | None:
-        requests = self._requests(output.req_ids)
-        wanted = prompt_logprob_rows(requests, output.num_scheduled_tokens)
-        step = self.runner.execute_model(output, [rows for _, rows in wanted])
-        for (request, _), logprobs in zip(wanted, step.prompt_logprobs):
-            request.prompt_logprobs += logprobs  # only the positions the request lacked
+        step = self._forward(output)
         if not output.sample_req_ids:
             return None
         sample_requests = self._requests(output.sample_req_ids)
         self.structured_output.apply_bitmask(step.logits, sample_requests)
         return self.sampler(step.logits, sample_requests)
 
-    def _fail_culprits(self, output: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+    def _forward(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        requests = self._requests(output.req_ids)
+        wanted = prompt_logprob_rows(requests, output.num_scheduled_tokens)
+        step = self.runner.execute_model(output, [rows for _, rows in wanted])
+        for (request, _), logprobs in zip(wanted, step.prompt_logprobs):
+            request.prompt_logprobs += logprobs  # only the positions the request lacked
+        return step
+
+    def _find_culprits(self, output: SchedulerOutput, error: Exception) -> list[str]:
+        """The requests whose rows fail the step on their own (all of them when none does). Rows of sequences
+        that finished meanwhile (async scheduling) are left out."""
         raise_if_fatal(error)
+        live = [row for row, req_id in enumerate(output.req_ids) if req_id in self.scheduler.requests]
+        if not live:
+            logger.error("step failed (%s: %s); its requests had all finished", type(error).__name__, error)
+            return []
+        if len(live) < len(output.req_ids):
+            output = sub_output(output, live)
         rows = find_failing_rows(self._execute, output) or range(len(output.req_ids))  # none alone: the batch
         request_ids = list(dict.fromkeys(self.scheduler.requests[output.req_ids[row]].parent_id for row in rows))
         logger.error("step failed (%s: %s); failing the requests that cause it: %s", type(error).__name__, error,
                      ", ".join(request_ids), exc_info=error)
-        return self._fail_requests(request_ids)
+        return request_ids
 
     def _fail_requests(self, request_ids: list[str]) -> list[RequestOutput]:
         outputs = (self._finish_request(request_id, RequestStatus.FINISHED_ERROR) for request_id in request_ids)

@@ -115,10 +115,11 @@ class KVCacheManager:
 
     def cache_computed_blocks(self, request: Request) -> None:
         """Make the request's full, computed blocks findable by later requests. Called once a step has run,
-        never at allocation: a step that fails must not leave hashes on blocks that were never written."""
+        never at allocation: a step that fails must not leave hashes on blocks that were never written. A block
+        whose last token is a placeholder (async scheduling) waits for that token: its hash needs it."""
         if not self.enable_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
         self._update_hashes(request, num_full)
         for i in range(request.num_cached_blocks, num_full):
             self.pool.cache(self.pool.blocks[request.block_ids[i]], request.block_hashes[i])

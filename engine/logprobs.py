@@ -35,16 +35,28 @@ def raw_logprobs(logits: torch.Tensor, asked: list[int | None]) -> RawLogprobs |
 
 def gather_logprobs(raw: RawLogprobs | None, token_ids: torch.Tensor, asked: list[int | None]) -> SampleLogprobs:
     """Per row: {token_id: logprob} of the sampled token and the top ones asked for; {} when not asked."""
-    out: SampleLogprobs = [{} for _ in asked]
+    return logprob_dicts(asked, sampled_logprobs(raw, token_ids))
+
+
+def sampled_logprobs(raw: RawLogprobs | None, token_ids: torch.Tensor) -> list[torch.Tensor]:
+    """On the device, for the rows that asked: their sampled ids and those ids' logprobs, the top ids and top
+    values; [] when no row asked."""
     if raw is None:
-        return out
+        return []
     sampled_ids = token_ids[raw.rows]
-    sampled = raw.logprobs.gather(1, sampled_ids[:, None])[:, 0]
-    for row, top_ids, top_values, token_id, logprob in zip(raw.rows.tolist(), raw.top_ids.tolist(),
-                                                            raw.top_values.tolist(), sampled_ids.tolist(),
-                                                            sampled.tolist()):
+    return [sampled_ids, raw.logprobs.gather(1, sampled_ids[:, None])[:, 0], raw.top_ids, raw.top_values]
+
+
+def logprob_dicts(asked: list[int | None], tensors: list[torch.Tensor]) -> SampleLogprobs:
+    """sampled_logprobs' tensors (on the host) as one {token_id: logprob} per row; {} for the rows that did not ask."""
+    out: SampleLogprobs = [{} for _ in asked]
+    if not tensors:
+        return out
+    rows = [row for row, n in enumerate(asked) if n is not None]
+    sampled_ids, sampled, top_ids, top_values = (t.tolist() for t in tensors)
+    for row, ids, values, token_id, logprob in zip(rows, top_ids, top_values, sampled_ids, sampled):
         n = asked[row]
-        out[row] = dict(zip(top_ids[:n], top_values[:n])) | {token_id: logprob}
+        out[row] = dict(zip(ids[:n], values[:n])) | {token_id: logprob}
     return out
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from engine.attention_metadata import AttentionMetadata
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, capture_sizes
+from engine.device_copy import to_device
 from engine.distributed import TPGroup, tensor_parallel
 from engine.input_batch import InputBatch
 from engine.logprobs import PromptLogprobRows, prompt_logprobs
@@ -59,6 +60,9 @@ class ModelRunner:
         self.buffers = StepBuffers(max(config.max_num_batched_tokens, config.max_num_seqs), config.max_num_seqs,
                                    max_blocks_per_seq, self.device)
         self.graphs = DecodeGraphs(capture_sizes(config.max_num_seqs) if self.pads_decodes else [])
+        # The last step's sampled ids on the device, and the row of each sequence in them (async scheduling).
+        self.prev_sampled_token_ids: torch.Tensor | None = None
+        self.prev_sampled_row: dict[str, int] = {}
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -110,6 +114,12 @@ class ModelRunner:
         (failure isolation reruns parts of a step, which must not apply its changes twice)."""
         self.input_batch.update(output)
 
+    def set_sampled_token_ids(self, req_ids: list[str], token_ids: torch.Tensor) -> None:
+        """The tokens req_ids sampled last step, still on the device (async scheduling): the input of their next
+        decode, which the scheduler sends as -1 because it does not know them yet."""
+        self.prev_sampled_token_ids = token_ids
+        self.prev_sampled_row = dict(zip(req_ids, range(len(req_ids))))
+
     @torch.inference_mode()
     def execute_model(self, output: SchedulerOutput,
                       prompt_rows: Sequence[PromptLogprobRows] = ()) -> ModelRunnerOutput:
@@ -120,6 +130,7 @@ class ModelRunner:
         if output.blocks_to_copy:
             self._copy_blocks(output.blocks_to_copy)
         num_tokens, num_sample_rows, meta, token_starts = self._prepare_inputs(output)
+        self._insert_sampled_token_ids(output, token_starts)
         dev = self.buffers.dev
         hidden = self.graphs.replay(meta.num_decodes) if meta.num_prefills == 0 else None
         if hidden is None:
@@ -181,6 +192,18 @@ class ModelRunner:
             max_prefill_seq_len=int(seq_lens[num_decodes:].max(initial=0)),
         )
         return num_tokens + num_padding, num_sample_rows, meta, query_start_loc[:num_reqs][order]
+
+    def _insert_sampled_token_ids(self, output: SchedulerOutput, token_starts: np.ndarray) -> None:
+        """Write the last step's sampled ids into the device inputs of the sequences whose last token the
+        scheduler sent as -1: one gather and one scatter on the device, no round trip through the host."""
+        rows = np.flatnonzero(np.asarray(output.last_token_ids) < 0)
+        if not rows.size:
+            return
+        assert self.prev_sampled_token_ids is not None, "a placeholder token, but no step sampled before"
+        src = [self.prev_sampled_row[output.req_ids[row]] for row in rows]
+        dst = token_starts[rows] + np.asarray(output.num_scheduled_tokens)[rows] - 1
+        index = to_device(np.stack([src, dst]), self.device, torch.int64)
+        self.buffers.dev.input_ids[index[1]] = self.prev_sampled_token_ids[index[0]]
 
     def _pad_decodes(self, num_reqs: int, num_padding: int) -> None:
         """Padding rows after a decode-only step's num_reqs rows: one token at position 0, written nowhere (slot

@@ -68,8 +68,8 @@ class EngineProfiler:
         core, runner = self.core, self.core.runner
         for owner, attr, name in ((core, "step", "step"), (core.scheduler, "schedule", "schedule"),
                                   (runner, "_prepare_inputs", "prepare_inputs"), (runner.model, "forward", "forward"),
-                                  (runner.model, "compute_logits", "lm_head"), (core, "sampler", "sample"),
-                                  (core.scheduler, "update", "update"),
+                                  (runner.model, "compute_logits", "lm_head"), (core.sampler, "sample", "sample"),
+                                  (core.scheduler, "advance", "update"), (core.scheduler, "append_tokens", "update"),
                                   (core.output_processor, "process", "detokenize")):
             self._wrap(owner, attr, _annotated(getattr(owner, attr), name))
         self._wrap(runner, "execute_model", self._recording_batches(runner.execute_model))

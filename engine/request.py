@@ -52,6 +52,9 @@ class Request:
         # Leading block ids the model runner's batch holds for this sequence; -1: it holds no row for it.
         # Copy-on-write lowers it (a held id changed); the scheduler sends the rest with the next step.
         self.num_synced_blocks = -1
+        # Tokens sampled by steps that ran but whose ids the engine has not applied yet (async scheduling: at most
+        # one while scheduling); the scheduler counts them as known, and the runner reads them on the device.
+        self.num_output_placeholders = 0
         self.pending_forks: list[Request] = []  # sibling choices that fork from this one once its prompt is prefilled
         self.arrival_time = arrival_time if arrival_time is not None else time.time()
         self.penalty_state = None  # penalties.PenaltyState, made on first use by a request with penalties
@@ -67,6 +70,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.all_token_ids) + self.num_output_placeholders
 
     @property
     def num_output_tokens(self) -> int:

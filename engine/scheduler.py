@@ -23,7 +23,9 @@ class SchedulerOutput(NamedTuple):
     req_ids: list[str]  # scheduled this step, in scheduler order ("rows" below index this list)
     num_scheduled_tokens: list[int]  # per scheduled sequence: prefill chunk length or 1
     num_computed_tokens: list[int]  # per scheduled sequence: tokens in the cache before this step
-    last_token_ids: list[int]  # per scheduled sequence: the token at seq_len - 1 (a decode's input, sampled last step)
+    # per scheduled sequence: the token at seq_len - 1 (a decode's input, sampled last step); -1 when that step's
+    # tokens are not applied yet (async scheduling): the runner reads it from the last step's sampled ids
+    last_token_ids: list[int]
     new_reqs: list[NewRequestData]  # scheduled sequences the runner's batch does not hold yet
     new_block_ids: list[tuple[str, int, list[int]]]  # (req_id, first index, block ids from it) of held sequences
     finished_req_ids: list[str]  # left the runner's batch since the last step: finished, aborted, preempted
@@ -74,7 +76,7 @@ class Scheduler:
         finished, self.finished_req_ids = self.finished_req_ids, []
         return SchedulerOutput([r.request_id for r in scheduled], num_tokens,
                                [r.num_computed_tokens for r in scheduled],
-                               [r.all_token_ids[r.num_computed_tokens + n - 1] for r, n in zip(scheduled, num_tokens)],
+                               [_last_token_id(r, n) for r, n in zip(scheduled, num_tokens)],
                                *self._batch_changes(scheduled), finished, [r.request_id for r in sample_requests],
                                sample_rows, self.kv.take_blocks_to_copy(),
                                [r.request_id for r in preempted])
@@ -98,7 +100,10 @@ class Scheduler:
         budget, index = self.max_num_batched_tokens, 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._ends_with_placeholder(request):
+                index += 1  # its pending token ends it (length): nothing more to compute
+                continue
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()  # the newest
                 self._preempt(victim)
@@ -116,6 +121,8 @@ class Scheduler:
         num_seqs = len(self.running) + sum(len(r.pending_forks) for r in self.running)
         while self.waiting and budget > 0:
             request = self.waiting[0]
+            if request.num_output_placeholders:
+                return  # preempted with a token still to apply (async scheduling): it resumes once that is known
             num_seqs += 1 + len(request.pending_forks)
             if num_seqs > self.max_num_seqs:
                 return
@@ -136,21 +143,44 @@ class Scheduler:
     def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Request]:
         """Advance the scheduled requests, append sampled tokens, fork new choices and finish those that
         hit max_tokens, EOS or a stop token. Returns the sequences that got a token this step."""
-        scheduled = [self.requests[req_id] for req_id in output.req_ids]
+        sampled = self.advance(output)
+        self.append_tokens(sampled, sampled_token_ids)
+        return sampled
+
+    def advance(self, output: SchedulerOutput) -> list[Request]:
+        """The step ran: its tokens are computed, finished prompts fork their choices, and each sequence that
+        sampled awaits its token (a placeholder until append_tokens). Returns those sequences. Sequences that
+        finished while the step ran (async scheduling: by the tokens of the step before) are gone: skipped."""
+        scheduled = [self.requests.get(req_id) for req_id in output.req_ids]
         for request, num_new in zip(scheduled, output.num_scheduled_tokens):
-            request.num_computed_tokens += num_new
-            self.kv.cache_computed_blocks(request)
-        sampled = [self.requests[req_id] for req_id in output.sample_req_ids]
-        for request, row in zip(sampled, output.sample_rows):
+            if request is not None:
+                request.num_computed_tokens += num_new
+                self.kv.cache_computed_blocks(request)
+        sampled = []
+        for req_id, row in zip(output.sample_req_ids, output.sample_rows):
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
             if request is not scheduled[row]:
                 self._fork(scheduled[row], request)
+            request.num_output_placeholders += 1
+            sampled.append(request)
+        return sampled
+
+    def append_tokens(self, sampled: list[Request], sampled_token_ids: list[int]) -> None:
+        """Replace the sequences' placeholders by their tokens and finish those that hit max_tokens, EOS or a
+        stop token. With async scheduling the next step has already computed a token that was a placeholder
+        when it was scheduled, so its block may have become cacheable."""
         for request, token_id in zip(sampled, sampled_token_ids):
+            assert not request.is_finished, f"{request.request_id} got a token after it finished"
+            request.num_output_placeholders -= 1
             request.append_token(token_id)
             self._check_stop(request, token_id)
+            if request.num_computed_tokens >= request.num_tokens:
+                self.kv.cache_computed_blocks(request)
         for request in sampled:
             if request.status.finished:
                 self._free(request)
-        return sampled
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         """Finish (abort, or stop on a stop string) sequences now; their blocks return to the pool at once."""
@@ -170,7 +200,7 @@ class Scheduler:
         samples the first token of each of its forks from the same logits."""
         sample_requests, sample_rows = [], []
         for row, (request, num_new) in enumerate(zip(scheduled, num_tokens)):
-            if request.num_computed_tokens + num_new < request.num_tokens:
+            if request.num_computed_tokens + num_new < request.num_tokens_with_placeholders:
                 continue  # a prefill chunk that is not the last
             for seq in (request, *request.pending_forks):
                 sample_requests.append(seq)
@@ -203,9 +233,18 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
+    def _ends_with_placeholder(self, request: Request) -> bool:
+        """Its pending token reaches max_tokens or the context (async scheduling): scheduling it would be wasted."""
+        if not request.num_output_placeholders:
+            return False
+        num_tokens = request.num_tokens_with_placeholders
+        return num_tokens - request.num_prompt_tokens >= request.max_tokens or num_tokens >= self.max_model_len
+
     def _free(self, request: Request) -> None:
         if request in self.running:
             self.running.remove(request)
+        elif request in self.waiting:  # preempted while its last token was pending (async scheduling)
+            self.waiting.remove(request)
         self._free_blocks(request)
         self.requests.pop(request.request_id, None)
         for fork in request.pending_forks:  # a prompt that ends before it forked
@@ -218,3 +257,9 @@ class Scheduler:
             self.finished_req_ids.append(request.request_id)
             request.num_synced_blocks = -1
         self.kv.free(request)
+
+
+def _last_token_id(request: Request, num_new: int) -> int:
+    """The token a scheduled sequence computes last; -1 for a placeholder (the previous step sampled it)."""
+    position = request.num_computed_tokens + num_new - 1
+    return request.all_token_ids[position] if position < request.num_tokens else -1

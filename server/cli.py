@@ -105,6 +105,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        "reference with decode attention compiled from C, or torch without a C compiler)")
     group.add_argument("--enforce-eager", action="store_true", default=None,
                        help="no CUDA graphs: run every decode step eagerly (graphs need --kernel-backend triton)")
+    group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       help="schedule and launch step N+1 while step N's tokens are processed: the same outputs, "
+                       "less idle device time (default: off; ignored with --tensor-parallel-size > 1)")
 
 
 def checked_engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -44,7 +44,7 @@ def poison_forward(engine: EngineCore, error: Exception) -> None:
 
 
 def poison_sampler(engine: EngineCore, error: Exception) -> None:
-    engine.sampler = fail_when_poisoned(engine.sampler, error, lambda args: args[1])
+    engine.sampler.sample = fail_when_poisoned(engine.sampler.sample, error, lambda args: args[1])
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ def make_engine(**overrides) -> EngineCore:
 
 
 def check_rows_match_scheduler(engine: EngineCore) -> None:
-    """Every sequence the runner holds: its block ids and its tokens so far, as the scheduler has them."""
+    """Every sequence the runner holds: its block ids and its tokens so far, as the scheduler has them (with async
+    scheduling -1 where the runner read a token on the device, which the scheduler may not have yet)."""
     batch, leaving = engine.runner.input_batch, set(engine.scheduler.finished_req_ids)
     assert set(batch.req_ids) - set(engine.scheduler.requests) <= leaving, "a finished row stays past the next step"
     for req_id, row in batch.row_of.items():
@@ -35,7 +36,10 @@ def check_rows_match_scheduler(engine: EngineCore) -> None:
         assert batch.req_ids[row] == req_id
         assert list(batch.block_table[row, :batch.num_blocks[row]]) == request.block_ids, req_id
         num_tokens = int(batch.num_tokens[row])
-        assert list(batch.token_ids[row, :num_tokens]) == request.all_token_ids[:num_tokens], req_id
+        held = [int(t) for t in batch.token_ids[row, :num_tokens]]
+        known = request.all_token_ids[:num_tokens] + [-1] * request.num_output_placeholders
+        assert [-1 if h == -1 else k for h, k in zip(held, known)] == held[:len(known)], req_id
+        assert len(known) >= num_tokens, req_id
         assert num_tokens >= request.num_computed_tokens
 
 
