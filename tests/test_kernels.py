@@ -319,7 +319,8 @@ def test_rms_norm_of_heads_cut_from_a_fused_projection_reads_them_where_they_are
     _assert_close(ops.rms_norm(key, weight, 1e-6), ref.rms_norm(key.contiguous(), weight, 1e-6), target)
 
 
-@pytest.mark.parametrize("ops, target", ELEMENTWISE_OPS)
+# The CPU backend's activations are the reference's own: the Triton kernels only.
+@pytest.mark.parametrize("ops, target", [p for p in ELEMENTWISE_OPS if p.values[0] is triton_ops])
 @pytest.mark.parametrize("name", ["silu_and_mul", "gelu_tanh_and_mul"])
 def test_gated_activations_match_reference(name: str, ops: ModuleType, target: Target) -> None:
     x = torch.randn(2, 3, 2 * 1100 * target.scale, device=target.device).to(target.dtype)  # d spans column blocks

@@ -19,7 +19,8 @@ from pathlib import Path
 
 logger = logging.getLogger("tokmodel.kernels")
 SOURCE_DIR = Path(__file__).resolve().parent
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-strict-aliasing", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-strict-aliasing", "-fno-trapping-math", "-fno-math-errno",
+         "-shared", "-fPIC", "-std=c11")
 
 
 def cache_dir() -> Path:
@@ -34,7 +35,8 @@ def load(name: str) -> ctypes.CDLL | None:
         logger.warning("no C compiler found (cc, gcc or $CC): the CPU uses the PyTorch reference attention")
         return None
     source = SOURCE_DIR / f"{name}.c"
-    key = hashlib.sha256(source.read_bytes() + " ".join((compiler, *FLAGS)).encode() + _cpu_id().encode())
+    headers = b"".join(path.read_bytes() for path in sorted(SOURCE_DIR.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join((compiler, *FLAGS)).encode() + _cpu_id().encode())
     library = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if not library.exists():
         try:

@@ -10,33 +10,11 @@
      kv_cache    [2, num_blocks, block_size, num_kv_heads, head_dim], contiguous
      block_tables [num_seqs, table_stride] int32; seq_lens [num_seqs] int32
    dtype 0: float32, 1: bfloat16 (query, cache and out share it). Scores, softmax and sums run in float32. */
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
+#include "common.h"
 
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 32
 #define CHUNK 32 /* keys scored at a time: one softmax rescale per chunk, any block size */
-
-static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline void load_row(const void *base, int64_t offset, int dtype, int n, float *dst) {
-    if (dtype == 0) {
-        memcpy(dst, (const float *)base + offset, (size_t)n * sizeof(float));
-    } else {
-        /* bf16 is float32's upper half: widen the bits (vectorizes; built with -fno-strict-aliasing). */
-        const uint16_t *src = (const uint16_t *)base + offset;
-        uint32_t *bits = (uint32_t *)dst;
-#pragma omp simd
-        for (int d = 0; d < n; d++) bits[d] = (uint32_t)src[d] << 16;
-    }
-}
 
 static inline float dot(const float *a, const float *b, int n) {
     float sum = 0.0f;
@@ -76,19 +54,22 @@ static void attend_one(const void *query, const void *kv_cache, void *out, const
             float chunk_max = -INFINITY;
             for (int t = 0; t < count; t++) {
                 float s = dot(q[g], key[t], head_dim);
-                if (soft_cap > 0.0f) s = soft_cap * tanhf(s);
+                if (soft_cap > 0.0f) s = soft_cap * fast_tanh(s);
                 scores[g][t] = s;
                 chunk_max = s > chunk_max ? s : chunk_max;
             }
             float new_max = chunk_max > row_max[g] ? chunk_max : row_max[g];
-            float correction = expf(row_max[g] - new_max); /* 0 on the first chunk (-inf) */
+            float correction = fast_exp(row_max[g] - new_max); /* 0 on the first chunk (-inf) */
             row_sum[g] *= correction;
             for (int d = 0; d < head_dim; d++) acc[g][d] *= correction;
             row_max[g] = new_max;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
             for (int t = 0; t < count; t++) {
-                scores[g][t] = expf(scores[g][t] - new_max);
-                row_sum[g] += scores[g][t];
+                scores[g][t] = fast_exp(scores[g][t] - new_max);
+                sum += scores[g][t];
             }
+            row_sum[g] += sum;
         }
         for (int t = 0; t < count; t++) {
             load_row(kv_cache, v_offset + slot[t], dtype, head_dim, value);
@@ -102,11 +83,8 @@ static void attend_one(const void *query, const void *kv_cache, void *out, const
     for (int g = 0; g < group; g++) {
         float inv = row_sum[g] > 0.0f ? 1.0f / row_sum[g] : 0.0f; /* an empty sequence (padding) gives zeros */
         int64_t o = out_row + (int64_t)(kv_head * group + g) * out_stride_head;
-        if (dtype == 0) {
-            for (int d = 0; d < head_dim; d++) ((float *)out)[o + d] = acc[g][d] * inv;
-        } else {
-            for (int d = 0; d < head_dim; d++) ((uint16_t *)out)[o + d] = float_to_bf16(acc[g][d] * inv);
-        }
+        for (int d = 0; d < head_dim; d++) acc[g][d] *= inv;
+        store_row(out, o, dtype, head_dim, acc[g]);
     }
 }
 
