@@ -64,7 +64,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     """kernels/reference.py's paged_decode_attention, reading each sequence's blocks where they lie."""
     code = _code(query, kv_cache, out)
     if (_ATTENTION is None or code is None or not kv_cache.is_contiguous() or block_tables.dtype != torch.int32
-            or seq_lens.dtype != torch.int32):
+            or seq_lens.dtype != torch.int32 or query.dim() != 3 or out.shape != query.shape
+            or query.shape[2] != kv_cache.shape[-1]):
         return reference.paged_decode_attention(query, kv_cache, block_tables, seq_lens, first_seq, end_seq, scale,
                                                 max_seq_len, sliding_window, logits_soft_cap, out=out)
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
@@ -82,7 +83,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
              weight_offset: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """kernels/reference.py's rms_norm in one pass."""
     code = _code(x, weight) if residual is None else _code(x, weight, residual)
-    if _RMS_NORM is None or code is None or not weight.is_contiguous():
+    if (_RMS_NORM is None or code is None or not weight.is_contiguous() or weight.shape != x.shape[-1:]
+            or (residual is not None and residual.shape != x.shape)):
         return reference.rms_norm(x, weight, eps, residual, weight_offset)
     rows, hidden = x.reshape(-1, x.shape[-1]), x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype)
@@ -100,7 +102,9 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     """kernels/reference.py's rotary_embedding in one pass over query and key, in place."""
     code = _code(query, key)
     if (_ROTARY is None or code is None or cos_sin_cache.dtype != torch.float32
-            or not cos_sin_cache.is_contiguous() or positions.dtype != torch.int64 or not positions.is_contiguous()):
+            or not cos_sin_cache.is_contiguous() or positions.dtype != torch.int64 or not positions.is_contiguous()
+            or query.dim() != 3 or key.dim() != 3 or positions.shape != (query.shape[0],)
+            or key.shape[0] != query.shape[0] or cos_sin_cache.shape[1] > min(query.shape[2], key.shape[2])):
         return reference.rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
     _ROTARY(positions.data_ptr(), query.data_ptr(), query.stride(0), query.stride(1), query.shape[1],
             key.data_ptr(), key.stride(0), key.stride(1), key.shape[1], cos_sin_cache.data_ptr(),

@@ -32,6 +32,7 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, 
 from benchmarks.random_model import save_random_model
 from engine import LLM, SamplingParams
 from engine.outputs import CompletionOutput
+from kernels import cpu_ops
 from tests.reference import hf_generate_greedy, hf_logprobs
 
 HAS_CUDA = torch.cuda.is_available()
@@ -184,12 +185,17 @@ def _engine_outputs(model_dir: Path, prompts: list[list[int]], dtype: str, backe
 FP32_LOGPROB_TOLERANCE = 1e-4
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+# The CPU's C kernels (the default backend on a CPU with a C compiler) take CPU tensors only.
+CPU_BACKEND = pytest.param("cpu", marks=pytest.mark.skipif(HAS_CUDA or not cpu_ops.available(),
+                                                           reason="CPU runs with a C compiler only"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", CPU_BACKEND])
 def test_greedy_tokens_and_logprobs_match_transformers_in_fp32(family: Family, prompts: list[list[int]],
                                                                backend: str) -> None:
     # The interpreter is too slow for CHUNK_TOKENS-sized steps and long outputs: on a CPU the Triton backend runs
     # a shorter batch without them (tests/test_kernels.py covers its kernels on chunks after cached prefixes).
-    full = backend == "torch" or HAS_CUDA
+    full = backend != "triton" or HAS_CUDA
     max_tokens = SIZES.max_tokens if full else SIZES.short_tokens
     outputs = _engine_outputs(family.model_dir, prompts, "float32", backend, max_tokens, full, logprobs=5)
     for prompt, output in zip(prompts, outputs):
@@ -233,6 +239,7 @@ def _hf_bf16_logprobs(family: Family, prompt: list[int], tokens: list[int]) -> t
     "torch",
     pytest.param("triton", marks=pytest.mark.skipif(not HAS_CUDA, reason="the interpreter truncates bf16 "
                                                     "instead of rounding it: GPUs only")),
+    CPU_BACKEND,
 ])
 def test_bf16_greedy_tokens_are_transformers_fp32_argmax_within_rounding(family: Family, prompts: list[list[int]],
                                                                         backend: str) -> None:
@@ -248,17 +255,19 @@ def test_bf16_greedy_tokens_are_transformers_fp32_argmax_within_rounding(family:
             continue
         # Longer prompts and outputs (the GPU's sizes) gather more rounding: shortfalls of up to 0.34 were seen
         # there. Then the engine's bf16 must stay as near fp32 as transformers' own bf16 does: within twice its
-        # error on the same tokens, and the tolerance's slack. The worst token for dense models; the median for
-        # mixtures, where a near-tie of two experts that bf16 routes the other way (in either model) moves a
-        # token's log-probabilities by up to ~1.9 at those sizes.
-        statistic = torch.median if family.is_moe else torch.max
+        # error on the same tokens, and the tolerance's slack. The worst token for dense models; for mixtures,
+        # where a near-tie of two experts that bf16 routes the other way (in either model) moves a token's
+        # log-probabilities by up to ~1.9 at those sizes, the median and the 90th percentile (a bug in a tenth of
+        # the tokens still shows; measured: ours 0.47 at most where transformers' gave 0.23).
+        quantiles = (0.5, 0.9) if family.is_moe else (1.0,)
         ours = torch.tensor([top[t] for top, t in zip(output.logprobs, output.token_ids)], device=DEVICE)
-        our_error = statistic((ours - chosen).abs()).item()
         theirs = _hf_bf16_logprobs(family, prompt, output.token_ids).gather(1, tokens)[:, 0]
-        their_error = statistic((theirs - chosen).abs()).item()
-        assert our_error <= 2 * their_error + tolerance, (
-            f"bf16 log-probabilities off fp32 by {our_error:.3f} ({statistic.__name__}), transformers' bf16 by "
-            f"{their_error:.3f}; shortfall per token: {shortfall.tolist()}")
+        for q in quantiles:
+            our_error = torch.quantile((ours - chosen).abs(), q).item()
+            their_error = torch.quantile((theirs - chosen).abs(), q).item()
+            assert our_error <= 2 * their_error + tolerance, (
+                f"bf16 log-probabilities off fp32 by {our_error:.3f} (quantile {q}), transformers' bf16 by "
+                f"{their_error:.3f}; shortfall per token: {shortfall.tolist()}")
 
 
 def test_engine_imports_and_loads_a_hf_directory_without_the_gguf_package(tmp_path: Path,

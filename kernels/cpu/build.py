@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -24,37 +25,39 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-strict-aliasing", "-fno-trapp
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokmodel" / "cpu-kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"  # empty counts as unset, as XDG says
+    return Path(base) / "tokmodel" / "cpu-kernels"
 
 
 @cache
 def load(name: str) -> ctypes.CDLL | None:
     """The library built from <name>.c, or None (logged once) when no C compiler can build it here."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc")]  # "ccache gcc"
+    if compiler[0] is None:
         logger.warning("no C compiler found (cc, gcc or $CC): the CPU uses the PyTorch reference attention")
         return None
     source = SOURCE_DIR / f"{name}.c"
     headers = b"".join(path.read_bytes() for path in sorted(SOURCE_DIR.glob("*.h")))
-    key = hashlib.sha256(source.read_bytes() + headers + " ".join((compiler, *FLAGS)).encode() + _cpu_id().encode())
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join((*compiler, *FLAGS)).encode() + _cpu_id().encode())
     library = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
-    if not library.exists():
-        try:
+    try:
+        if not library.exists():
             _compile(compiler, source, library)
-        except (OSError, subprocess.CalledProcessError) as error:
-            detail = getattr(error, "stderr", "") or error
-            logger.warning("building %s failed, the CPU uses the PyTorch reference: %s", source.name, detail)
-            return None
-    return ctypes.CDLL(str(library))
+        return ctypes.CDLL(str(library))
+    # A failed or timed-out build, or a library the OS will not load (a noexec cache, another user's file).
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        logger.warning("building or loading %s failed, the CPU uses the PyTorch reference: %s", source.name, detail)
+        return None
 
 
-def _compile(compiler: str, source: Path, library: Path) -> None:
+def _compile(compiler: list[str], source: Path, library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     # Built beside its final name, then renamed: processes building at once never load a half-written file.
     with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as partial:
         pass
     try:
-        subprocess.run([compiler, *FLAGS, str(source), "-o", partial.name, "-lm"], check=True, capture_output=True,
+        subprocess.run([*compiler, *FLAGS, str(source), "-o", partial.name, "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(partial.name, library)
     finally:
