@@ -34,7 +34,7 @@ def load(name: str) -> ctypes.CDLL | None:
     """The library built from <name>.c, or None (logged once) when no C compiler can build it here."""
     compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc")]  # "ccache gcc"
     if compiler[0] is None:
-        logger.warning("no C compiler found (cc, gcc or $CC): the CPU uses the PyTorch reference attention")
+        logger.warning("no C compiler found (cc, gcc or $CC): the CPU uses the PyTorch reference ops")
         return None
     source = SOURCE_DIR / f"{name}.c"
     headers = b"".join(path.read_bytes() for path in sorted(SOURCE_DIR.glob("*.h")))
