@@ -143,7 +143,9 @@ def _save_perturbed_model(config: PretrainedConfig, out_dir: Path) -> Path:
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Family:
     model_dir = _save_perturbed_model(FAMILIES[request.param], tmp_path_factory.mktemp(request.param))
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
+    # Eager attention, the literal one: transformers 5.17 defaults Gemma 2 to SDPA, which drops its score soft-cap.
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                     attn_implementation="eager").to(DEVICE).eval()
     return Family(model_dir, reference, hasattr(FAMILIES[request.param], "num_experts_per_tok"))
 
 
@@ -230,7 +232,8 @@ BF16_MOE_LOGPROB_TOLERANCE = 0.3
 
 def _hf_bf16_logprobs(family: Family, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """transformers' own bf16 model's log-probabilities after the same tokens: what rounding alone moves."""
-    bf16 = AutoModelForCausalLM.from_pretrained(family.model_dir, dtype=torch.bfloat16).to(DEVICE).eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(family.model_dir, dtype=torch.bfloat16,
+                                                attn_implementation="eager").to(DEVICE).eval()
     with torch.device(DEVICE):
         return torch.stack(hf_logprobs(bf16, prompt, tokens))
 
