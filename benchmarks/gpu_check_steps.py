@@ -220,7 +220,7 @@ def _decode_step_seconds(llm, plan: Plan) -> list[float]:
     step_s = []
     while llm.engine.has_unfinished_requests():
         start = time.perf_counter()
-        llm.engine.step()  # synchronous: the sampled token is copied to the host
+        llm.engine.step()  # a token to the host: this step's, or with async scheduling (CUDA's default) the last's
         step_s.append(time.perf_counter() - start)
     return step_s
 
@@ -328,7 +328,8 @@ def run_fast_path(plan: Plan, work_dir: Path) -> dict:
     figures, goals = {}, []
     for name, model_dir in models.items():
         tokens, captured = {}, 0
-        paths = (("eager", {"enforce_eager": True}), ("graphs", graphs), ("async", graphs | {"async_scheduling": True}))
+        paths = (("eager", {"enforce_eager": True, "async_scheduling": False}),
+                 ("graphs", graphs | {"async_scheduling": False}), ("async", graphs | {"async_scheduling": True}))
         for path, engine_args in paths:
             llm = LLM(model=str(model_dir), device=plan.device, dtype="float32", max_num_seqs=check.max_num_seqs,
                       **engine_args)
@@ -359,15 +360,16 @@ def run_fast_path(plan: Plan, work_dir: Path) -> dict:
 def run_idle_time(plan: Plan, work_dir: Path) -> dict:
     """Decode steps of a full batch on the Qwen3-0.6B shape (CUDA graphs on) under torch.profiler, every request
     past its prefill: the share of the steps' wall time the device is busy (kernels and copies). What remains is
-    the host's time the device waits through: scheduling, input preparation, sampling, output processing. Then
-    the same with async scheduling (switched on between steps: the engine then overlaps the host's work on one
-    step's outputs with the next step's forward), as a figure beside the synchronous loop's goal."""
+    the host's time the device waits through: scheduling, input preparation, sampling, output processing. First
+    with the synchronous loop, as a figure; then with async scheduling, the default on CUDA (switched on between
+    steps: the engine then overlaps the host's work on one step's outputs with the next step's forward), judged."""
     from bench.trace_report import analyze
     from engine import LLM, SamplingParams
     from engine.profiler import EngineProfiler
 
     batch, prompt_len, decode_steps = plan.idle_time
-    llm = LLM(model=str(qwen3_dir(plan, work_dir)), device=plan.device, dtype=plan.dtype, max_num_seqs=batch)
+    llm = LLM(model=str(qwen3_dir(plan, work_dir)), device=plan.device, dtype=plan.dtype, max_num_seqs=batch,
+              async_scheduling=False)
     core = llm.engine
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0, max_tokens=2 * decode_steps + 8, ignore_eos=True)
@@ -397,8 +399,9 @@ def run_idle_time(plan: Plan, work_dir: Path) -> dict:
                "step_ms_mean": report["step_ms_mean"], "step_split": report["step_split"],
                "async_scheduling": {"step_ms_mean": overlapped["step_ms_mean"], "step_split": overlapped["step_split"]}}
     return {"figures": figures,
-            "goals": [goal("device idle share of decode steps (%)", 100 - busy, 10, at_most=True,
-                           detail=f"batch {batch}, {report['steps']} steps under torch.profiler")]}
+            "goals": [goal("device idle share of decode steps (%)", 100 - busy_async, 10, at_most=True,
+                           detail=f"batch {batch}, {overlapped['steps']} steps under torch.profiler, async "
+                           f"scheduling (synchronous: {100 - busy:.1f}%)")]}
 
 
 @contextmanager

@@ -30,7 +30,9 @@ class EngineConfig:
     eager_graph_padding: bool = False
     # Overlapped scheduling: step N+1 is scheduled and its forward launched before step N's tokens are applied
     # (EngineCore._step_overlapped); the same outputs as the plain loop. Off with tensor_parallel_size > 1.
-    async_scheduling: bool = False
+    # None: on with cuda and one rank. Off on a CPU, where the forward runs as it is called, so nothing overlaps
+    # and every token would reach its client one step later.
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1  # ranks the model is split over (engine/executor.py)
     data_parallel_size: int = 1  # engine replicas behind one server (engine/data_parallel.py)
     nnodes: int = 1  # machines the tensor-parallel ranks span, tensor_parallel_size / nnodes on each
@@ -73,6 +75,8 @@ class EngineConfig:
             raise ValueError("kernel_backend 'cpu' runs on the CPU: use 'triton' or 'torch' with device cuda")
         if self.dtype is None:
             self.dtype = "bfloat16" if on_cuda or cpu_has_fast_bf16() else "float32"
+        if self.async_scheduling is None:
+            self.async_scheduling = on_cuda and self.tensor_parallel_size == 1
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 8192 if on_cuda else 2048
         if self.max_num_batched_tokens < 1:

@@ -107,7 +107,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="no CUDA graphs: run every decode step eagerly (graphs need --kernel-backend triton)")
     group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                        help="schedule and launch step N+1 while step N's tokens are processed: the same outputs, "
-                       "less idle device time (default: off; ignored with --tensor-parallel-size > 1)")
+                       "less idle device time (default: on with cuda, off on a cpu; ignored with --tensor-parallel-size > 1)")
 
 
 def checked_engine_config(args: argparse.Namespace) -> EngineConfig:

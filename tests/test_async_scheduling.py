@@ -156,7 +156,8 @@ def test_a_request_that_fails_an_overlapped_step_fails_alone(model, plain, fails
 def test_async_scheduling_reaches_the_engine():
     from server.cli import build_parser, checked_engine_config
 
-    for argv, expected in ((["serve"], False), (["serve", "--async-scheduling"], True),
+    # The default: on with CUDA (one rank), off on a CPU.
+    for argv, expected in ((["serve"], torch.cuda.is_available()), (["serve", "--async-scheduling"], True),
                            (["serve", "--no-async-scheduling"], False)):
         assert checked_engine_config(build_parser().parse_args(argv)).async_scheduling is expected
 
@@ -168,3 +169,44 @@ def test_llm_takes_async_scheduling(model):
     assert llm.engine.async_scheduling
     [out] = llm.generate([prompt(10, 5)], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 5
+
+
+def test_the_servers_engine_thread_streams_the_plain_loops_tokens(model):
+    """AsyncLLM (the server's engine thread) with async scheduling, the default on CUDA: concurrent streams get
+    the synchronous loop's tokens, each stream ends with finished, and a stream closed early (a client that
+    disconnects) gives its KV blocks back."""
+    import asyncio
+
+    from engine.async_llm import AsyncLLM
+
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=3, top_p=0.9, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=5, max_tokens=5, ignore_eos=True)]
+
+    async def stream(llm: AsyncLLM, request_id: str, ids: list[int], sampling: SamplingParams) -> list[int]:
+        async for out in llm.generate({"prompt_token_ids": ids}, sampling, request_id):
+            pass
+        assert out.finished
+        return out.outputs[0].token_ids
+
+    async def scenario(async_scheduling: bool) -> list[list[int]]:
+        llm = AsyncLLM(EngineConfig(model=model, device="cpu", dtype="float32", kernel_backend="torch",
+                                    block_size=4, async_scheduling=async_scheduling))
+        try:
+            assert llm.core.async_scheduling is async_scheduling
+            tokens = await asyncio.gather(*(stream(llm, f"r{i}", prompt(i, 6 + i), p) for i, p in enumerate(params)))
+            long = SamplingParams(temperature=0, max_tokens=240, ignore_eos=True)
+            async for _ in llm.generate({"prompt_token_ids": prompt(9, 7)}, long, "closed-early"):
+                break
+            for _ in range(300):  # the abort reaches the engine thread
+                if not llm.core.has_unfinished_requests():
+                    break
+                await asyncio.sleep(0.01)
+            pool = llm.core.kv_cache_manager.pool
+            assert pool.num_free_blocks == pool.num_blocks
+            assert llm.core.num_generation_tokens < sum(map(len, tokens)) + long.max_tokens, "it ran to its end"
+            return tokens
+        finally:
+            llm.shutdown()
+
+    assert asyncio.run(scenario(True)) == asyncio.run(scenario(False))
