@@ -3,7 +3,8 @@
 Every op exists twice with one signature: a Triton kernel (kernel_backend="triton", registered as the torch.library
 op torch.ops.tokmodel.<name> in kernels/triton_ops.py) and the PyTorch reference in kernels/reference.py
 (kernel_backend="torch"). kernel_backend="cpu" is the reference with the ops a compiled C kernel does faster on a
-CPU (kernels/cpu_ops.py). Kernels know only tensors.
+CPU (kernels/cpu_ops.py). `linear` (the dense layers' matmul) is torch's on every backend but the CPU's, where a
+C kernel takes decode steps' few rows. Kernels know only tensors.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class KernelOps(NamedTuple):
     silu_and_mul: Callable
     gelu_tanh_and_mul: Callable
     fused_moe: Callable
+    linear: Callable
 
 
 def get_ops(backend: str) -> KernelOps:

@@ -1,8 +1,9 @@
 """The CPU's kernels (kernel_backend="cpu"): the PyTorch reference ops, with the ones a compiled C kernel does
 faster on a CPU taken from kernels/cpu/: decode attention read from the paged cache in place (instead of gathered
-and padded), and RMSNorm(+residual) and rotary embedding in one pass each (instead of 10-20 tensor ops). Each
-falls back to the reference for what the C kernels do not take (fp16, a last dim that is not contiguous), and the
-whole backend is the reference where no C compiler built them."""
+and padded), RMSNorm(+residual) and rotary embedding in one pass each (instead of 10-20 tensor ops), and the bf16
+matmuls of decode steps (a few rows) as one stream over the weight. Each falls back to the reference for what the
+C kernels do not take (fp16, a last dim that is not contiguous, more rows), and the whole backend is the reference
+where no C compiler built them."""
 from __future__ import annotations
 
 import ctypes
@@ -15,7 +16,12 @@ from kernels.cpu.build import load
 from kernels.reference import fused_moe, gelu_tanh_and_mul, prefill_attention, silu_and_mul, write_kv_cache
 
 __all__ = ["write_kv_cache", "paged_decode_attention", "prefill_attention", "rms_norm", "rotary_embedding",
-           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "available"]
+           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "available"]
+
+# Decode steps' rows: there the C matmul streams the weight 1.5-1.7x faster than torch's bf16 matmul (oneDNN;
+# benchmarks/cpu_kernels.py). A prefill's many rows stay oneDNN's, whose blocked kernels reuse each weight tile
+# across rows in ways this kernel's 4-row tiles do not.
+MAX_STREAMED_ROWS = 16
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _I64, _INT, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
@@ -25,6 +31,8 @@ _SIGNATURES = {
     "rms_norm": (None, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _INT, _FLOAT, _INT, _FLOAT, _INT, _INT]),
     "rotary_embedding": (None, [_PTR, _PTR, _I64, _I64, _INT, _PTR, _I64, _I64, _INT, _PTR, _INT, _I64, _INT, _INT,
                                 _INT]),
+    "linear_bf16": (None, [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _INT, _INT, _INT, _INT]),
+    "linear_bf16_available": (_INT, []),
 }
 
 
@@ -40,11 +48,19 @@ def _function(library_name: str, name: str):
 _ATTENTION = _function("paged_decode_attention", "paged_decode_attention")
 _RMS_NORM = _function("elementwise", "rms_norm")
 _ROTARY = _function("elementwise", "rotary_embedding")
+_LINEAR_BUILT = _function("linear", "linear_bf16_available")
+# Only for CPUs with AVX-512 BF16 (kernels/cpu/linear.c); elsewhere the matmuls stay torch's.
+_LINEAR = _function("linear", "linear_bf16") if _LINEAR_BUILT is not None and _LINEAR_BUILT() else None
 
 
 def available() -> bool:
     """Whether the compiled kernels loaded (a C compiler was found): without them this backend is the reference."""
     return _ATTENTION is not None and _RMS_NORM is not None
+
+
+def linear_available() -> bool:
+    """Whether linear streams bf16 weights in C (a CPU with AVX-512 BF16), rather than calling torch's matmul."""
+    return _LINEAR is not None
 
 
 def _code(*tensors: torch.Tensor) -> int | None:
@@ -108,3 +124,15 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     _ROTARY(positions.data_ptr(), query.data_ptr(), query.stride(0), query.stride(1), query.shape[1],
             key.data_ptr(), key.stride(0), key.stride(1), key.shape[1], cos_sin_cache.data_ptr(),
             cos_sin_cache.shape[1], positions.shape[0], int(is_neox), code, torch.get_num_threads())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """kernels/reference.py's linear; for at most MAX_STREAMED_ROWS rows in bf16, one pass over the weight."""
+    if (_LINEAR is None or x.dim() != 2 or not 0 < x.shape[0] <= MAX_STREAMED_ROWS or x.dtype != torch.bfloat16
+            or _code(x, weight) is None or weight.stride(0) < weight.shape[1] or x.shape[1] != weight.shape[1]
+            or (bias is not None and (bias.dtype != x.dtype or bias.shape != weight.shape[:1] or not bias.is_contiguous()))):
+        return reference.linear(x, weight, bias)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    _LINEAR(x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), 0 if bias is None else bias.data_ptr(),
+            out.data_ptr(), out.stride(0), x.shape[0], weight.shape[0], x.shape[1], torch.get_num_threads())
+    return out

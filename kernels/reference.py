@@ -130,6 +130,11 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         rot.copy_(torch.cat((o1, o2), -1) if is_neox else torch.stack((o1, o2), -1).flatten(-2))
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias): a linear layer's product, as torch computes it (on a GPU, cuBLAS)."""
+    return F.linear(x, weight, bias)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2 * d] holding gate then up: silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)

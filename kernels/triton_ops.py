@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch.library import Library, infer_schema, register_fake
 
-from kernels import activation, decode_attention, kv_write, rmsnorm, rope
+from kernels import activation, decode_attention, kv_write, reference, rmsnorm, rope
 from kernels import fused_moe as moe
 from kernels import prefill_attention as prefill
 
@@ -119,5 +119,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return _fused_add_rms_norm_op(x, residual, weight, eps, weight_offset)
 
 
+# The dense matmuls are cuBLAS's, already at the weight-streaming rate at batch 1 (README, GPU check).
+linear = reference.linear
+
 __all__ = ["write_kv_cache", "paged_decode_attention", "prefill_attention", "rms_norm", "rotary_embedding",
-           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe"]
+           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear"]

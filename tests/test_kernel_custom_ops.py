@@ -65,9 +65,11 @@ OP_CALLS: dict[str, Callable[[], tuple[tuple, dict]]] = {
 
 def test_every_kernel_op_is_a_tokmodel_op() -> None:
     ops = get_ops("triton")
-    for name in ops._fields:
+    # linear is torch's own F.linear (aten::linear, cuBLAS), an op torch.compile already knows.
+    own = set(ops._fields) - {"linear"}
+    for name in own:
         assert hasattr(torch.ops.tokmodel, name), f"torch.ops.tokmodel.{name} is missing"
-    assert set(OP_CALLS) >= set(ops._fields)
+    assert set(OP_CALLS) >= own
 
 
 @pytest.mark.parametrize("name", OP_CALLS)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks import kernels as bench
 from kernels import KernelOps, get_ops
@@ -162,6 +163,30 @@ def test_cpu_decode_attention_matches_reference_on_mixed_contexts(case: Attentio
     assert actual[-1].isnan().all(), "a row outside seqs was written"
     cpu_ops.paged_decode_attention(query, *cache, len(lens) - 1, len(lens), 1.0, 0, out=actual)
     assert (actual[-1] == 0).all()
+
+
+@pytest.mark.skipif(not cpu_ops.linear_available(), reason="kernels/cpu/linear.c needs a CPU with AVX-512 BF16")
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, cpu_ops.MAX_STREAMED_ROWS])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_cpu_linear_is_the_exact_product_rounded_once_to_bf16(rows: int, with_bias: bool) -> None:
+    # Widths with tails: 70 outputs (not a multiple of the kernel's 4-row tiles), 600 inputs (not of its 32-element
+    # chunks); x's rows are a view into wider rows, as the model's activations can be.
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1200, generator=generator).bfloat16()[:, 100:700]
+    weight = torch.randn(70, 600, generator=generator).bfloat16()
+    bias = torch.randn(70, generator=generator).bfloat16() if with_bias else None
+    exact = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
+    actual = cpu_ops.linear(x, weight, bias)
+    assert actual.dtype == torch.bfloat16 and actual.shape == (rows, 70)
+    # One bf16 rounding (2^-9 of the value), plus float32 sums in another order than the exact one's.
+    tolerance = exact.abs() * 2.0 ** -8 + 1e-5 * (x.double().abs() @ weight.double().abs().T)
+    assert ((actual.double() - exact).abs() <= tolerance).all()
+
+
+def test_cpu_linear_leaves_more_rows_and_other_dtypes_to_torch() -> None:
+    weight = torch.randn(40, 64).bfloat16()
+    for x in (torch.randn(cpu_ops.MAX_STREAMED_ROWS + 1, 64).bfloat16(), torch.randn(2, 64)):
+        assert torch.equal(cpu_ops.linear(x, weight.to(x.dtype)), F.linear(x, weight.to(x.dtype)))
 
 
 @pytest.mark.parametrize("target", ATTENTION_TARGETS)

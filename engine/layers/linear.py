@@ -5,8 +5,13 @@ ones a slice of the input and sum the ranks' products with one all-reduce (o_pro
 Each layer loads its own slice of a checkpoint tensor (`weight_loader`), so sharding lives here and not in the
 models. Stacked layers (QKV, gate-up) compute several checkpoint matrices in one matmul and place each part by
 its name, never by its shape (q, k and v can share a size, and so can gate and up). Names as vLLM's.
+
+Each multiplies with the kernel backend's `linear` (KernelOps.linear, given as linear_op): torch's F.linear, or on
+a CPU a C kernel for the few rows of a decode step.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +21,21 @@ from engine.distributed import get_tp_group
 from engine.layers.sharded_weights import Loaded, copy_weight, loaded_shape, read_slice
 
 
+LinearOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # F.linear's signature
+
+
 class StackedLinear(nn.Linear):
     """Column-parallel nn.Linear over the concatenated outputs of named parts. parts: for each part, (its size
     in the checkpoint, its rows on this rank, the first of them in the checkpoint's part)."""
 
-    def __init__(self, input_size: int, parts: dict[str | int, tuple[int, int, int]], bias: bool) -> None:
+    def __init__(self, input_size: int, parts: dict[str | int, tuple[int, int, int]], bias: bool,
+                 linear_op: LinearOp = F.linear) -> None:
         super().__init__(input_size, sum(size for _, size, _ in parts.values()), bias=bias)
         self.parts = parts
+        self.linear_op = linear_op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_op(x, self.weight, self.bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: str | int | None) -> None:
         """This rank's rows of a checkpoint part (shard_id), or of every part of a checkpoint that already
@@ -49,7 +62,8 @@ class QKVParallelLinear(StackedLinear):
     """The query, key and value projections, q then k then v, heads split over the ranks; with fewer KV heads
     than ranks each rank holds the one KV head its query heads read (replicated, as vLLM)."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool) -> None:
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 linear_op: LinearOp = F.linear) -> None:
         tp = get_tp_group()
         self.num_heads = num_heads // tp.size
         self.num_kv_heads = max(1, num_kv_heads // tp.size)
@@ -57,7 +71,7 @@ class QKVParallelLinear(StackedLinear):
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         q = (num_heads * head_dim, self.q_size, tp.rank * self.q_size)
         kv = (num_kv_heads * head_dim, self.kv_size, kv_head * head_dim)
-        super().__init__(hidden_size, {"q": q, "k": kv, "v": kv}, bias)
+        super().__init__(hidden_size, {"q": q, "k": kv, "v": kv}, bias, linear_op)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return super().forward(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -67,19 +81,20 @@ class MergedColumnParallelLinear(StackedLinear):
     """Several projections of the same input, parts numbered in order (gate_up_proj: 0 gate, 1 up), each split
     over the ranks."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool) -> None:
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, linear_op: LinearOp = F.linear) -> None:
         tp = get_tp_group()
         parts = {i: (size, size // tp.size, tp.rank * (size // tp.size)) for i, size in enumerate(output_sizes)}
-        super().__init__(input_size, parts, bias)
+        super().__init__(input_size, parts, bias, linear_op)
 
 
 class RowParallelLinear(nn.Linear):
     """Each rank multiplies its slice of the input by its columns of the weight; one all-reduce sums them. The
     bias is added once, after the sum."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool, linear_op: LinearOp = F.linear) -> None:
         self.tp = get_tp_group()
         super().__init__(input_size // self.tp.size, output_size, bias=bias)
+        self.linear_op = linear_op
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: None = None) -> None:
         if param is self.bias or self.tp.size == 1:
@@ -90,6 +105,6 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return super().forward(x)
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+            return self.linear_op(x, self.weight, self.bias)
+        out = self.tp.all_reduce(self.linear_op(x, self.weight, None))
         return out if self.bias is None else out + self.bias
