@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
+
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine import EngineConfig, SamplingParams
@@ -64,3 +66,26 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400_on_messages(async_ll
         asyncio.run(scenario())
     finally:
         async_llm._prompt_tokenizer.chat_template = original
+
+
+def test_the_engine_thread_builds_the_core_it_runs(monkeypatch):
+    """The model is loaded and warmed up in the thread that steps it: a CPU's OpenMP keeps a team per thread that
+    ever ran a parallel op, and a second one (the loader's) slows every parallel op of every step (the README's
+    batch-1 figures). A core that fails to build raises from AsyncLLM() itself."""
+    import engine.async_llm as async_llm
+
+    built_in = []
+
+    class RecordingCore(async_llm.EngineCore):
+        def __init__(self, config):
+            built_in.append(threading.current_thread().name)
+            super().__init__(config)
+
+    monkeypatch.setattr(async_llm, "EngineCore", RecordingCore)
+    llm = AsyncLLM(EngineConfig(device="cpu", dtype="float32", max_model_len=256))
+    try:
+        assert built_in == [llm._thread.name] != [threading.current_thread().name]
+    finally:
+        llm.shutdown()
+    with pytest.raises(ValueError, match="max_model_len"):
+        AsyncLLM(EngineConfig(device="cpu", dtype="float32", max_model_len=10 ** 9))
