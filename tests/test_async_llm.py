@@ -6,7 +6,6 @@ import asyncio
 import threading
 
 import pytest
-
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine import EngineConfig, SamplingParams
