@@ -2,7 +2,7 @@
 (kernels/reference.py), per call at SmolLM2-135M's shapes (9 query heads, 3 KV heads, head_dim 64, hidden 576),
 in the same run, alternating. Prints one JSON object: microseconds per call (best of --repeat) and the ratios.
 In bf16 also the matmuls of one decode step (SmolLM2's 30 layers and its lm_head, 270 MB of weights: more than
-the caches hold, so they stream from memory as in the engine) at 1, 4 and 16 rows, with the weight bytes per
+the caches hold, so they stream from memory as in the engine) at 1, 4, 16 and 32 rows, with the weight bytes per
 second.
 
     python -m benchmarks.cpu_kernels [--dtype bfloat16] [--threads N] [--output]
@@ -28,7 +28,7 @@ HEADS, KV_HEADS, HEAD_DIM, HIDDEN, BLOCK_SIZE = 9, 3, 64, 576, 16
 DECODE_CASES = [(1, 1024), (32, 200), (64, 512), (256, 512), (16, 2048)]  # (sequences, longest context)
 TOKEN_COUNTS = [1, 32, 256]
 LAYERS, INTERMEDIATE, VOCAB = 30, 1536, 49152
-LINEAR_ROWS = [1, 4, 16]
+LINEAR_ROWS = [1, 4, 16, 32]
 
 
 def _best_us(fn: Callable[[], object], repeat: int) -> float:

@@ -166,7 +166,7 @@ def test_cpu_decode_attention_matches_reference_on_mixed_contexts(case: Attentio
 
 
 @pytest.mark.skipif(not cpu_ops.linear_available(), reason="kernels/cpu/linear.c needs a CPU with AVX-512 BF16")
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, cpu_ops.MAX_STREAMED_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, cpu_ops.MAX_STREAMED_ROWS])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 def test_cpu_linear_is_the_exact_product_rounded_once_to_bf16(rows: int, with_bias: bool) -> None:
     # Widths with tails: 70 outputs (not a multiple of the kernel's 4-row tiles), 600 inputs (not of its 32-element

@@ -1,8 +1,8 @@
 /* y = x @ w.T (+ bias) in bfloat16 for the few rows of a decode step: float32 sums, rounded to bf16 once.
 
-   At 1-16 rows a linear layer is a stream over its weight: every weight element is read once and used for
-   each row of x. torch's bf16 matmul (oneDNN) reads a weight at 10-35 GB/s there, a fraction of what the
-   memory gives; this reads each weight row once, in 64-byte chunks, and multiplies it into every row of x
+   At 1-32 rows a linear layer is a stream over its weight: every weight element is read once and used for
+   each row of x, where torch's bf16 matmul (oneDNN) is 1.2-1.7x slower than this (benchmarks/cpu_kernels.py).
+   This reads each weight row once, in 64-byte chunks, and multiplies it into every row of x
    while it is in registers, with AVX-512 BF16's vdpbf16ps (32 products a chunk, summed in pairs into 16 float32
    lanes).
 
