@@ -65,10 +65,12 @@ def linear_available() -> bool:
 
 def _code(*tensors: torch.Tensor) -> int | None:
     """The C kernels' dtype code when every tensor has one dtype they take and a contiguous last dim, else None."""
-    code = _DTYPE_CODES.get(tensors[0].dtype)
-    if code is None or any(t.dtype != tensors[0].dtype or t.stride(-1) != 1 or t.device.type != "cpu"
-                           for t in tensors):
-        return None
+    dtype = tensors[0].dtype
+    code = _DTYPE_CODES.get(dtype)
+    # A plain loop on cheap attributes: this runs before every call, hundreds of times a decode step.
+    for tensor in tensors:
+        if tensor.dtype != dtype or tensor.stride(-1) != 1 or not tensor.is_cpu:
+            return None
     return code
 
 
@@ -128,11 +130,13 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """kernels/reference.py's linear; for at most MAX_STREAMED_ROWS rows in bf16, one pass over the weight."""
-    if (_LINEAR is None or x.dim() != 2 or not 0 < x.shape[0] <= MAX_STREAMED_ROWS or x.dtype != torch.bfloat16
-            or _code(x, weight) is None or weight.stride(0) < weight.shape[1] or x.shape[1] != weight.shape[1]
-            or (bias is not None and (bias.dtype != x.dtype or bias.shape != weight.shape[:1] or not bias.is_contiguous()))):
+    rows, width = x.shape if x.dim() == 2 else (0, 0)
+    outputs = weight.shape[0]
+    if (_LINEAR is None or not 0 < rows <= MAX_STREAMED_ROWS or x.dtype != torch.bfloat16
+            or _code(x, weight) is None or weight.stride(0) < width or weight.shape[1] != width
+            or (bias is not None and (bias.dtype != x.dtype or bias.shape != (outputs,) or not bias.is_contiguous()))):
         return reference.linear(x, weight, bias)
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    out = torch.empty(rows, outputs, dtype=x.dtype)
     _LINEAR(x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), 0 if bias is None else bias.data_ptr(),
-            out.data_ptr(), out.stride(0), x.shape[0], weight.shape[0], x.shape[1], torch.get_num_threads())
+            out.data_ptr(), outputs, rows, outputs, width, torch.get_num_threads())
     return out
