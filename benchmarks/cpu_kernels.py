@@ -109,6 +109,12 @@ def main() -> None:
         query, key = qkv[:, :HEADS], qkv[:, HEADS:HEADS + KV_HEADS]
         angles = torch.rand(2048, HEAD_DIM // 2) * 6.28  # a real table: repeated rotations keep the norm
         cos_sin, positions = torch.cat((angles.cos(), angles.sin()), -1), torch.randint(0, 2048, (tokens,))
+        cache = torch.zeros(2, 64, BLOCK_SIZE, KV_HEADS, HEAD_DIM).to(dtype)
+        slots = torch.randperm(cache[0].numel() // (KV_HEADS * HEAD_DIM))[:tokens]
+        value = qkv[:, HEADS + KV_HEADS:]
+        results[f"write_kv_cache, {tokens} tokens"] = _compare(
+            f"KV write, {tokens} tokens", lambda: cpu_ops.write_kv_cache(key, value, cache, slots),
+            lambda: reference.write_kv_cache(key, value, cache, slots), args.repeat)
         results[f"rotary_embedding, {tokens} tokens"] = _compare(
             f"rotary, {tokens} tokens", lambda: cpu_ops.rotary_embedding(positions, query, key, cos_sin),
             lambda: reference.rotary_embedding(positions, query, key, cos_sin), args.repeat)

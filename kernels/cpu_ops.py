@@ -1,9 +1,9 @@
 """The CPU's kernels (kernel_backend="cpu"): the PyTorch reference ops, with the ones a compiled C kernel does
 faster on a CPU taken from kernels/cpu/: decode attention read from the paged cache in place (instead of gathered
-and padded), RMSNorm(+residual) and rotary embedding in one pass each (instead of 10-20 tensor ops), and the bf16
-matmuls of decode steps (a few rows) as one stream over the weight. Each falls back to the reference for what the
-C kernels do not take (fp16, a last dim that is not contiguous, more rows), and the whole backend is the reference
-where no C compiler built them."""
+and padded), RMSNorm(+residual), rotary embedding and the KV write in one pass each (instead of 5-20 tensor ops),
+and the bf16 matmuls of decode steps (a few rows) as one stream over the weight. Each falls back to the reference
+for what the C kernels do not take (fp16, a last dim that is not contiguous, more rows), and the whole backend is
+the reference where no C compiler built them."""
 from __future__ import annotations
 
 import ctypes
@@ -13,7 +13,7 @@ import torch
 from kernels import reference
 from kernels.cpu.build import load
 # SiLU/GELU-and-mul stay torch's: its two vectorized passes were faster than one C pass behind a ctypes call.
-from kernels.reference import fused_moe, gelu_tanh_and_mul, prefill_attention, silu_and_mul, write_kv_cache
+from kernels.reference import fused_moe, gelu_tanh_and_mul, prefill_attention, silu_and_mul
 
 __all__ = ["write_kv_cache", "paged_decode_attention", "prefill_attention", "rms_norm", "rotary_embedding",
            "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "available"]
@@ -31,6 +31,7 @@ _SIGNATURES = {
     "rms_norm": (None, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _INT, _FLOAT, _INT, _FLOAT, _INT, _INT]),
     "rotary_embedding": (None, [_PTR, _PTR, _I64, _I64, _INT, _PTR, _I64, _I64, _INT, _PTR, _INT, _I64, _INT, _INT,
                                 _INT]),
+    "write_kv_cache": (_INT, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _INT, _INT]),
     "linear_bf16": (None, [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _INT, _INT, _INT, _INT]),
     "linear_bf16_available": (_INT, []),
 }
@@ -48,6 +49,7 @@ def _function(library_name: str, name: str):
 _ATTENTION = _function("paged_decode_attention", "paged_decode_attention")
 _RMS_NORM = _function("elementwise", "rms_norm")
 _ROTARY = _function("elementwise", "rotary_embedding")
+_WRITE_KV = _function("elementwise", "write_kv_cache")
 _LINEAR_BUILT = _function("linear", "linear_bf16_available")
 # Only for CPUs with AVX-512 BF16 (kernels/cpu/linear.c); elsewhere the matmuls stay torch's.
 _LINEAR = _function("linear", "linear_bf16") if _LINEAR_BUILT is not None and _LINEAR_BUILT() else None
@@ -126,6 +128,22 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     _ROTARY(positions.data_ptr(), query.data_ptr(), query.stride(0), query.stride(1), query.shape[1],
             key.data_ptr(), key.stride(0), key.stride(1), key.shape[1], cos_sin_cache.data_ptr(),
             cos_sin_cache.shape[1], positions.shape[0], int(is_neox), code, torch.get_num_threads())
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kernels/reference.py's write_kv_cache, one copy per token row; the reference where dtypes differ."""
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    if (_WRITE_KV is None or _code(key, value, kv_cache) is None or not kv_cache.is_contiguous()
+            or key.dim() != 3 or key.shape[1:] != (num_kv_heads, head_dim) or value.shape != key.shape
+            or key.stride(1) != head_dim or value.stride(1) != head_dim or slot_mapping.dtype != torch.int64
+            or not slot_mapping.is_contiguous() or slot_mapping.shape != key.shape[:1]):
+        return reference.write_kv_cache(key, value, kv_cache, slot_mapping)
+    num_slots = kv_cache[0].numel() // (num_kv_heads * head_dim)
+    status = _WRITE_KV(key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), kv_cache.data_ptr(),
+                       num_slots, slot_mapping.data_ptr(), key.shape[0], num_kv_heads * head_dim,
+                       kv_cache.element_size(), torch.get_num_threads())
+    if status != 0:
+        raise IndexError(f"slot_mapping holds a slot outside the cache's {num_slots}")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -299,6 +299,25 @@ def test_kv_write_scatters_tokens_to_their_slots_and_skips_padding(target: Targe
     assert torch.equal(cache, expected)
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("target", CPU_KERNEL_TARGETS, ids=["float32", "bfloat16"])
+def test_cpu_kv_write_copies_strided_rows_to_their_slots_and_skips_padding(target: Target) -> None:
+    num_blocks, block_size, num_kv_heads, head_dim = 6, 8, 3, 16
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim).to(target.dtype)
+    expected = cache.clone()
+    slots = torch.randperm(num_blocks * block_size)[:10]
+    slots[::4] = -1
+    # Key and value as the model passes them: views into one projection's rows.
+    kv = torch.randn(len(slots), 3 * num_kv_heads, head_dim).to(target.dtype)
+    key, value = kv[:, :num_kv_heads], kv[:, 2 * num_kv_heads:]
+    cpu_ops.write_kv_cache(key, value, cache, slots)
+    ref.write_kv_cache(key, value, expected, slots)
+    assert torch.equal(cache, expected)
+    with pytest.raises(IndexError, match="slot"):
+        cpu_ops.write_kv_cache(key, value, cache, torch.full_like(slots, num_blocks * block_size))
+    assert torch.equal(cache, expected), "a refused write wrote"
+
+
 @pytest.mark.parametrize("ops, target", ELEMENTWISE_OPS)
 @pytest.mark.parametrize("weight_offset", [0.0, 1.0], ids=["llama", "gemma"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])

@@ -1,8 +1,9 @@
-/* The layer's small ops on the CPU, one pass each: RMSNorm (with the residual add) and rotary embedding. The
+/* The layer's small ops on the CPU, one pass each: RMSNorm (with the residual add), rotary embedding and the KV
+   cache write. The
    PyTorch reference (kernels/reference.py) spends 10-20 tensor ops on each, every one a pass over
-   memory and a dispatch (tens of microseconds at batch 1, where they outnumber the matmuls). These compute in
-   float32 and round to the tensor's dtype exactly where the reference's ops do, so bf16 results match it. Each
-   row goes through float32 buffers on the stack, in loops the compiler vectorizes.
+   memory and a dispatch (tens of microseconds at batch 1, where they outnumber the matmuls). The norm and the
+   rotation compute in float32 and round to the tensor's dtype exactly where the reference's ops do, so bf16
+   results match it; each row goes through float32 buffers on the stack, in loops the compiler vectorizes.
 
    Rows are tokens (row strides in elements, the last dim contiguous). dtype 0: float32, 1: bfloat16. */
 #include "common.h"
@@ -66,4 +67,26 @@ void rotary_embedding(const int64_t *positions, void *query, int64_t q_stride_to
             }
         }
     }
+}
+
+/* Each token's key and value rows (num_kv_heads * head_dim elements, contiguous in the projection's output and
+   in the cache) into its slot of the cache [2, num_slots, row]; slot -1 is padding, skipped. One copy a row,
+   where the reference takes a comparison, a host sync and two index_copy_ calls. Returns -1, writing nothing,
+   when a slot lies outside the cache. */
+int write_kv_cache(const void *key, int64_t key_stride, const void *value, int64_t value_stride, void *kv_cache,
+                   int64_t num_slots, const int64_t *slot_mapping, int64_t num_tokens, int64_t row,
+                   int element_size, int num_threads) {
+    for (int64_t t = 0; t < num_tokens; t++)
+        if (slot_mapping[t] < -1 || slot_mapping[t] >= num_slots) return -1;
+    const size_t row_bytes = (size_t)row * (size_t)element_size;
+    char *keys = (char *)kv_cache, *values = keys + (size_t)num_slots * row_bytes;
+#pragma omp parallel for num_threads(num_threads) if (num_tokens > 64)
+    for (int64_t t = 0; t < num_tokens; t++) {
+        const int64_t slot = slot_mapping[t];
+        if (slot < 0) continue;
+        memcpy(keys + (size_t)slot * row_bytes, (const char *)key + (size_t)(t * key_stride) * element_size, row_bytes);
+        memcpy(values + (size_t)slot * row_bytes, (const char *)value + (size_t)(t * value_stride) * element_size,
+               row_bytes);
+    }
+    return 0;
 }
