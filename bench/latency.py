@@ -56,7 +56,8 @@ def run_latency(args: argparse.Namespace) -> dict:
 
 def run_batch(engine, prompts: list[list[int]], params) -> dict:
     """One batch through the engine, step by step: seconds to the last first token, then each decode step.
-    A step returns after its tokens reach the host, so its wall time holds the device's work too."""
+    A step returns after tokens reach the host (with async scheduling, CUDA's default, the step before's), so in
+    steady state its wall time is one token's, the device's work included."""
     for i, prompt in enumerate(prompts):
         engine.add_request(f"latency-{time.monotonic_ns()}-{i}", prompt, params)
     start = time.perf_counter()

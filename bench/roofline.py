@@ -59,6 +59,11 @@ def silu_and_mul_traffic(num_tokens: int, intermediate: int, elem: int) -> Traff
     return Traffic(3 * num_tokens * intermediate * elem, 0)
 
 
+def linear_traffic(rows: int, inputs: int, outputs: int, elem: int) -> Traffic:
+    """x [rows, inputs] @ weight.T: the weight read once, x read and the output written."""
+    return Traffic((outputs * inputs + rows * (inputs + outputs)) * elem, 2 * rows * inputs * outputs)
+
+
 def kv_write_traffic(num_tokens: int, num_kv_heads: int, head_dim: int, elem: int) -> Traffic:
     """Key and value read, then written to their slots; one int64 slot per token."""
     return Traffic(4 * num_tokens * num_kv_heads * head_dim * elem + num_tokens * INT64, 0)

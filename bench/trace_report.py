@@ -8,8 +8,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from bench.roofline import (Limits, Traffic, decode_traffic, kv_write_traffic, prefill_traffic, rms_norm_traffic,
-                            rotary_traffic, silu_and_mul_traffic)
+from bench.roofline import (Limits, Traffic, decode_traffic, kv_write_traffic, linear_traffic, prefill_traffic,
+                            rms_norm_traffic, rotary_traffic, silu_and_mul_traffic)
 from engine.profiler import KERNEL_PREFIX
 
 HOST_PHASES = ("schedule", "prepare_inputs", "sample", "update", "detokenize")
@@ -66,6 +66,14 @@ def kernel_traffic(info: dict) -> dict[str, Traffic]:
         add("rms_norm", rms_norm_traffic(tokens, m["hidden"], elem), 2 * layers + 1)
         add("rotary_embedding", rotary_traffic(tokens, heads, kv_heads, head_dim, elem), layers)
         add("silu_and_mul", silu_and_mul_traffic(tokens, m["intermediate"], elem), layers)
+        hidden, inter = m["hidden"], m["intermediate"]
+        for inputs, outputs in ((hidden, (heads + 2 * kv_heads) * head_dim), (heads * head_dim, hidden),
+                                (hidden, 2 * inter), (inter, hidden)):  # qkv, o, gate-up, down
+            add("linear", linear_traffic(tokens, inputs, outputs, elem), layers)
+        # The lm_head on the rows that sample: every decode, and each prefill chunk counted as one (one that
+        # does not end its prompt samples nothing; the weight's read, the bulk, is the same).
+        add("linear", linear_traffic(len(step["decode_seq_lens"]) + len(step["prefills"]), hidden, m["vocab"], elem),
+            1)
     return {name: Traffic(*values) for name, values in total.items()}
 
 

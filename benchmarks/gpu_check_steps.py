@@ -216,7 +216,7 @@ def _decode_step_seconds(llm, plan: Plan) -> list[float]:
     prompt = np.random.default_rng(0).integers(0, llm.engine.vocab_size, plan.decode_prompt_len).tolist()
     llm.engine.add_request("decode", prompt, SamplingParams(temperature=0, max_tokens=plan.decode_tokens + 1,
                                                             ignore_eos=True))
-    llm.engine.step()  # the prefill and the first token
+    llm.engine.step()  # the prefill and its token (which async scheduling hands over with the next call)
     step_s = []
     while llm.engine.has_unfinished_requests():
         start = time.perf_counter()

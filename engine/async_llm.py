@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import queue
 import threading
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, TypeVar
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from engine.beam_search import BeamSearchInstance, BeamSearchParams
@@ -45,24 +47,30 @@ class AsyncLLM:
         # The engine thread builds the core as well as running it. On a CPU the model's parallel ops run on
         # OpenMP teams, and GNU OpenMP keeps one per thread that ever started one: a second team (the loading
         # thread's) makes it count more threads than cores, and it then wakes its threads through the kernel
-        # rather than by spinning, ~10 us more for each of a step's hundreds of parallel ops (a token took
-        # 36 ms instead of 21 at batch 1).
+        # rather than by spinning, for each of a step's hundreds of parallel ops (the server's batch-1 ITL on a
+        # CPU was 37 ms instead of 22: README, "CPU fast path, second pass").
+        if config.device == "cuda":  # the caller's current GPU, which a new thread does not inherit
+            config = dataclasses.replace(config, device=f"cuda:{torch.cuda.current_device()}")
         built: queue.SimpleQueue = queue.SimpleQueue()
         self._front_end_ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(config, built), name="tokmodel-engine", daemon=True)
+        self._thread = threading.Thread(target=self._build_and_run, args=(config, built), name="tokmodel-engine",
+                                        daemon=True)
         self._thread.start()
-        core = built.get()
-        if isinstance(core, BaseException):
-            raise core
-        self.core = core
         try:
+            core = built.get()
+            if isinstance(core, BaseException):
+                raise core
+            self.core = core
             self._init_front_end(config, core.tokenizer, core.max_model_len, core.num_blocks,
                                  str(core.runner.device))
             self._stats = core.get_stats()
             if isinstance(core.runner, MultiprocExecutor):  # a dead worker is noticed even while the engine idles
                 core.runner.on_death = self._die
+        except BaseException:  # an interrupt while loading included: the engine thread shuts the core down
+            self._running = False
+            raise
         finally:
-            self._front_end_ready.set()  # without _running set, the engine thread shuts the core down
+            self._front_end_ready.set()
 
     def _init_front_end(self, config: EngineConfig, tokenizer: PreTrainedTokenizerBase, max_model_len: int,
                         num_kv_blocks: int, device: str) -> None:
@@ -220,7 +228,7 @@ class AsyncLLM:
         if not self._thread.is_alive():  # else it still runs the model: a worker stuck in a collective
             self.core.shutdown()
 
-    def _run(self, config: EngineConfig, built: queue.SimpleQueue) -> None:
+    def _build_and_run(self, config: EngineConfig, built: queue.SimpleQueue) -> None:
         """The engine thread: builds the core (handing it, or the error, to __init__ through `built`), then runs
         it. A request that fails a step fails alone (the core sees to that); anything that escapes the core is an
         error the engine cannot survive."""
@@ -234,7 +242,6 @@ class AsyncLLM:
         if not self._running:  # the front end failed to start
             core.shutdown()
             return
-        core.runner.bind_device()
         try:
             while self._running:
                 self._take_commands(block=not self.core.has_unfinished_requests())

@@ -21,7 +21,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
-    kv_cache_memory_bytes: int | None = None  # CPU budget; None: 4 GiB
+    kv_cache_memory_bytes: int | None = None  # CPU budget; None: 2 GiB
     num_gpu_blocks_override: int | None = None
     served_model_name: str | None = None
     enforce_eager: bool = False  # no CUDA graphs: every decode step runs eagerly

@@ -73,7 +73,8 @@ class EngineProfiler:
                                   (core.output_processor, "process", "detokenize")):
             self._wrap(owner, attr, _annotated(getattr(owner, attr), name))
         self._wrap(runner, "execute_model", self._recording_batches(runner.execute_model))
-        # The layers, and the helpers they hold (PagedAttention), keep the KernelOps chosen at build
+        # The layers (the linear ones and the lm_head included), and the helpers they hold (PagedAttention), keep
+        # the KernelOps chosen at build
         holders = [h for m in runner.model.modules() for h in (m, *vars(m).values())
                    if isinstance(getattr(h, "ops", None), KernelOps)]
         for holder in {id(h): h for h in holders}.values():
@@ -107,7 +108,7 @@ class EngineProfiler:
         return {"num_layers": config.num_hidden_layers, "num_heads": num_heads,
                 "num_kv_heads": getattr(config, "num_key_value_heads", None) or num_heads,
                 "head_dim": getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-                "hidden": config.hidden_size, "intermediate": config.intermediate_size,
+                "hidden": config.hidden_size, "intermediate": config.intermediate_size, "vocab": config.vocab_size,
                 "block_size": self.core.config.block_size, "elem": torch.tensor([], dtype=runner.dtype).element_size(),
                 "device": str(runner.device), "dtype": str(runner.dtype).removeprefix("torch.")}
 

@@ -19,8 +19,8 @@ __all__ = ["write_kv_cache", "paged_decode_attention", "prefill_attention", "rms
            "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "available"]
 
 # Decode steps' rows: there the C matmul streams the weight 1.2-1.7x faster than torch's bf16 matmul (oneDNN;
-# benchmarks/cpu_kernels.py: 1.7x at 1 row, 1.2x at 32). A prefill's many rows stay oneDNN's, whose blocked kernels reuse each weight tile
-# across rows in ways this kernel's 4-row tiles do not.
+# benchmarks/cpu_kernels.py: 1.7x at 1 row, 1.2x at 32). A prefill's many rows stay oneDNN's, whose blocked
+# kernels reuse each weight tile across rows in ways this kernel's 4-row tiles do not.
 MAX_STREAMED_ROWS = 32
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}

@@ -1,5 +1,6 @@
 """AsyncLLM keeps the event loop free: prompts are tokenized and chat templates rendered in the tokenizer
-thread, each thread with its own tokenizer instance; a template's refusal reaches the client as a 400."""
+thread, each thread with its own tokenizer instance; a template's refusal reaches the client as a 400. The
+engine thread builds the core it runs."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from engine import EngineConfig, SamplingParams
 from engine.async_llm import AsyncLLM
+from engine.engine_core import EngineCore
 from server.app import ServerOptions, build_app
 
 
@@ -71,16 +73,14 @@ def test_the_engine_thread_builds_the_core_it_runs(monkeypatch):
     """The model is loaded and warmed up in the thread that steps it: a CPU's OpenMP keeps a team per thread that
     ever ran a parallel op, and a second one (the loader's) slows every parallel op of every step (the README's
     batch-1 figures). A core that fails to build raises from AsyncLLM() itself."""
-    import engine.async_llm as async_llm
-
     built_in = []
 
-    class RecordingCore(async_llm.EngineCore):
+    class RecordingCore(EngineCore):
         def __init__(self, config):
             built_in.append(threading.current_thread().name)
             super().__init__(config)
 
-    monkeypatch.setattr(async_llm, "EngineCore", RecordingCore)
+    monkeypatch.setattr("engine.async_llm.EngineCore", RecordingCore)
     llm = AsyncLLM(EngineConfig(device="cpu", dtype="float32", max_model_len=256))
     try:
         assert built_in == [llm._thread.name] != [threading.current_thread().name]

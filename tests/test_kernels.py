@@ -168,17 +168,19 @@ def test_cpu_decode_attention_matches_reference_on_mixed_contexts(case: Attentio
 @pytest.mark.skipif(not cpu_ops.linear_available(), reason="kernels/cpu/linear.c needs a CPU with AVX-512 BF16")
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, cpu_ops.MAX_STREAMED_ROWS])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-def test_cpu_linear_is_the_exact_product_rounded_once_to_bf16(rows: int, with_bias: bool) -> None:
-    # Widths with tails: 70 outputs (not a multiple of the kernel's 4-row tiles), 600 inputs (not of its 32-element
-    # chunks); x's rows are a view into wider rows, as the model's activations can be.
+@pytest.mark.parametrize("outputs, inputs", [(68, 600), (69, 64), (70, 600), (71, 20)])
+def test_cpu_linear_is_the_exact_product_rounded_once_to_bf16(rows: int, with_bias: bool, outputs: int,
+                                                              inputs: int) -> None:
+    # Tails: outputs past the kernel's 4-row tiles (0-3 rows), inputs past its 32-element chunks (or fewer than
+    # one); x's rows are a view into wider rows, as the model's activations can be.
     generator = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 1200, generator=generator).bfloat16()[:, 100:700]
-    weight = torch.randn(70, 600, generator=generator).bfloat16()
-    bias = torch.randn(70, generator=generator).bfloat16() if with_bias else None
+    x = torch.randn(rows, 2 * inputs + 100, generator=generator).bfloat16()[:, 100:100 + inputs]
+    weight = torch.randn(outputs, inputs, generator=generator).bfloat16()
+    bias = torch.randn(outputs, generator=generator).bfloat16() if with_bias else None
     exact = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
     actual = cpu_ops.linear(x, weight, bias)
-    assert actual.dtype == torch.bfloat16 and actual.shape == (rows, 70)
-    # One bf16 rounding (2^-9 of the value), plus float32 sums in another order than the exact one's.
+    assert actual.dtype == torch.bfloat16 and actual.shape == (rows, outputs)
+    # One bf16 rounding (at most 2^-8 of the value), plus float32 sums in another order than the exact one's.
     tolerance = exact.abs() * 2.0 ** -8 + 1e-5 * (x.double().abs() @ weight.double().abs().T)
     assert ((actual.double() - exact).abs() <= tolerance).all()
 

@@ -6,36 +6,31 @@ Each layer loads its own slice of a checkpoint tensor (`weight_loader`), so shar
 models. Stacked layers (QKV, gate-up) compute several checkpoint matrices in one matmul and place each part by
 its name, never by its shape (q, k and v can share a size, and so can gate and up). Names as vLLM's.
 
-Each multiplies with the kernel backend's `linear` (KernelOps.linear, given as linear_op): torch's F.linear, or on
-a CPU a C kernel for the few rows of a decode step.
+Each multiplies with its kernel backend's `linear` (KernelOps.linear): torch's F.linear, or on a CPU a C kernel for
+the few rows of a decode step. Layers hold the KernelOps itself, as the others do, so the profiler can see it.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import get_tp_group
 from engine.layers.sharded_weights import Loaded, copy_weight, loaded_shape, read_slice
-
-
-LinearOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # F.linear's signature
+from kernels import KernelOps
 
 
 class StackedLinear(nn.Linear):
     """Column-parallel nn.Linear over the concatenated outputs of named parts. parts: for each part, (its size
     in the checkpoint, its rows on this rank, the first of them in the checkpoint's part)."""
 
-    def __init__(self, input_size: int, parts: dict[str | int, tuple[int, int, int]], bias: bool,
-                 linear_op: LinearOp = F.linear) -> None:
+    def __init__(self, ops: KernelOps, input_size: int, parts: dict[str | int, tuple[int, int, int]],
+                 bias: bool) -> None:
         super().__init__(input_size, sum(size for _, size, _ in parts.values()), bias=bias)
+        self.ops = ops
         self.parts = parts
-        self.linear_op = linear_op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_op(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: str | int | None) -> None:
         """This rank's rows of a checkpoint part (shard_id), or of every part of a checkpoint that already
@@ -62,8 +57,8 @@ class QKVParallelLinear(StackedLinear):
     """The query, key and value projections, q then k then v, heads split over the ranks; with fewer KV heads
     than ranks each rank holds the one KV head its query heads read (replicated, as vLLM)."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 linear_op: LinearOp = F.linear) -> None:
+    def __init__(self, ops: KernelOps, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool) -> None:
         tp = get_tp_group()
         self.num_heads = num_heads // tp.size
         self.num_kv_heads = max(1, num_kv_heads // tp.size)
@@ -71,7 +66,7 @@ class QKVParallelLinear(StackedLinear):
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         q = (num_heads * head_dim, self.q_size, tp.rank * self.q_size)
         kv = (num_kv_heads * head_dim, self.kv_size, kv_head * head_dim)
-        super().__init__(hidden_size, {"q": q, "k": kv, "v": kv}, bias, linear_op)
+        super().__init__(ops, hidden_size, {"q": q, "k": kv, "v": kv}, bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return super().forward(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -81,20 +76,20 @@ class MergedColumnParallelLinear(StackedLinear):
     """Several projections of the same input, parts numbered in order (gate_up_proj: 0 gate, 1 up), each split
     over the ranks."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, linear_op: LinearOp = F.linear) -> None:
+    def __init__(self, ops: KernelOps, input_size: int, output_sizes: list[int], bias: bool) -> None:
         tp = get_tp_group()
         parts = {i: (size, size // tp.size, tp.rank * (size // tp.size)) for i, size in enumerate(output_sizes)}
-        super().__init__(input_size, parts, bias, linear_op)
+        super().__init__(ops, input_size, parts, bias)
 
 
 class RowParallelLinear(nn.Linear):
     """Each rank multiplies its slice of the input by its columns of the weight; one all-reduce sums them. The
     bias is added once, after the sum."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, linear_op: LinearOp = F.linear) -> None:
+    def __init__(self, ops: KernelOps, input_size: int, output_size: int, bias: bool) -> None:
         self.tp = get_tp_group()
         super().__init__(input_size // self.tp.size, output_size, bias=bias)
-        self.linear_op = linear_op
+        self.ops = ops
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: None = None) -> None:
         if param is self.bias or self.tp.size == 1:
@@ -105,6 +100,6 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return self.linear_op(x, self.weight, self.bias)
-        out = self.tp.all_reduce(self.linear_op(x, self.weight, None))
+            return self.ops.linear(x, self.weight, self.bias)
+        out = self.tp.all_reduce(self.ops.linear(x, self.weight, None))
         return out if self.bias is None else out + self.bias

@@ -50,7 +50,7 @@ class SharedExpert(nn.Module):
         super().__init__()
         self.ops = ops
         with tensor_parallel(TPGroup()):  # whole on every rank, as the experts: the MoE block is not sharded
-            self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=False)
+            self.gate_up_proj = MergedColumnParallelLinear(ops, hidden_size, [intermediate_size] * 2, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

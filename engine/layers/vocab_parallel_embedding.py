@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import get_tp_group
-from engine.layers.linear import LinearOp
+from kernels import KernelOps
 from engine.layers.sharded_weights import Loaded, copy_weight, loaded_shape, read_slice
 
 
@@ -44,12 +44,12 @@ class VocabParallelEmbedding(nn.Embedding):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits of this rank's slice of the vocabulary, gathered on rank 0; the other ranks get [tokens, 0]."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, linear_op: LinearOp = F.linear) -> None:
+    def __init__(self, ops: KernelOps, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__(num_embeddings, embedding_dim)
-        self.linear_op = linear_op
+        self.ops = ops
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.linear_op(hidden, self.weight, None)
+        logits = self.ops.linear(hidden, self.weight, None)
         if self.tp.size == 1:
             return logits
         gathered = self.tp.gather(logits)

@@ -53,14 +53,13 @@ class LlamaAttention(nn.Module):
         self.ops = ops
         self.head_dim = head_dim(config)
         bias = bool(getattr(config, "attention_bias", False))
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias if qkv_bias is None else qkv_bias,
-                                          ops.linear)
+        self.qkv_proj = QKVParallelLinear(ops, config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias if qkv_bias is None else qkv_bias)
         # This rank's heads: all of them on one rank.
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
-                                        bias=bias if o_bias is None else o_bias, linear_op=ops.linear)
+        self.o_proj = RowParallelLinear(ops, config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        bias=bias if o_bias is None else o_bias)
         self.q_norm = self.k_norm = None
         self.qk_norm_per_head = qk_norm_per_head
         if qk_norm is not None:
@@ -95,10 +94,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config, ops: KernelOps) -> None:
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias,
-                                                       ops.linear)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias,
-                                           linear_op=ops.linear)
+        self.gate_up_proj = MergedColumnParallelLinear(ops, config.hidden_size, [config.intermediate_size] * 2, bias)
+        self.down_proj = RowParallelLinear(ops, config.intermediate_size, config.hidden_size, bias=bias)
         self.ops = ops
         self.act_and_mul = act_and_mul_op(getattr(config, "hidden_activation", None) or config.hidden_act)
 
@@ -174,7 +171,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = self.model_class(config, ops, lambda i: self.decoder_layer_class(
             config, ops, i, self.attention_class, self.mlp_class))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ops.linear)
+        self.lm_head = ParallelLMHead(ops, config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.logits_soft_cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2
