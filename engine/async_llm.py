@@ -245,10 +245,11 @@ class AsyncLLM:
         try:
             while self._running:
                 self._take_commands(block=not self.core.has_unfinished_requests())
-                if self.core.has_unfinished_requests():
-                    for output in self.core.step():
-                        self._deliver(output.request_id, output)
+                outputs = self.core.step() if self.core.has_unfinished_requests() else []
+                # The snapshot before the outputs leave: a client holding its last token finds its steps in /metrics.
                 self._stats = self.core.get_stats()
+                for output in outputs:
+                    self._deliver(output.request_id, output)
         except Exception as error:
             self._stats = self.core.get_stats()
             self._die(error)
