@@ -138,7 +138,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
             or key.stride(1) != head_dim or value.stride(1) != head_dim or slot_mapping.dtype != torch.int64
             or not slot_mapping.is_contiguous() or slot_mapping.shape != key.shape[:1]):
         return reference.write_kv_cache(key, value, kv_cache, slot_mapping)
-    num_slots = kv_cache[0].numel() // (num_kv_heads * head_dim)
+    num_slots = kv_cache.shape[1] * kv_cache.shape[2]  # blocks x block size
     status = _WRITE_KV(key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), kv_cache.data_ptr(),
                        num_slots, slot_mapping.data_ptr(), key.shape[0], num_kv_heads * head_dim,
                        kv_cache.element_size(), torch.get_num_threads())

@@ -92,14 +92,12 @@ void linear_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *w, int64_t
         const int64_t n = t * ROWS;
         const uint16_t *wt = w + n * w_stride, *bt = bias ? bias + n : 0;
         uint16_t *yt = y + n;
-        if (N - n >= ROWS)
-            tile(x, x_stride, wt, w_stride, bt, yt, y_stride, M, K, ROWS);
-        else if (N - n == 3)
-            tile(x, x_stride, wt, w_stride, bt, yt, y_stride, M, K, 3);
-        else if (N - n == 2)
-            tile(x, x_stride, wt, w_stride, bt, yt, y_stride, M, K, 2);
-        else
-            tile(x, x_stride, wt, w_stride, bt, yt, y_stride, M, K, 1);
+        switch (N - n >= ROWS ? ROWS : (int)(N - n)) { /* the last tile's 1-3 rows, as tile's x-row groups */
+        case 4: tile(x, x_stride, wt, w_stride, bt, yt, y_stride, M, K, 4); break;
+        case 3: tile(x, x_stride, wt, w_stride, bt, yt, y_stride, M, K, 3); break;
+        case 2: tile(x, x_stride, wt, w_stride, bt, yt, y_stride, M, K, 2); break;
+        default: tile(x, x_stride, wt, w_stride, bt, yt, y_stride, M, K, 1); break;
+        }
     }
 }
 #endif
