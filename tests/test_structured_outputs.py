@@ -9,10 +9,12 @@ import re
 import jsonschema
 import openai
 import pytest
+import xgrammar as xgr
 from pydantic import BaseModel
 
 from engine import LLM, SamplingParams
 from engine.structured_output import StructuredOutputsParams
+from engine.structured_output.xgrammar_backend import grammar_of
 from server_fixtures import Server, leaves_server_idle, openai_client, running_server  # noqa: F401 (autouse fixture)
 
 PERSON = {"type": "object", "properties": {
@@ -57,6 +59,16 @@ def test_json_schema_output_validates_for_every_choice(llm):
 def test_regex_choice_grammar_and_json_object_outputs_match(llm, constraint, accepts):
     for choice in generate(llm, constraint, n=2):
         assert choice.finish_reason == "stop" and accepts(choice.text), choice.text
+
+
+def test_json_object_takes_objects_only():
+    # OpenAI's JSON mode promises an object: the grammar itself must refuse a top-level array or scalar, whatever
+    # a sample happens to write.
+    grammar = xgr.GrammarCompiler(xgr.TokenizerInfo([]), cache_enabled=False).compile_grammar(
+        grammar_of(StructuredOutputsParams(json_object=True)))
+    for text, accepted in [('{"a": [1, {"b": null}]}', True), ("{ }", True), ("[1, 2]", False), ('"a"', False)]:
+        matcher = xgr.GrammarMatcher(grammar)
+        assert (matcher.accept_string(text) and matcher.is_completed()) == accepted, text
 
 
 def test_constrained_requests_survive_preemption(llm):

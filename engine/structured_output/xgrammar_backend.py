@@ -52,8 +52,8 @@ def grammar_of(params: StructuredOutputsParams) -> xgr.Grammar:
         if params.json is not None:
             # Compact JSON: with free whitespace a small model can pad forever instead of writing values.
             return xgr.Grammar.from_json_schema(params.json, any_whitespace=False)
-        if params.json_object:
-            return xgr.Grammar.builtin_json_grammar()
+        if params.json_object:  # an object, as the name says (xgrammar's builtin JSON grammar also takes arrays)
+            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=True)
         if params.regex is not None:
             return xgr.Grammar.from_regex(params.regex)
         if params.choice is not None:  # EBNF string literals escape as JSON strings do
