@@ -1,9 +1,9 @@
 """The CPU's C kernels (kernels/cpu_ops.py, kernel_backend="cpu") against the PyTorch reference they replace
 (kernels/reference.py), per call at SmolLM2-135M's shapes (9 query heads, 3 KV heads, head_dim 64, hidden 576),
 in the same run, alternating. Prints one JSON object: microseconds per call (best of --repeat) and the ratios.
-In bf16 also the matmuls of one decode step (SmolLM2's 30 layers and its lm_head, 270 MB of weights: more than
-the caches hold, so they stream from memory as in the engine) at 1, 4, 16 and 32 rows, with the weight bytes per
-second.
+In bf16 also the matmuls of one step (SmolLM2's 30 layers and its lm_head, 270 MB of weights: more than the
+caches hold, so they stream from memory as in the engine) at 1, 4, 16 and 32 rows (decode steps) and 128 (a short
+prefill), the C side on weights packed as the engine packs them, with the weight bytes per second.
 
     python -m benchmarks.cpu_kernels [--dtype bfloat16] [--threads N] [--output]
 
@@ -28,7 +28,7 @@ HEADS, KV_HEADS, HEAD_DIM, HIDDEN, BLOCK_SIZE = 9, 3, 64, 576, 16
 DECODE_CASES = [(1, 1024), (32, 200), (64, 512), (256, 512), (16, 2048)]  # (sequences, longest context)
 TOKEN_COUNTS = [1, 32, 256]
 LAYERS, INTERMEDIATE, VOCAB = 30, 1536, 49152
-LINEAR_ROWS = [1, 4, 16, 32]
+LINEAR_ROWS = [1, 4, 16, 32, 128]  # decode steps, and a short prefill
 
 
 def _best_us(fn: Callable[[], object], repeat: int) -> float:
@@ -57,24 +57,25 @@ def _compare(name: str, ours: Callable[[], object], theirs: Callable[[], object]
     return row
 
 
-def _compare_decode_matmuls(repeat: int) -> dict:
-    """The matmuls of a decode step of `rows` sequences through SmolLM2-135M's shapes, C against torch's."""
+def _compare_step_matmuls(repeat: int) -> dict:
+    """The matmuls of a step of `rows` tokens through SmolLM2-135M's shapes, C against torch's."""
     qkv = HEADS * HEAD_DIM + 2 * KV_HEADS * HEAD_DIM
     shapes = [(qkv, HIDDEN), (HIDDEN, HEADS * HEAD_DIM), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)]
     weights = [torch.randn(shape).bfloat16() for _ in range(LAYERS) for shape in shapes]
     weights.append(torch.randn(VOCAB, HIDDEN).bfloat16())
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    packed = [cpu_ops.pack_linear_weight(weight) for weight in weights]
     results = {}
     for rows in LINEAR_ROWS:
         inputs = {width: torch.randn(rows, width).bfloat16() for width in (HIDDEN, INTERMEDIATE)}
 
-        def step(linear: Callable) -> None:
-            for weight in weights:
-                linear(inputs[weight.shape[1]], weight)
-        row = _compare(f"a decode step's matmuls, {rows} rows", lambda: step(cpu_ops.linear),
-                       lambda: step(reference.linear), max(1, repeat // 5))
+        def step(linear: Callable, laid_out: list[torch.Tensor]) -> None:
+            for weight, as_read in zip(weights, laid_out):
+                linear(inputs[weight.shape[1]], as_read)
+        row = _compare(f"a step's matmuls, {rows} rows", lambda: step(cpu_ops.linear, packed),
+                       lambda: step(reference.linear, weights), max(1, repeat // 5))
         row |= {f"{side}_weight_gb_s": round(weight_bytes / row[f"{side}_us"] / 1e3, 1) for side in ("reference", "c")}
-        results[f"decode step matmuls, {rows} rows"] = row
+        results[f"step matmuls, {rows} rows"] = row
     return results
 
 
@@ -119,7 +120,7 @@ def main() -> None:
             f"rotary, {tokens} tokens", lambda: cpu_ops.rotary_embedding(positions, query, key, cos_sin),
             lambda: reference.rotary_embedding(positions, query, key, cos_sin), args.repeat)
     if dtype == torch.bfloat16 and cpu_ops.linear_available():
-        results |= _compare_decode_matmuls(args.repeat)
+        results |= _compare_step_matmuls(args.repeat)
     report = {"dtype": args.dtype, "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                                               "hidden": HIDDEN, "block_size": BLOCK_SIZE},
               "machine": machine_info("cpu") | {"torch_threads": torch.get_num_threads()}, "results": results}

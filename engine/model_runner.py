@@ -18,6 +18,7 @@ from engine.cuda_graphs import DecodeGraphs, capture_sizes
 from engine.device_copy import to_device
 from engine.distributed import TPGroup, tensor_parallel
 from engine.input_batch import InputBatch
+from engine.layers.linear import KernelLayoutWeight
 from engine.logprobs import PromptLogprobRows, prompt_logprobs
 from engine.models import get_model_class
 from engine.outputs import Logprob
@@ -358,4 +359,7 @@ def _build_model(hf_config, config: EngineConfig, weights, device: torch.device,
                 param.data.uniform_(-1e-3, 1e-3, generator=generator)
     else:
         model.load_weights(weights)
+    for module in model.modules():
+        if isinstance(module, KernelLayoutWeight):
+            module.process_weights_after_loading()
     return model.eval()

@@ -4,7 +4,8 @@ Every op exists twice with one signature: a Triton kernel (kernel_backend="trito
 op torch.ops.tokmodel.<name> in kernels/triton_ops.py) and the PyTorch reference in kernels/reference.py
 (kernel_backend="torch"). kernel_backend="cpu" is the reference with the ops a compiled C kernel does faster on a
 CPU (kernels/cpu_ops.py). `linear` (the dense layers' matmul) is torch's on every backend but the CPU's, where a
-C kernel takes decode steps' few rows. Kernels know only tensors.
+C kernel reads bf16 weights that `pack_linear_weight` put in its layout once they were loaded (elsewhere that
+returns the weight as it is). Kernels know only tensors.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class KernelOps(NamedTuple):
     gelu_tanh_and_mul: Callable
     fused_moe: Callable
     linear: Callable
+    pack_linear_weight: Callable
 
 
 def get_ops(backend: str) -> KernelOps:

@@ -1,9 +1,9 @@
 """The CPU's kernels (kernel_backend="cpu"): the PyTorch reference ops, with the ones a compiled C kernel does
 faster on a CPU taken from kernels/cpu/: decode attention read from the paged cache in place (instead of gathered
 and padded), RMSNorm(+residual), rotary embedding and the KV write in one pass each (instead of 5-20 tensor ops),
-and the bf16 matmuls of decode steps (a few rows) as one stream over the weight. Each falls back to the reference
-for what the C kernels do not take (fp16, a last dim that is not contiguous, more rows), and the whole backend is
-the reference where no C compiler built them."""
+and the bf16 matmuls, on weights packed for AVX-512 BF16 once they are loaded. Each falls back to the reference
+for what the C kernels do not take (fp16, a last dim that is not contiguous), and the whole backend is the
+reference where no C compiler built them."""
 from __future__ import annotations
 
 import ctypes
@@ -16,12 +16,10 @@ from kernels.cpu.build import load
 from kernels.reference import fused_moe, gelu_tanh_and_mul, prefill_attention, silu_and_mul
 
 __all__ = ["write_kv_cache", "paged_decode_attention", "prefill_attention", "rms_norm", "rotary_embedding",
-           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "available"]
+           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "pack_linear_weight", "available"]
 
-# Decode steps' rows: there the C matmul streams the weight 1.2-1.7x faster than torch's bf16 matmul (oneDNN;
-# benchmarks/cpu_kernels.py: 1.7x at 1 row, 1.2x at 32). A prefill's many rows stay oneDNN's, whose blocked
-# kernels reuse each weight tile across rows in ways this kernel's 4-row tiles do not.
-MAX_STREAMED_ROWS = 32
+# kernels/cpu/linear.c's packed layout: blocks of PACK_BLOCK output columns, each [K / 2][PACK_BLOCK][2].
+PACK_BLOCK = 32
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _I64, _INT, _PTR, _FLOAT = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
@@ -32,7 +30,7 @@ _SIGNATURES = {
     "rotary_embedding": (None, [_PTR, _PTR, _I64, _I64, _INT, _PTR, _I64, _I64, _INT, _PTR, _INT, _I64, _INT, _INT,
                                 _INT]),
     "write_kv_cache": (_INT, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _INT, _INT]),
-    "linear_bf16": (None, [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _INT, _INT, _INT, _INT]),
+    "linear_bf16": (None, [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _INT, _INT, _INT, _INT]),
     "linear_bf16_available": (_INT, []),
 }
 
@@ -146,15 +144,35 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
         raise IndexError(f"slot_mapping holds a slot outside the cache's {num_slots}")
 
 
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A loaded linear weight [N, K] in the layout `linear` reads: on a CPU with AVX-512 BF16, a bf16 weight
+    whose N is a multiple of PACK_BLOCK and K even (every model's, in practice) becomes [N / PACK_BLOCK, K / 2,
+    PACK_BLOCK, 2] (kernels/cpu/linear.c says why); any other weight is returned as it is."""
+    rows, width = weight.shape
+    if (_LINEAR is None or weight.dtype != torch.bfloat16 or not weight.is_cpu or rows % PACK_BLOCK
+            or width % 2):
+        return weight
+    return weight.view(rows // PACK_BLOCK, PACK_BLOCK, width // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """pack_linear_weight's input back from its output: [N, K]."""
+    if weight.dim() == 2:
+        return weight
+    blocks, pairs = weight.shape[:2]
+    return weight.permute(0, 2, 1, 3).reshape(blocks * PACK_BLOCK, pairs * 2)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """kernels/reference.py's linear; for at most MAX_STREAMED_ROWS rows in bf16, one pass over the weight."""
-    rows, width = x.shape if x.dim() == 2 else (0, 0)
-    outputs = weight.shape[0]
-    if (_LINEAR is None or not 0 < rows <= MAX_STREAMED_ROWS or x.dtype != torch.bfloat16
-            or _code(x, weight) is None or weight.stride(0) < width or weight.shape[1] != width
-            or (bias is not None and (bias.dtype != x.dtype or bias.shape != (outputs,) or not bias.is_contiguous()))):
+    """kernels/reference.py's linear, for a weight as pack_linear_weight left it: a packed one in C."""
+    if weight.dim() == 2:
         return reference.linear(x, weight, bias)
-    out = torch.empty(rows, outputs, dtype=x.dtype)
-    _LINEAR(x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), 0 if bias is None else bias.data_ptr(),
-            out.data_ptr(), outputs, rows, outputs, width, torch.get_num_threads())
-    return out
+    outputs, width = weight.shape[0] * PACK_BLOCK, weight.shape[1] * 2
+    if (x.dtype != torch.bfloat16 or x.shape[-1] != width or _code(x, weight) is None
+            or (bias is not None and (bias.dtype != x.dtype or bias.shape != (outputs,) or not bias.is_contiguous()))):
+        return reference.linear(x, unpack_linear_weight(weight), bias)  # correct, not fast: no layer does this
+    rows = x.reshape(-1, width)
+    out = torch.empty(rows.shape[0], outputs, dtype=x.dtype)
+    _LINEAR(rows.data_ptr(), rows.stride(0), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            out.data_ptr(), outputs, rows.shape[0], outputs, width, torch.get_num_threads())
+    return out.view(*x.shape[:-1], outputs)

@@ -135,6 +135,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A loaded linear weight in the layout this backend's `linear` reads: torch's own [N, K], as it is."""
+    return weight
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2 * d] holding gate then up: silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)

@@ -166,29 +166,42 @@ def test_cpu_decode_attention_matches_reference_on_mixed_contexts(case: Attentio
 
 
 @pytest.mark.skipif(not cpu_ops.linear_available(), reason="kernels/cpu/linear.c needs a CPU with AVX-512 BF16")
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, cpu_ops.MAX_STREAMED_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 32, 100])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-@pytest.mark.parametrize("outputs, inputs", [(68, 600), (69, 64), (70, 600), (71, 20)])
+@pytest.mark.parametrize("outputs, inputs", [(64, 600), (96, 2), (32, 70)])
 def test_cpu_linear_is_the_exact_product_rounded_once_to_bf16(rows: int, with_bias: bool, outputs: int,
                                                               inputs: int) -> None:
-    # Tails: outputs past the kernel's 4-row tiles (0-3 rows), inputs past its 32-element chunks (or fewer than
-    # one); x's rows are a view into wider rows, as the model's activations can be.
+    # Rows past the kernel's 8-row tiles (1-7 left), one or several 32-column blocks; x's rows are a view into
+    # wider rows, as the model's activations can be.
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 2 * inputs + 100, generator=generator).bfloat16()[:, 100:100 + inputs]
     weight = torch.randn(outputs, inputs, generator=generator).bfloat16()
     bias = torch.randn(outputs, generator=generator).bfloat16() if with_bias else None
     exact = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
-    actual = cpu_ops.linear(x, weight, bias)
+    packed = cpu_ops.pack_linear_weight(weight)
+    assert packed.shape != weight.shape and torch.equal(cpu_ops.unpack_linear_weight(packed), weight)
+    actual = cpu_ops.linear(x, packed, bias)
     assert actual.dtype == torch.bfloat16 and actual.shape == (rows, outputs)
     # One bf16 rounding (at most 2^-8 of the value), plus float32 sums in another order than the exact one's.
     tolerance = exact.abs() * 2.0 ** -8 + 1e-5 * (x.double().abs() @ weight.double().abs().T)
     assert ((actual.double() - exact).abs() <= tolerance).all()
 
 
-def test_cpu_linear_leaves_more_rows_and_other_dtypes_to_torch() -> None:
-    weight = torch.randn(40, 64).bfloat16()
-    for x in (torch.randn(cpu_ops.MAX_STREAMED_ROWS + 1, 64).bfloat16(), torch.randn(2, 64)):
-        assert torch.equal(cpu_ops.linear(x, weight.to(x.dtype)), F.linear(x, weight.to(x.dtype)))
+def test_cpu_linear_packs_only_what_its_kernel_reads() -> None:
+    # Other dtypes and shapes the packing does not divide stay [N, K] and torch's. A packed weight takes
+    # leading dims, and an input the kernel does not read (a strided last dim) still gets the product.
+    for weight in (torch.randn(64, 64), torch.randn(40, 64).bfloat16(), torch.randn(64, 63).bfloat16()):
+        assert cpu_ops.pack_linear_weight(weight) is weight
+        x = torch.randn(3, weight.shape[1]).to(weight.dtype)
+        assert torch.equal(cpu_ops.linear(x, weight), F.linear(x, weight))
+    if not cpu_ops.linear_available():
+        return
+    weight = torch.randn(64, 64).bfloat16()
+    packed = cpu_ops.pack_linear_weight(weight)
+    x = torch.randn(2, 3, 64).bfloat16()
+    assert torch.equal(cpu_ops.linear(x, packed), cpu_ops.linear(x.view(6, 64), packed).view(2, 3, 64))
+    x = torch.randn(3, 128).bfloat16()[:, ::2]
+    assert torch.equal(cpu_ops.linear(x, packed), F.linear(x, weight))
 
 
 @pytest.mark.parametrize("target", ATTENTION_TARGETS)

@@ -6,8 +6,9 @@ Each layer loads its own slice of a checkpoint tensor (`weight_loader`), so shar
 models. Stacked layers (QKV, gate-up) compute several checkpoint matrices in one matmul and place each part by
 its name, never by its shape (q, k and v can share a size, and so can gate and up). Names as vLLM's.
 
-Each multiplies with its kernel backend's `linear` (KernelOps.linear): torch's F.linear, or on a CPU a C kernel for
-the few rows of a decode step. Layers hold the KernelOps itself, as the others do, so the profiler can see it.
+Each multiplies with its kernel backend's `linear` (KernelOps.linear): torch's F.linear, or on a bf16 CPU a C kernel
+that reads the weight packed for it, which `process_weights_after_loading` does once the checkpoint is in. Layers
+hold the KernelOps itself, as the others do, so the profiler can see it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,20 @@ from engine.layers.sharded_weights import Loaded, copy_weight, loaded_shape, rea
 from kernels import KernelOps
 
 
-class StackedLinear(nn.Linear):
+class KernelLayoutWeight:
+    """A layer whose `weight` goes to its backend's `linear`: loaded as [N, K], then put in the layout that reads."""
+    ops: KernelOps
+    weight: nn.Parameter
+
+    def process_weights_after_loading(self) -> None:
+        """After the last weight_loader call (vLLM's name): packed for a bf16 CPU's C kernel, elsewhere unchanged.
+        A tied LM head gets its own copy then, since its embedding still looks rows up in [N, K]."""
+        laid_out = self.ops.pack_linear_weight(self.weight.data)
+        if laid_out.shape != self.weight.shape:
+            self.weight = nn.Parameter(laid_out, requires_grad=False)
+
+
+class StackedLinear(KernelLayoutWeight, nn.Linear):
     """Column-parallel nn.Linear over the concatenated outputs of named parts. parts: for each part, (its size
     in the checkpoint, its rows on this rank, the first of them in the checkpoint's part)."""
 
@@ -82,7 +96,7 @@ class MergedColumnParallelLinear(StackedLinear):
         super().__init__(ops, input_size, parts, bias)
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(KernelLayoutWeight, nn.Linear):
     """Each rank multiplies its slice of the input by its columns of the weight; one all-reduce sums them. The
     bias is added once, after the sum."""
 

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import get_tp_group
-from kernels import KernelOps
+from engine.layers.linear import KernelLayoutWeight
 from engine.layers.sharded_weights import Loaded, copy_weight, loaded_shape, read_slice
+from kernels import KernelOps
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -41,7 +42,7 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(KernelLayoutWeight, VocabParallelEmbedding):
     """Logits of this rank's slice of the vocabulary, gathered on rank 0; the other ranks get [tokens, 0]."""
 
     def __init__(self, ops: KernelOps, num_embeddings: int, embedding_dim: int) -> None:
