@@ -152,7 +152,7 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     if (_LINEAR is None or weight.dtype != torch.bfloat16 or not weight.is_cpu or rows % PACK_BLOCK
             or width % 2):
         return weight
-    return weight.view(rows // PACK_BLOCK, PACK_BLOCK, width // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return weight.reshape(rows // PACK_BLOCK, PACK_BLOCK, width // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def unpack_linear_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,48 @@
 #define MAX_GROUP 32
 #define CHUNK 32 /* keys scored at a time: one softmax rescale per chunk, any block size */
 
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+
+/* s[i] = the sum of a[i]'s 16 lanes, for 16 vectors at once: a tree of 15 adds over shuffled pairs instead of
+   16 separate horizontal sums (4 shuffles and 4 adds each). */
+static inline __m512 sum_lanes16(const __m512 *a) {
+    __m512 pairs[8], quads[4], halves[2];
+    for (int j = 0; j < 8; j++) /* per 128-bit lane: a0+a2, b0+b2, a1+a3, b1+b3 */
+        pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * j], a[2 * j + 1]),
+                                 _mm512_unpackhi_ps(a[2 * j], a[2 * j + 1]));
+    for (int j = 0; j < 4; j++) { /* per 128-bit lane: the lane's sum of each of four vectors */
+        const __m512d x = _mm512_castps_pd(pairs[2 * j]), y = _mm512_castps_pd(pairs[2 * j + 1]);
+        quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int j = 0; j < 2; j++) /* then across the 128-bit lanes */
+        halves[j] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* scores[t] = q . key t for count keys of a bf16 cache, head_dim a multiple of 32: vdpbf16ps on the bf16 values
+   as stored (exact products, float32 sums), 16 keys' sums reduced together. The float32 path converts every key
+   first and sums each dot product on its own; this is about 2.5x fewer instructions per key. */
+static void scores_bf16(const uint16_t *q, const uint16_t *keys, const int64_t *slot, int count, int head_dim,
+                        float *scores) {
+    for (int t0 = 0; t0 < count; t0 += 16) {
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) {
+            acc[i] = _mm512_setzero_ps();
+            if (t0 + i < count)
+                for (int d = 0; d < head_dim; d += 32)
+                    acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(q + d),
+                                              (__m512bh)_mm512_loadu_si512(keys + slot[t0 + i] + d));
+        }
+        float sums[16];
+        _mm512_storeu_ps(sums, sum_lanes16(acc));
+        for (int i = 0; i < 16 && t0 + i < count; i++) scores[t0 + i] = sums[i];
+    }
+}
+#endif
+
 static inline float dot(const float *a, const float *b, int n) {
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -33,6 +75,12 @@ static void attend_one(const void *query, const void *kv_cache, void *out, const
     int64_t slot[CHUNK]; /* each key's offset in the K half of the cache */
     /* With a soft cap the score is cap * tanh(q.k * scale / cap); without, q.k * scale folded into q. */
     float q_scale = soft_cap > 0.0f ? scale / soft_cap : scale;
+#ifdef __AVX512BF16__
+    /* bf16 scores straight from the stored values, the scale applied to each sum rather than to q */
+    const int bf16_scores = dtype == 1 && head_dim % 32 == 0;
+#else
+    const int bf16_scores = 0;
+#endif
     for (int g = 0; g < group; g++) {
         load_row(query, q_row + (int64_t)(kv_head * group + g) * q_stride_head, dtype, head_dim, q[g]);
         for (int d = 0; d < head_dim; d++) q[g][d] *= q_scale;
@@ -48,12 +96,17 @@ static void attend_one(const void *query, const void *kv_cache, void *out, const
             int position = start + t;
             slot[t] = ((int64_t)table[position / block_size] * block_size + position % block_size) * token_stride
                       + (int64_t)kv_head * head_dim;
-            load_row(kv_cache, slot[t], dtype, head_dim, key[t]);
+            if (!bf16_scores) load_row(kv_cache, slot[t], dtype, head_dim, key[t]);
         }
         for (int g = 0; g < group; g++) {
             float chunk_max = -INFINITY;
+#ifdef __AVX512BF16__
+            if (bf16_scores)
+                scores_bf16((const uint16_t *)query + q_row + (int64_t)(kv_head * group + g) * q_stride_head,
+                            (const uint16_t *)kv_cache, slot, count, head_dim, scores[g]);
+#endif
             for (int t = 0; t < count; t++) {
-                float s = dot(q[g], key[t], head_dim);
+                float s = bf16_scores ? scores[g][t] * q_scale : dot(q[g], key[t], head_dim);
                 if (soft_cap > 0.0f) s = soft_cap * fast_tanh(s);
                 scores[g][t] = s;
                 chunk_max = s > chunk_max ? s : chunk_max;
