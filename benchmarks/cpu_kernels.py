@@ -3,7 +3,8 @@
 in the same run, alternating. Prints one JSON object: microseconds per call (best of --repeat) and the ratios.
 In bf16 also the matmuls of one step (SmolLM2's 30 layers and its lm_head, 270 MB of weights: more than the
 caches hold, so they stream from memory as in the engine) at 1, 4, 16 and 32 rows (decode steps) and 128 (a short
-prefill), the C side on weights packed as the engine packs them, with the weight bytes per second.
+prefill), the C side on weights packed as the engine packs them, with the weight bytes per second; and one
+layer's (gate_up_proj) at a prefill chunk's 512 and 2048 rows.
 
     python -m benchmarks.cpu_kernels [--dtype bfloat16] [--threads N] [--output]
 
@@ -29,6 +30,7 @@ DECODE_CASES = [(1, 1024), (32, 200), (64, 512), (256, 512), (16, 2048)]  # (seq
 TOKEN_COUNTS = [1, 32, 256]
 LAYERS, INTERMEDIATE, VOCAB = 30, 1536, 49152
 LINEAR_ROWS = [1, 4, 16, 32, 128]  # decode steps, and a short prefill
+PREFILL_ROWS = [512, 2048]
 
 
 def _best_us(fn: Callable[[], object], repeat: int) -> float:
@@ -76,6 +78,12 @@ def _compare_step_matmuls(repeat: int) -> dict:
                        lambda: step(reference.linear, weights), max(1, repeat // 5))
         row |= {f"{side}_weight_gb_s": round(weight_bytes / row[f"{side}_us"] / 1e3, 1) for side in ("reference", "c")}
         results[f"step matmuls, {rows} rows"] = row
+    weight = weights[2]  # gate_up_proj: a prefill chunk's largest matmul, each call long enough to time alone
+    for rows in PREFILL_ROWS:
+        x = torch.randn(rows, HIDDEN).bfloat16()
+        results[f"gate_up matmul, {rows} rows"] = _compare(
+            f"gate_up matmul, {rows} rows", lambda: cpu_ops.linear(x, packed[2]), lambda: reference.linear(x, weight),
+            max(1, repeat // 5))
     return results
 
 

@@ -146,11 +146,13 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     """A loaded linear weight [N, K] in the layout `linear` reads: on a CPU with AVX-512 BF16, a bf16 weight
-    whose N is a multiple of PACK_BLOCK and K even (every model's, in practice) becomes [N / PACK_BLOCK, K / 2,
-    PACK_BLOCK, 2] (kernels/cpu/linear.c says why); any other weight is returned as it is."""
+    whose N is a multiple of PACK_BLOCK and K even becomes [N / PACK_BLOCK, K / 2, PACK_BLOCK, 2]
+    (kernels/cpu/linear.c says why); any other weight (an already packed one too) is returned as it is, and
+    its layer's matmuls stay torch's."""
+    if _LINEAR is None or weight.dim() != 2 or weight.dtype != torch.bfloat16 or not weight.is_cpu:
+        return weight
     rows, width = weight.shape
-    if (_LINEAR is None or weight.dtype != torch.bfloat16 or not weight.is_cpu or rows % PACK_BLOCK
-            or width % 2):
+    if rows % PACK_BLOCK or width % 2:
         return weight
     return weight.reshape(rows // PACK_BLOCK, PACK_BLOCK, width // 2, 2).permute(0, 2, 1, 3).contiguous()
 

@@ -1,8 +1,9 @@
-"""The model runner's start-up: weights allocated once in the target dtype; a profile step that exercises the
-sampler at its largest, so the KV-cache budget on a GPU leaves room for both; and a warm-up after which serving
-compiles no new kernel variant."""
+"""The model runner's start-up: weights allocated once in the target dtype, and packed for the CPU's bf16 matmul;
+a profile step that exercises the sampler at its largest, so the KV-cache budget on a GPU leaves room for both;
+and a warm-up after which serving compiles no new kernel variant."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
@@ -12,6 +13,7 @@ from engine.engine_core import EngineCore
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
+from kernels import cpu_ops
 from tests.kernel_launches import launches  # noqa: F401 (fixture)
 
 class AllocatedBytes(TorchDispatchMode):
@@ -45,6 +47,20 @@ def test_bf16_weights_are_allocated_once_not_in_fp32_first():
     weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     assert all(p.dtype == torch.bfloat16 for p in runner.model.parameters())
     assert allocated.total < 1.5 * weights, (allocated.total, weights)
+
+
+@pytest.mark.skipif(not cpu_ops.linear_available(), reason="packing is for kernels/cpu/linear.c (AVX-512 BF16)")
+def test_cpu_bf16_linear_weights_are_packed_and_a_tied_head_keeps_its_embedding():
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True,
+                         architectures=["LlamaForCausalLM"])
+    runner = ModelRunner(EngineConfig(device="cpu", dtype="bfloat16", max_model_len=64, load_format="dummy",
+                                      kernel_backend="cpu"), config, None)
+    model = runner.model
+    assert model.model.layers[0].self_attn.qkv_proj.weight.shape == (128 // 32, 64 // 2, 32, 2)
+    embedding, head = model.model.embed_tokens.weight, model.lm_head.weight
+    assert embedding.shape == (256, 64) and head.dim() == 4
+    assert torch.equal(cpu_ops.unpack_linear_weight(head), embedding)
 
 
 class CountingSampler(Sampler):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from engine.distributed import TPGroup, tensor_parallel
-from engine.layers.linear import MergedColumnParallelLinear
+from engine.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from kernels import KernelOps
 
 # Checkpoint projection -> vLLM's shard name: w1 the gate, w3 the up projection (together w13), w2 the down one.
@@ -51,7 +51,7 @@ class SharedExpert(nn.Module):
         self.ops = ops
         with tensor_parallel(TPGroup()):  # whole on every rank, as the experts: the MoE block is not sharded
             self.gate_up_proj = MergedColumnParallelLinear(ops, hidden_size, [intermediate_size] * 2, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+            self.down_proj = RowParallelLinear(ops, intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))

@@ -73,17 +73,19 @@ static void attend_one(const void *query, const void *kv_cache, void *out, const
     float scores[MAX_GROUP][CHUNK], row_max[MAX_GROUP], row_sum[MAX_GROUP];
     float key[CHUNK][MAX_HEAD_DIM], value[MAX_HEAD_DIM];
     int64_t slot[CHUNK]; /* each key's offset in the K half of the cache */
-    /* With a soft cap the score is cap * tanh(q.k * scale / cap); without, q.k * scale folded into q. */
+    /* With a soft cap the score is cap * tanh(q.k * scale / cap), without q.k * scale: in float32 the factor is
+       folded into q; bf16 scores come straight from the stored values, the factor applied to each sum. */
     float q_scale = soft_cap > 0.0f ? scale / soft_cap : scale;
 #ifdef __AVX512BF16__
-    /* bf16 scores straight from the stored values, the scale applied to each sum rather than to q */
     const int bf16_scores = dtype == 1 && head_dim % 32 == 0;
 #else
     const int bf16_scores = 0;
 #endif
     for (int g = 0; g < group; g++) {
-        load_row(query, q_row + (int64_t)(kv_head * group + g) * q_stride_head, dtype, head_dim, q[g]);
-        for (int d = 0; d < head_dim; d++) q[g][d] *= q_scale;
+        if (!bf16_scores) {
+            load_row(query, q_row + (int64_t)(kv_head * group + g) * q_stride_head, dtype, head_dim, q[g]);
+            for (int d = 0; d < head_dim; d++) q[g][d] *= q_scale;
+        }
         memset(acc[g], 0, (size_t)head_dim * sizeof(float));
         row_max[g] = -INFINITY;
         row_sum[g] = 0.0f;
