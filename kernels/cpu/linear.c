@@ -7,8 +7,8 @@
    row-major weight's dot products end in a horizontal sum per output, which took a quarter of the time at 16-32
    rows), and each block of 32 columns is one sequential stream, which the hardware prefetcher follows (four
    rows read side by side streamed 1.3x slower at 1 row). A whole step's matmuls at SmolLM2's shapes
-   (benchmarks/cpu_kernels.py, two runs): 1.9-2.6x torch's bf16 matmul (oneDNN) at 1 row, 1.6-1.9x at 32 (decode
-   steps), 1.2-1.3x at 128; single layers at 512-2048 rows (a prefill's) 1.0-1.1x.
+   (benchmarks/cpu_kernels.py, three runs): 1.9-2.6x torch's bf16 matmul (oneDNN) at 1 row, 1.6-1.9x at 32
+   (decode steps), 1.2-1.3x at 128; one layer at a prefill chunk's 512-2048 rows 1.1x.
 
    Tiles: one block of 32 columns (two vectors) by up to 8 rows of x, 16 float32 accumulators in registers. A
    block's packed weight (36-96 KB at K 576-1536) stays in L2 while the rows of x are walked 8 at a time, so only
