@@ -100,13 +100,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
              weight_offset: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """kernels/reference.py's rms_norm in one pass."""
     code = _code(x, weight) if residual is None else _code(x, weight, residual)
-    if (_RMS_NORM is None or code is None or not weight.is_contiguous() or weight.shape != x.shape[-1:]
+    hidden = x.shape[-1]
+    # weight: a 1-D row, contiguous as _code checked its one stride
+    if (_RMS_NORM is None or code is None or weight.dim() != 1 or weight.shape[0] != hidden
             or (residual is not None and residual.shape != x.shape)):
         return reference.rms_norm(x, weight, eps, residual, weight_offset)
-    rows, hidden = x.reshape(-1, x.shape[-1]), x.shape[-1]
+    # Tokens as rows; a model's x is 2-D already (a reshape costs a microsecond, and this runs twice a layer).
+    rows = x if x.dim() == 2 else x.reshape(-1, hidden)
     out = torch.empty(x.shape, dtype=x.dtype)
-    summed = None if residual is None else torch.empty(x.shape, dtype=x.dtype)
-    residual_rows = None if residual is None else residual.reshape(-1, hidden)
+    summed = residual_rows = None
+    if residual is not None:
+        summed = torch.empty(x.shape, dtype=x.dtype)
+        residual_rows = residual if residual.dim() == 2 else residual.reshape(-1, hidden)
     _RMS_NORM(rows.data_ptr(), rows.stride(0), 0 if residual is None else residual_rows.data_ptr(),
               0 if residual is None else residual_rows.stride(0), out.data_ptr(), hidden,
               0 if summed is None else summed.data_ptr(), weight.data_ptr(), rows.shape[0], hidden, eps,
@@ -170,11 +175,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if weight.dim() == 2:
         return reference.linear(x, weight, bias)
     outputs, width = weight.shape[0] * PACK_BLOCK, weight.shape[1] * 2
-    if (x.dtype != torch.bfloat16 or x.shape[-1] != width or _code(x, weight) is None
+    # The weight is pack_linear_weight's (contiguous bf16 on the CPU): only x and the bias are checked, with
+    # cheap attributes, as this runs four times a layer.
+    if (x.dtype != torch.bfloat16 or not x.is_cpu or x.stride(-1) != 1 or x.shape[-1] != width
             or (bias is not None and (bias.dtype != x.dtype or bias.shape != (outputs,) or not bias.is_contiguous()))):
         return reference.linear(x, unpack_linear_weight(weight), bias)  # correct, not fast: no layer does this
-    rows = x.reshape(-1, width)
-    out = torch.empty(rows.shape[0], outputs, dtype=x.dtype)
+    rows = x if x.dim() == 2 else x.reshape(-1, width)
+    out = torch.empty(rows.shape[0], outputs, dtype=torch.bfloat16)
     _LINEAR(rows.data_ptr(), rows.stride(0), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
             out.data_ptr(), outputs, rows.shape[0], outputs, width, torch.get_num_threads())
-    return out.view(*x.shape[:-1], outputs)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], outputs)
