@@ -362,4 +362,6 @@ def _build_model(hf_config, config: EngineConfig, weights, device: torch.device,
     for module in model.modules():
         if isinstance(module, KernelLayoutWeight):
             module.process_weights_after_loading()
+    if hf_config.tie_word_embeddings:  # tied again to the head's weight as laid out: one copy, read by ops.embedding
+        model.model.embed_tokens.weight = model.lm_head.weight
     return model.eval()

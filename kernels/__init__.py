@@ -5,7 +5,8 @@ op torch.ops.tokmodel.<name> in kernels/triton_ops.py) and the PyTorch reference
 (kernel_backend="torch"). kernel_backend="cpu" is the reference with the ops a compiled C kernel does faster on a
 CPU (kernels/cpu_ops.py). `linear` (the dense layers' matmul) is torch's on every backend but the CPU's, where a
 C kernel reads bf16 weights that `pack_linear_weight` put in its layout once they were loaded (elsewhere that
-returns the weight as it is). Kernels know only tensors.
+returns the weight as it is), and `embedding` looks rows up in such a weight (a tied LM head's). Kernels know only
+tensors.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class KernelOps(NamedTuple):
     fused_moe: Callable
     linear: Callable
     pack_linear_weight: Callable
+    embedding: Callable
 
 
 def get_ops(backend: str) -> KernelOps:

@@ -16,7 +16,8 @@ from kernels.cpu.build import load
 from kernels.reference import fused_moe, gelu_tanh_and_mul, prefill_attention, silu_and_mul
 
 __all__ = ["write_kv_cache", "paged_decode_attention", "prefill_attention", "rms_norm", "rotary_embedding",
-           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "pack_linear_weight", "available"]
+           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "pack_linear_weight", "embedding",
+           "available"]
 
 # kernels/cpu/linear.c's packed layout: blocks of PACK_BLOCK output columns, each [K / 2][PACK_BLOCK][2].
 PACK_BLOCK = 32
@@ -168,6 +169,16 @@ def unpack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
         return weight
     blocks, pairs = weight.shape[:2]
     return weight.permute(0, 2, 1, 3).reshape(blocks * PACK_BLOCK, pairs * 2)
+
+
+def embedding(input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """kernels/reference.py's embedding; from a packed weight (a tied LM head's, which its embedding shares rather
+    than keeping a second copy) each token's row is gathered from its block's column."""
+    if weight.dim() == 2:
+        return reference.embedding(input_ids, weight)
+    ids = input_ids.reshape(-1)
+    rows = weight[ids // PACK_BLOCK, :, ids % PACK_BLOCK]  # [tokens, K / 2, 2]
+    return rows.reshape(*input_ids.shape, weight.shape[1] * 2)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

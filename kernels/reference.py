@@ -140,6 +140,11 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def embedding(input_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The rows of weight [vocab, hidden] (as pack_linear_weight left it: a tied LM head's) for input_ids."""
+    return F.embedding(input_ids, weight)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x [..., 2 * d] holding gate then up: silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)

@@ -120,7 +120,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 # The dense matmuls are cuBLAS's, already at the weight-streaming rate at batch 1 (README, GPU check).
-linear, pack_linear_weight = reference.linear, reference.pack_linear_weight
+linear, pack_linear_weight, embedding = reference.linear, reference.pack_linear_weight, reference.embedding
 
 __all__ = ["write_kv_cache", "paged_decode_attention", "prefill_attention", "rms_norm", "rotary_embedding",
-           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "pack_linear_weight"]
+           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "pack_linear_weight",
+           "embedding"]

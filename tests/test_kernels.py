@@ -202,6 +202,8 @@ def test_cpu_linear_packs_only_what_its_kernel_reads() -> None:
     assert torch.equal(cpu_ops.linear(x, packed), cpu_ops.linear(x.view(6, 64), packed).view(2, 3, 64))
     x = torch.randn(3, 128).bfloat16()[:, ::2]
     assert torch.equal(cpu_ops.linear(x, packed), F.linear(x, weight))
+    ids = torch.tensor([[0, 31, 32], [63, 1, 33]])
+    assert torch.equal(cpu_ops.embedding(ids, packed), F.embedding(ids, weight))
 
 
 @pytest.mark.parametrize("target", ATTENTION_TARGETS)

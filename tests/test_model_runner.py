@@ -50,17 +50,21 @@ def test_bf16_weights_are_allocated_once_not_in_fp32_first():
 
 
 @pytest.mark.skipif(not cpu_ops.linear_available(), reason="packing is for kernels/cpu/linear.c (AVX-512 BF16)")
-def test_cpu_bf16_linear_weights_are_packed_and_a_tied_head_keeps_its_embedding():
+def test_cpu_bf16_linear_weights_are_packed_and_a_tied_embedding_shares_the_head():
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True,
                          architectures=["LlamaForCausalLM"])
-    runner = ModelRunner(EngineConfig(device="cpu", dtype="bfloat16", max_model_len=64, load_format="dummy",
-                                      kernel_backend="cpu"), config, None)
-    model = runner.model
+    unpacked = ModelRunner(EngineConfig(device="cpu", dtype="bfloat16", max_model_len=64, load_format="dummy",
+                                        kernel_backend="torch"), config, None).model
+    model = ModelRunner(EngineConfig(device="cpu", dtype="bfloat16", max_model_len=64, load_format="dummy",
+                                     kernel_backend="cpu"), config, None).model
     assert model.model.layers[0].self_attn.qkv_proj.weight.shape == (128 // 32, 64 // 2, 32, 2)
-    embedding, head = model.model.embed_tokens.weight, model.lm_head.weight
-    assert embedding.shape == (256, 64) and head.dim() == 4
-    assert torch.equal(cpu_ops.unpack_linear_weight(head), embedding)
+    head = model.lm_head.weight
+    assert head.dim() == 4 and model.model.embed_tokens.weight is head, "one packed copy, shared"
+    # The same dummy weights (one seed): the packed ones unpack to them, and the embedding finds every row.
+    assert torch.equal(cpu_ops.unpack_linear_weight(head), unpacked.lm_head.weight)
+    ids = torch.tensor([[0, 5, 31], [32, 200, 255]])
+    assert torch.equal(model.model.embed_tokens(ids), unpacked.model.embed_tokens(ids))
 
 
 class CountingSampler(Sampler):

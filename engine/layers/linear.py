@@ -27,7 +27,7 @@ class KernelLayoutWeight:
 
     def process_weights_after_loading(self) -> None:
         """After the last weight_loader call (vLLM's name): packed for a bf16 CPU's C kernel, elsewhere unchanged.
-        A tied LM head gets its own copy then, since its embedding still looks rows up in [N, K]."""
+        A tied LM head's embedding is then tied to the new weight again (model_runner._build_model)."""
         laid_out = self.ops.pack_linear_weight(self.weight.data)
         if laid_out.shape != self.weight.shape:
             self.weight = nn.Parameter(laid_out, requires_grad=False)

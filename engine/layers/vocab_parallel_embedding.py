@@ -4,7 +4,6 @@ all-reduce gives its row, and the ranks' logits are gathered on the rank that sa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import get_tp_group
@@ -14,11 +13,15 @@ from kernels import KernelOps
 
 
 class VocabParallelEmbedding(nn.Embedding):
-    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+    """Rows looked up with the kernel backend's `embedding`: a tied model's embedding shares its LM head's weight,
+    which a bf16 CPU keeps packed for its matmul (kernels/cpu_ops.py)."""
+
+    def __init__(self, ops: KernelOps, num_embeddings: int, embedding_dim: int) -> None:
         self.tp = get_tp_group()
         self.vocab_size = num_embeddings
         rows = -(-num_embeddings // self.tp.size)
         super().__init__(rows, embedding_dim)
+        self.ops = ops
         self.vocab_start = self.tp.rank * rows
         self.vocab_end = min(self.vocab_start + rows, num_embeddings)
 
@@ -35,10 +38,10 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return super().forward(input_ids)
+            return self.ops.embedding(input_ids, self.weight)
         mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local = torch.where(mine, input_ids - self.vocab_start, 0)
-        out = F.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        out = self.ops.embedding(local, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
         return self.tp.all_reduce(out)
 
 
@@ -46,8 +49,7 @@ class ParallelLMHead(KernelLayoutWeight, VocabParallelEmbedding):
     """Logits of this rank's slice of the vocabulary, gathered on rank 0; the other ranks get [tokens, 0]."""
 
     def __init__(self, ops: KernelOps, num_embeddings: int, embedding_dim: int) -> None:
-        super().__init__(num_embeddings, embedding_dim)
-        self.ops = ops
+        super().__init__(ops, num_embeddings, embedding_dim)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.ops.linear(hidden, self.weight, None)

@@ -139,7 +139,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config, ops: KernelOps, make_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(ops, config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = self.norm_class(ops, config.hidden_size, config.rms_norm_eps)
 
