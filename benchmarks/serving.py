@@ -4,14 +4,18 @@ overhead. The load: streaming chat requests of random 32-token prompts at a fixe
 
     python benchmarks/serving.py --base-url http://localhost:8000            # a server already running
     python benchmarks/serving.py --launch tokmodel --launch transformers     # start each in turn, same weights
+    python benchmarks/serving.py --launch llama.cpp --gguf smollm2-bf16.gguf --launch tokmodel
 `--launch transformers` runs `transformers serve --continuous-batching`, which needs transformers[serving]
-(fastapi, uvicorn, starlette, rich, accelerate).
+(fastapi, uvicorn, starlette, rich, accelerate). `--launch llama.cpp` runs llama.cpp's `llama-server` (--llama-server,
+default: on the PATH) on --gguf, a GGUF of the same weights (llama.cpp's convert_hf_to_gguf.py of the converted
+checkpoint TokModel loads, --outtype bf16), with one slot per concurrent request.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,7 +33,7 @@ from bench.serve import add_serve_args, serve_runs  # noqa: E402
 PROMPT_LEN = 32
 
 
-async def run_load(base_url: str, args: argparse.Namespace, extra_body: dict) -> dict:
+async def run_load(base_url: str, args: argparse.Namespace, extra_body: dict, tokenizer: str | None = None) -> dict:
     """`tokmodel bench serve` (bench/serve.py) on base_url: args.num_requests streaming chat requests of random
     PROMPT_LEN-token prompts, args.concurrency at a time, args.max_tokens each, after args.warmup untimed ones;
     summarized in this script's keys (benchmarks/gpu_check_report.py reads them)."""
@@ -37,8 +41,8 @@ async def run_load(base_url: str, args: argparse.Namespace, extra_body: dict) ->
             "--max-concurrency", str(args.concurrency), "--random-input-len", str(PROMPT_LEN),
             "--random-output-len", str(args.max_tokens), "--num-warmups", str(args.warmup),
             "--metric-percentiles", "50,99", "--disable-tqdm"]
-    if args.model:
-        argv += ["--tokenizer", args.model]
+    if tokenizer or args.model:
+        argv += ["--tokenizer", tokenizer or args.model]
     if extra_body.get("ignore_eos"):
         argv.append("--ignore-eos")
     argv += ["--temperature", str(args.temperature)] + (["--top-p", str(args.top_p)] if args.top_p is not None else [])
@@ -85,12 +89,14 @@ def launched(kind: str, args: argparse.Namespace) -> Iterator[str]:
                    "--dtype", args.dtype, *args.tokmodel_args.split()]
         if args.model:
             command += ["--model", args.model]
+    elif kind == "llama.cpp":
+        if not args.gguf:
+            raise SystemExit("--launch llama.cpp needs --gguf")
+        command = [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1", "--port", port, "--jinja",
+                   "-t", str(os.cpu_count()), "-np", str(args.concurrency), "-c", str(args.concurrency * 512)]
     else:
-        from engine.loader import resolve_model  # the same converted weights TokModel loads
-
-        model_dir = str(resolve_model(args.model))
-        command = ["transformers", "serve", model_dir, "--continuous-batching", "--host", "127.0.0.1", "--port", port,
-                   "--device", "cpu", "--dtype", args.dtype]
+        command = ["transformers", "serve", _model_dir(args), "--continuous-batching", "--host", "127.0.0.1",
+                   "--port", port, "--device", "cpu", "--dtype", args.dtype]
     process = subprocess.Popen(command, cwd=REPO, stdout=sys.stderr, stderr=sys.stderr)
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -99,6 +105,13 @@ def launched(kind: str, args: argparse.Namespace) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=120)
+
+
+def _model_dir(args: argparse.Namespace) -> str:
+    """The converted checkpoint TokModel loads: transformers serves it, and it holds the tokenizer."""
+    from engine.loader import resolve_model
+
+    return str(resolve_model(args.model))
 
 
 async def _wait_ready(base_url: str, process: subprocess.Popen, timeout_s: float = 900) -> None:
@@ -120,11 +133,13 @@ async def _wait_ready(base_url: str, process: subprocess.Popen, timeout_s: float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", action="append", default=[], help="a running server (repeatable)")
-    parser.add_argument("--launch", action="append", default=[], choices=["tokmodel", "transformers"],
+    parser.add_argument("--launch", action="append", default=[], choices=["tokmodel", "transformers", "llama.cpp"],
                         help="start this server, measure it, stop it (repeatable)")
     parser.add_argument("--model", help="for --launch (default: TokModel's default model)")
     parser.add_argument("--dtype", default="bfloat16", help="for --launch (default: bfloat16)")
     parser.add_argument("--tokmodel-args", default="", help="more flags for a launched tokmodel serve")
+    parser.add_argument("--llama-server", default="llama-server", help="for --launch llama.cpp: its binary")
+    parser.add_argument("--gguf", help="for --launch llama.cpp: the same weights as a GGUF")
     parser.add_argument("--port", type=int, default=8123, help="for --launch")
     parser.add_argument("--api-key")
     parser.add_argument("--num-requests", type=int, default=32)
@@ -149,7 +164,9 @@ def main() -> None:
         reports.append({"server": base_url, **config, **asyncio.run(run_load(base_url, args, _extra(args, "tokmodel")))})
     for kind in args.launch:
         with launched(kind, args) as base_url:
-            report = asyncio.run(run_load(base_url, args, _extra(args, kind)))
+            # llama.cpp serves the GGUF's name: the bench reads the tokenizer from the checkpoint beside it
+            tokenizer = _model_dir(args) if kind == "llama.cpp" else None
+            report = asyncio.run(run_load(base_url, args, _extra(args, kind), tokenizer))
             reports.append({"server": kind, **config, "dtype": args.dtype, **report})
     rates = {r["server"]: r["output_tok_s"] for r in reports}
     if "offline" in rates and "tokmodel" in rates:
@@ -158,7 +175,7 @@ def main() -> None:
 
 
 def _extra(args: argparse.Namespace, kind: str) -> dict:
-    return {"ignore_eos": True} if args.ignore_eos and kind == "tokmodel" else {}
+    return {"ignore_eos": True} if args.ignore_eos and kind in ("tokmodel", "llama.cpp") else {}
 
 
 if __name__ == "__main__":
