@@ -92,6 +92,7 @@ def launched(kind: str, args: argparse.Namespace) -> Iterator[str]:
     elif kind == "llama.cpp":
         if not args.gguf:
             raise SystemExit("--launch llama.cpp needs --gguf")
+        # Every CPU's thread, as TokModel's torch threads; a slot (and 512 tokens of context) per concurrent request.
         command = [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1", "--port", port, "--jinja",
                    "-t", str(os.cpu_count()), "-np", str(args.concurrency), "-c", str(args.concurrency * 512)]
     else:
