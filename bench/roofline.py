@@ -64,6 +64,11 @@ def linear_traffic(rows: int, inputs: int, outputs: int, elem: int) -> Traffic:
     return Traffic((outputs * inputs + rows * (inputs + outputs)) * elem, 2 * rows * inputs * outputs)
 
 
+def embedding_traffic(num_tokens: int, hidden: int, elem: int) -> Traffic:
+    """Each token's row read and written, one int64 id per token."""
+    return Traffic(2 * num_tokens * hidden * elem + num_tokens * INT64, 0)
+
+
 def kv_write_traffic(num_tokens: int, num_kv_heads: int, head_dim: int, elem: int) -> Traffic:
     """Key and value read, then written to their slots; one int64 slot per token."""
     return Traffic(4 * num_tokens * num_kv_heads * head_dim * elem + num_tokens * INT64, 0)
