@@ -48,9 +48,6 @@ class VocabParallelEmbedding(nn.Embedding):
 class ParallelLMHead(KernelLayoutWeight, VocabParallelEmbedding):
     """Logits of this rank's slice of the vocabulary, gathered on rank 0; the other ranks get [tokens, 0]."""
 
-    def __init__(self, ops: KernelOps, num_embeddings: int, embedding_dim: int) -> None:
-        super().__init__(ops, num_embeddings, embedding_dim)
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.ops.linear(hidden, self.weight, None)
         if self.tp.size == 1:
