@@ -1,5 +1,5 @@
 """What benchmarks/gpu_check.py runs, at two sizes: the H100 plan (the issue's shapes, each step time-boxed so
-that the whole run fits in 8 minutes) and the CPU dry run (every step at tiny sizes, so CI keeps it working)."""
+that the whole run fits in 10 minutes) and the CPU dry run (every step at tiny sizes, so CI keeps it working)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -63,14 +63,13 @@ class Plan(NamedTuple):
 H100 = Plan(
     name="h100", device="cuda", dtype="bfloat16", kernel_dtype=torch.bfloat16, model_overrides={},
     # 600 s in all (575 on one GPU, where tensor_parallel skips in seconds), under the device tool's 10 minutes.
-    # Sized from the GPU runs (H200, benchmarks/results/gpu-check-nvidia-h200-2026-11-2[56].json): tests 194 of
-    # 243 in 140 s with the model families and tests/test_moe.py (2026-11-26), kernels 14 s, decode_latency 17 s,
-    # serving 36 s, compile_stalls 20 s, fast_path 30 s; throughput's TokModel half 25 s, generate_batch
-    # unfinished after 94 s of timing (the step bounds the ratio then). fast_path's third engine (async
-    # scheduling) adds about half (not yet measured on a GPU): 20 s more, from the margins of kernels (14 s of
-    # 40) and decode_latency (17 of 30).
-    step_time_limit_s={"tests": 210, "kernels": 25, "throughput": 115, "decode_latency": 25, "serving": 50,
-                       "compile_stalls": 30, "fast_path": 70, "idle_time": 45,
+    # Sized from the GPU runs (benchmarks/results/gpu-check-nvidia-h*-2026-11-2[56].json): the tests take 194 s
+    # on the H200 and about 290 s on the H100 (its host is slower), kernels 13-14 s, throughput 97 s (its peer
+    # against a deadline), decode_latency 17 s, serving 34-36 s, compile_stalls 19-20 s, fast_path 30-32 s,
+    # idle_time 17 s. On an H100 the tests may still stop at their limit; the rest of them then needs a call
+    # of its own.
+    step_time_limit_s={"tests": 250, "kernels": 25, "throughput": 115, "decode_latency": 25, "serving": 50,
+                       "compile_stalls": 30, "fast_path": 45, "idle_time": 30,
                        "tensor_parallel": 30},  # TP: a skip in seconds on one GPU; two GPUs need about 120
     # The CUDA tests: kernels in bf16 and fp16 at the larger GPU shapes (fp32 is the CPU's job), and every model
     # family against transformers and the Triton backend against the torch one.
