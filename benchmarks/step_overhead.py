@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from benchmarks.common import default_result_path, machine_info, save_json
+from bench.common import default_result_path, machine_info, save_json
 from benchmarks.random_model import save_stand_in_tokenizer
 from engine import EngineConfig, RequestOutputKind, SamplingParams
 from engine.engine_core import EngineCore

@@ -42,6 +42,8 @@ class IncrementalDetokenizer:
     def flush(self) -> None:
         """Decode the pending tokens. A request that neither streams nor stops on strings decodes its text once,
         when it finishes, not one token per step; the text is the same."""
+        if not self._pending:
+            return
         pending, self._pending = self._pending, []
         for token_id in pending:
             piece = self.stream.step(self.tokenizer, token_id)
@@ -60,16 +62,16 @@ class IncrementalDetokenizer:
             idx, self.stop_reason = min(found)
             self._text = self._text[:idx + len(self.stop_reason) * self.include_stop_str]
 
-    def stable_len(self, finished: bool) -> int:
-        """How much text can be shown now: a tail that might still grow into a stop string is held back (unless
+    def visible_text(self, finished: bool) -> str:
+        """The text that can be shown now: a tail that might still grow into a stop string is held back (unless
         the stop string is to be shown anyway)."""
-        if finished or not self.stop or self.include_stop_str:
-            return len(self.text)
         text = self.text
+        if finished or not self.stop or self.include_stop_str:
+            return text
         for start in range(max(0, len(text) - self.max_stop_len + 1), len(text)):
             if text[start] in self.stop_first_chars and any(s.startswith(text[start:]) for s in self.stop):
-                return start
-        return len(self.text)
+                return text[:start]
+        return text
 
 
 @functools.cache  # per tokenizer instance, so each thread's tokenizer has its own

@@ -120,7 +120,9 @@ class KVCacheManager:
         if not self.enable_caching:
             return
         num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
+        if num_full <= request.num_cached_blocks:
+            return  # most steps: no block filled (a cached block is hashed already)
         self._update_hashes(request, num_full)
         for i in range(request.num_cached_blocks, num_full):
             self.pool.cache(self.pool.blocks[request.block_ids[i]], request.block_hashes[i])
-        request.num_cached_blocks = max(request.num_cached_blocks, num_full)
+        request.num_cached_blocks = num_full

@@ -38,9 +38,12 @@ def apply_logits_processors(logits: torch.Tensor, requests: list[Request]) -> No
     rows, ids, values = [], [], []
     for row, request in enumerate(requests):
         params = request.sampling_params
+        ends_banned = request.num_output_tokens < params.min_tokens
+        if not (params.logit_bias or params.bad_words_token_ids or ends_banned):
+            continue  # most requests: nothing to add (this loop runs over every sequence every step)
         additions = dict(params.logit_bias or {})
         banned = _banned_words(request) if params.bad_words_token_ids else []
-        if request.num_output_tokens < params.min_tokens:
+        if ends_banned:
             banned += [*params.stop_token_ids, *([] if params.ignore_eos else params.eos_token_ids)]
         additions.update(dict.fromkeys(banned, float("-inf")))
         rows += [row] * len(additions)

@@ -82,14 +82,13 @@ class OutputProcessor:
     def process(self, sequences: list[Request], logprobs: SampleLogprobs) -> ProcessedOutputs:
         """Take one new token per sequence. A request whose token cannot be processed (its detokenizer
         raised) is left out of the outputs and returned as failed; the others go on."""
-        now = time.time()
         touched: dict[str, RequestState] = {}
         stopped: list[str] = []
         failed: dict[str, None] = {}
         for seq, token_logprobs in zip(sequences, logprobs):
-            state = self.states[seq.parent_id]
             if seq.parent_id in failed:
                 continue
+            state = self.states[seq.parent_id]
             try:
                 if self._take_token(state, seq, token_logprobs):
                     stopped.append(seq.request_id)
@@ -98,37 +97,43 @@ class OutputProcessor:
                 failed[seq.parent_id] = None
                 touched.pop(seq.parent_id, None)
                 continue
+            touched[state.request_id] = state
+        now = time.time()
+        outputs = []
+        for state in touched.values():
             state.first_token_time = state.first_token_time or now
             state.last_token_time = now
-            touched[state.request_id] = state
-        outputs = [out for state in touched.values() if (out := self._make_output(state, now)) is not None]
-        for state in touched.values():
-            if state.finished:
+            finished = state.finished
+            if finished or state.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                if (out := self._make_output(state, now, finished)) is not None:
+                    outputs.append(out)
+            if finished:
                 del self.states[state.request_id]
         return ProcessedOutputs(outputs, stopped, list(failed))
 
     def _take_token(self, state: RequestState, seq: Request, token_logprobs: dict[int, float]) -> bool:
         """Appends the sequence's newest token to its choice; True when a stop string ended a sequence the
         scheduler still runs."""
-        choice = state.choices[seq.index]
+        choice, params, status = state.choices[seq.index], state.params, seq.status
         token_id = seq.all_token_ids[-1]
         choice.token_ids.append(token_id)
-        if state.params.logprobs is not None:
+        if params.logprobs is not None:
             choice.logprobs.append(token_logprobs)
-        if seq.index == 0 and state.params.prompt_logprobs is not None and state.prompt_logprobs is None:
+        if seq.index == 0 and params.prompt_logprobs is not None and state.prompt_logprobs is None:
             state.prompt_logprobs = [None, *self._with_decoded_tokens(seq.prompt_logprobs)]
         # The end or stop token that finished the sequence stays in token_ids but not in the text (as vLLM),
         # even when special tokens are kept: "<|im_end|>" is no part of the answer; unless the request asked for
         # its stop in the text.
-        if seq.status is not RequestStatus.FINISHED_STOPPED or state.params.include_stop_str_in_output:
-            choice.detokenizer.add_token(token_id)
-        if seq.is_finished or state.params.output_kind is not RequestOutputKind.FINAL_ONLY:
-            choice.detokenizer.flush()  # the text is read this step: a token that cannot be decoded fails here
-        if choice.detokenizer.stop_reason is not None:
-            choice.finish_reason, choice.stop_reason = "stop", choice.detokenizer.stop_reason
-            return not seq.is_finished
-        if seq.is_finished:
-            choice.finish_reason, choice.stop_reason = seq.status.finish_reason, seq.stop_reason
+        detokenizer = choice.detokenizer
+        if status is not RequestStatus.FINISHED_STOPPED or params.include_stop_str_in_output:
+            detokenizer.add_token(token_id)
+        if status.finished or params.output_kind is not RequestOutputKind.FINAL_ONLY:
+            detokenizer.flush()  # the text is read this step: a token that cannot be decoded fails here
+        if detokenizer.stop_reason is not None:
+            choice.finish_reason, choice.stop_reason = "stop", detokenizer.stop_reason
+            return not status.finished
+        if status.finished:
+            choice.finish_reason, choice.stop_reason = status.finish_reason, seq.stop_reason
         return False
 
     def _with_decoded_tokens(self, prompt_logprobs: list[dict[int, Logprob]]) -> list[dict[int, Logprob]]:
@@ -151,12 +156,11 @@ class OutputProcessor:
                 choice.detokenizer.flush()
             except Exception:  # the text stays what it was: the request ends anyway
                 logger.exception("decoding the output of request %s failed", request_id)
-        return self._make_output(state, time.time())
+        return self._make_output(state, time.time(), finished=True)
 
-    def _make_output(self, state: RequestState, now: float) -> RequestOutput | None:
-        kind, finished = state.params.output_kind, state.finished
-        if kind is RequestOutputKind.FINAL_ONLY and not finished:
-            return None
+    def _make_output(self, state: RequestState, now: float, finished: bool) -> RequestOutput | None:
+        """The request's output now (None when a delta would be empty); FINAL_ONLY asks only once finished."""
+        kind = state.params.output_kind
         completions = []
         for choice in state.choices:
             completion = self._completion(choice, kind is RequestOutputKind.DELTA)
@@ -176,17 +180,17 @@ class OutputProcessor:
                              state.num_cached_tokens, prompt_logprobs, metrics)
 
     def _completion(self, choice: ChoiceState, delta: bool) -> CompletionOutput | None:
-        detok, finished = choice.detokenizer, choice.finish_reason is not None
-        text_end = detok.stable_len(finished)
+        finished = choice.finish_reason is not None
+        text = choice.detokenizer.visible_text(finished)
         if not delta:
-            return CompletionOutput(choice.index, detok.text[:text_end], list(choice.token_ids), choice.finish_reason,
+            return CompletionOutput(choice.index, text, list(choice.token_ids), choice.finish_reason,
                                     choice.stop_reason, list(choice.logprobs) if choice.logprobs else None)
-        nothing_new = choice.num_sent_tokens == len(choice.token_ids) and choice.num_sent_chars == text_end
+        nothing_new = choice.num_sent_tokens == len(choice.token_ids) and choice.num_sent_chars == len(text)
         if choice.final_sent or (nothing_new and not finished):
             return None
-        out = CompletionOutput(choice.index, detok.text[choice.num_sent_chars:text_end],
-                               choice.token_ids[choice.num_sent_tokens:], choice.finish_reason, choice.stop_reason,
+        out = CompletionOutput(choice.index, text[choice.num_sent_chars:], choice.token_ids[choice.num_sent_tokens:],
+                               choice.finish_reason, choice.stop_reason,
                                choice.logprobs[choice.num_sent_tokens:] if choice.logprobs else None)
-        choice.num_sent_tokens, choice.num_sent_chars = len(choice.token_ids), text_end
+        choice.num_sent_tokens, choice.num_sent_chars = len(choice.token_ids), len(text)
         choice.final_sent = finished
         return out

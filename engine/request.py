@@ -8,25 +8,19 @@ from engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
-    WAITING = enum.auto()
-    RUNNING = enum.auto()
-    PREEMPTED = enum.auto()
-    FINISHED_STOPPED = enum.auto()
-    FINISHED_LENGTH = enum.auto()
-    FINISHED_ABORTED = enum.auto()
-    FINISHED_ERROR = enum.auto()  # the request made a step fail; the others went on
+    """Each member holds its finish reason (None while it runs) as a plain attribute: the step reads it for
+    every sequence, and a dict keyed by the member would hash it in Python each time."""
+    WAITING = (1, None)
+    RUNNING = (2, None)
+    PREEMPTED = (3, None)
+    FINISHED_STOPPED = (4, "stop")
+    FINISHED_LENGTH = (5, "length")
+    FINISHED_ABORTED = (6, "abort")
+    FINISHED_ERROR = (7, "error")  # the request made a step fail; the others went on
 
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def finish_reason(self) -> str | None:
-        return _FINISH_REASONS.get(self)
-
-
-_FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
-                   RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}
+    def __init__(self, number: int, finish_reason: str | None) -> None:  # number: keeps the values distinct
+        self.finish_reason = finish_reason
+        self.finished = finish_reason is not None
 
 
 class Request:

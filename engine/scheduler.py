@@ -117,6 +117,8 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, scheduled: list[Request], num_tokens: list[int], budget: int) -> None:
+        if not self.waiting:
+            return
         # Choices still to fork from a running prompt count against max_num_seqs already.
         num_seqs = len(self.running) + sum(len(r.pending_forks) for r in self.running)
         while self.waiting and budget > 0:

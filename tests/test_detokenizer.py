@@ -30,5 +30,5 @@ def test_text_that_may_start_a_stop_string_is_held_back(tokenizer):
     detok = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=True, stop=["STOP here"])
     for token_id in tokenizer.encode("abc ST"):
         detok.add_token(token_id)
-    assert detok.text[:detok.stable_len(finished=False)] == "abc "
-    assert detok.stable_len(finished=True) == len("abc ST")
+    assert detok.visible_text(finished=False) == "abc "
+    assert detok.visible_text(finished=True) == "abc ST"
