@@ -48,10 +48,16 @@ class RequestState:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_preemptions: int = 0  # of all its sequences
+    num_finished_choices: int = 0
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.choices)
+        return self.num_finished_choices == len(self.choices)
+
+    def finish_choice(self, choice: ChoiceState, finish_reason: str, stop_reason: str | int | None) -> None:
+        if choice.finish_reason is None:
+            self.num_finished_choices += 1
+            choice.finish_reason, choice.stop_reason = finish_reason, stop_reason
 
 
 class OutputProcessor:
@@ -130,10 +136,10 @@ class OutputProcessor:
         if status.finished or params.output_kind is not RequestOutputKind.FINAL_ONLY:
             detokenizer.flush()  # the text is read this step: a token that cannot be decoded fails here
         if detokenizer.stop_reason is not None:
-            choice.finish_reason, choice.stop_reason = "stop", detokenizer.stop_reason
+            state.finish_choice(choice, "stop", detokenizer.stop_reason)
             return not status.finished
         if status.finished:
-            choice.finish_reason, choice.stop_reason = status.finish_reason, seq.stop_reason
+            state.finish_choice(choice, status.finish_reason, seq.stop_reason)
         return False
 
     def _with_decoded_tokens(self, prompt_logprobs: list[dict[int, Logprob]]) -> list[dict[int, Logprob]]:
@@ -151,7 +157,7 @@ class OutputProcessor:
         if state is None:
             return None
         for choice in state.choices:
-            choice.finish_reason = choice.finish_reason or finish_reason
+            state.finish_choice(choice, finish_reason, None)
             try:
                 choice.detokenizer.flush()
             except Exception:  # the text stays what it was: the request ends anyway
