@@ -248,8 +248,7 @@ class AsyncLLM:
                 outputs = self.core.step() if self.core.has_unfinished_requests() else []
                 # The snapshot before the outputs leave: a client holding its last token finds its steps in /metrics.
                 self._stats = self.core.get_stats()
-                for output in outputs:
-                    self._deliver(output.request_id, output)
+                self._deliver_all([(output.request_id, output) for output in outputs])
         except Exception as error:
             self._stats = self.core.get_stats()
             self._die(error)
@@ -302,15 +301,28 @@ class AsyncLLM:
             return
         logger.critical("the engine cannot go on: %s", error, exc_info=error)
         self.dead_error = error if isinstance(error, EngineDeadError) else EngineDeadError(f"engine failed: {error}")
-        for request_id in list(self._streams):
-            self._deliver(request_id, self.dead_error)
+        self._deliver_all([(request_id, self.dead_error) for request_id in list(self._streams)])
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is None:  # the consumer is gone; its abort is already queued
-            return
-        loop, stream = target
-        try:
-            loop.call_soon_threadsafe(stream.put_nowait, item)
-        except RuntimeError:  # the consumer's event loop closed under it
-            self._streams.pop(request_id, None)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand each item to its request's stream, with one wake-up of each consumer's event loop for all of
+        them: waking it costs a write to its self-pipe, which done per request and step was a fifth of the
+        engine thread's time under 256 streams."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, object]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
+            if target is not None:  # else the consumer is gone; its abort is already queued
+                by_loop.setdefault(target[0], []).append((request_id, target[1], item))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, deliveries)
+            except RuntimeError:  # the consumers' event loop closed under them
+                for request_id, _, _ in deliveries:
+                    self._streams.pop(request_id, None)
+
+
+def _put_all(deliveries: list[tuple[str, asyncio.Queue, object]]) -> None:
+    for _, stream, item in deliveries:
+        stream.put_nowait(item)

@@ -167,8 +167,8 @@ class DPAsyncLLM(AsyncLLM):
             index, kind, payload = self._next_message()
             if kind == "outputs":
                 outputs, self._engine_stats[index] = payload
+                self._deliver_all([(output.request_id, output) for output in outputs])
                 for output in outputs:
-                    self._deliver(output.request_id, output)
                     if output.finished:
                         self._release(output.request_id)
             elif kind == "error":
