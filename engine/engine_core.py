@@ -141,7 +141,7 @@ class EngineCore:
         if not output.req_ids:
             return []
         self.runner.update_states(output)
-        self.output_processor.mark_scheduled(self._requests(output.req_ids), time.time())
+        self._mark_scheduled(output)
         try:
             sampled = self._execute(output)
         except Exception as error:
@@ -162,7 +162,7 @@ class EngineCore:
         step, culprits = None, []
         if output.req_ids:
             self.runner.update_states(output)
-            self.output_processor.mark_scheduled(self._requests(output.req_ids), time.time())
+            self._mark_scheduled(output)
             sampling = self._requests(output.sample_req_ids)
             try:
                 step = self._forward(output)
@@ -219,6 +219,11 @@ class EngineCore:
         self.num_prompt_tokens += num_prompt
         self.num_generation_tokens += len(sequences)
         self.iteration_tokens.observe(num_prompt + len(sequences))
+
+    def _mark_scheduled(self, output: SchedulerOutput) -> None:
+        """A request is first scheduled in a step that gives the runner its row (new_reqs), so only those rows
+        can be a first scheduling: the others are not looked at."""
+        self.output_processor.mark_scheduled(self._requests([new.req_id for new in output.new_reqs]), time.time())
 
     def _requests(self, req_ids: list[str]) -> list[Request]:
         return [self.scheduler.requests[req_id] for req_id in req_ids]
