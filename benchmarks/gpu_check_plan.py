@@ -66,10 +66,10 @@ H100 = Plan(
     # end well inside theirs, so a run takes about 540 s, under the device tool's 10 minutes. Sized from the GPU
     # runs (benchmarks/results/gpu-check-nvidia-h*-2026-11-2[56].json): the tests take 194 s on the H200 and
     # about 260-290 s on the H100 (its host is slower: 96% of them in 210 s), kernels 13-14 s, throughput all
-    # its limit (its peer runs against a deadline 25 s before it), decode_latency 15-17 s, serving 28-36 s,
-    # compile_stalls 19-20 s, fast_path 30-32 s, idle_time 17-24 s.
-    step_time_limit_s={"tests": 270, "kernels": 25, "throughput": 100, "decode_latency": 25, "serving": 50,
-                       "compile_stalls": 30, "fast_path": 45, "idle_time": 30,
+    # its limit (its peer runs against a deadline 25 s before it), decode_latency 15-17 s (before it profiled a
+    # second decode), serving 28-36 s, compile_stalls 19-20 s, fast_path 30-32 s, idle_time 17-24 s.
+    step_time_limit_s={"tests": 270, "kernels": 25, "throughput": 100, "decode_latency": 35, "serving": 50,
+                       "compile_stalls": 25, "fast_path": 40, "idle_time": 30,
                        "tensor_parallel": 30},  # TP: a skip in seconds on one GPU; two GPUs need about 120
     # The CUDA tests: kernels in bf16 and fp16 at the larger GPU shapes (fp32 is the CPU's job), and every model
     # family against transformers and the Triton backend against the torch one.

@@ -51,8 +51,10 @@ def headline(name: str, figures: dict) -> str:
                     f"output tok/s (at least {f['speedup_useful_tokens_at_least']:.2f}x; it did not finish)")
         return f"{ours} output tok/s; generate_batch did not reach its timed run"
     if name == "decode_latency":
+        profiled = f.get("profiled")
         return (f"{f['ms_per_token_median']:.2f} ms/token, floor {f['floor_ms']:.2f} ms "
-                f"({f['floor_over_actual']:.0%} of the floor's speed)")
+                f"({f['floor_over_actual']:.0%} of the floor's speed)"
+                + (f"; device {profiled['device_ms_per_token']:.2f} ms a token" if profiled else ""))
     if name == "serving":
         return (f"{f['completed']}/{f['num_requests']} done, {f['output_tok_s']:.0f} tok/s, "
                 f"TTFT mean {f['ttft_ms'].get('mean', float('nan')):.0f} ms, ITL mean {f['itl_ms'].get('mean', float('nan')):.1f} ms")
