@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import json
 import os
 import signal
@@ -204,7 +205,7 @@ def run_decode_latency(plan: Plan, work_dir: Path) -> dict:
     # The same decode again under the profiler (which slows the host, so it is not the timed run): how much of a
     # token the device works, which says whether the rest of the gap to the floor is the host's or the kernels'.
     _start_decode(llm, plan, "decode-profiled")
-    profile = _profiled(llm.engine, work_dir / "decode-latency-trace", llm.engine.has_unfinished_requests)
+    profile = _profiled(llm.engine, work_dir / "decode-latency-trace")
     device_ms = profile["step_ms_mean"] * profile["step_split"]["device_busy_pct"] / 100
     log(f"under the profiler: device busy {profile['step_split']['device_busy_pct']:.1f}% of a step, "
         f"{device_ms:.2f} ms a token ({device_ms / floor_ms:.2f}x the floor)")
@@ -242,15 +243,18 @@ def _start_decode(llm, plan: Plan, request_id: str) -> None:
     llm.engine.step()  # the prefill and its token (which async scheduling hands over with the next call)
 
 
-def _profiled(core, trace_dir: Path, more: Callable[[], bool]) -> dict:
-    """Engine steps, while more(), under EngineProfiler: bench.trace_report's analysis of their trace."""
+def _profiled(core, trace_dir: Path, num_steps: int | None = None) -> dict:
+    """num_steps engine steps (None: until no request is left) under EngineProfiler: bench.trace_report's analysis
+    of their trace."""
     from bench.trace_report import analyze
     from engine.profiler import EngineProfiler
 
     profiler = EngineProfiler(core, trace_dir)
     profiler.start()
     try:
-        while more():
+        for _ in itertools.count() if num_steps is None else range(num_steps):
+            if not core.has_unfinished_requests():
+                break
             core.step()
     finally:
         trace = profiler.stop()
@@ -409,13 +413,9 @@ def run_idle_time(plan: Plan, work_dir: Path) -> dict:
         core.step()
     core.step()  # the last prefill's request decodes too: every step from here is decode-only
 
-    def profiled_decode(name: str) -> dict:
-        steps = iter(range(decode_steps))
-        return _profiled(core, work_dir / f"idle-time-trace{name}", lambda: next(steps, None) is not None)
-
-    report = profiled_decode("")
+    report = _profiled(core, work_dir / "idle-time-trace", decode_steps)
     core.async_scheduling = True  # safe between steps in this direction (nothing is pending yet), never back
-    overlapped = profiled_decode("-async")
+    overlapped = _profiled(core, work_dir / "idle-time-trace-async", decode_steps)
     busy, busy_async = report["step_split"]["device_busy_pct"], overlapped["step_split"]["device_busy_pct"]
     log(f"decode at batch {batch}: step {report['step_ms_mean']:.2f} ms, device busy {busy:.1f}%; with async "
         f"scheduling {overlapped['step_ms_mean']:.2f} ms, busy {busy_async:.1f}%")
