@@ -49,10 +49,11 @@ def rms_norm_traffic(num_tokens: int, hidden: int, elem: int) -> Traffic:
     return Traffic(4 * num_tokens * hidden * elem + hidden * elem, 0)
 
 
-def rotary_traffic(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, elem: int) -> Traffic:
-    """Query and key read and written in place, one fp32 cos/sin row and one int64 position per token."""
-    return Traffic(2 * num_tokens * (num_heads + num_kv_heads) * head_dim * elem
-                   + num_tokens * (head_dim * FP32 + INT64), 0)
+def rotary_write_kv_traffic(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, elem: int) -> Traffic:
+    """Query read and written in place, key and value read and written to their slots; one fp32 cos/sin row, one
+    int64 position and one int64 slot per token."""
+    return Traffic(2 * num_tokens * (num_heads + 2 * num_kv_heads) * head_dim * elem
+                   + num_tokens * (head_dim * FP32 + 2 * INT64), 0)
 
 
 def silu_and_mul_traffic(num_tokens: int, intermediate: int, elem: int) -> Traffic:
@@ -67,11 +68,6 @@ def linear_traffic(rows: int, inputs: int, outputs: int, elem: int) -> Traffic:
 def embedding_traffic(num_tokens: int, hidden: int, elem: int) -> Traffic:
     """Each token's row read and written, one int64 id per token."""
     return Traffic(2 * num_tokens * hidden * elem + num_tokens * INT64, 0)
-
-
-def kv_write_traffic(num_tokens: int, num_kv_heads: int, head_dim: int, elem: int) -> Traffic:
-    """Key and value read, then written to their slots; one int64 slot per token."""
-    return Traffic(4 * num_tokens * num_kv_heads * head_dim * elem + num_tokens * INT64, 0)
 
 
 def measure_limits(device: str, sweep, dtype: torch.dtype = torch.bfloat16) -> Limits:

@@ -8,8 +8,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from bench.roofline import (Limits, Traffic, decode_traffic, embedding_traffic, kv_write_traffic, linear_traffic,
-                            prefill_traffic, rms_norm_traffic, rotary_traffic, silu_and_mul_traffic)
+from bench.roofline import (Limits, Traffic, decode_traffic, embedding_traffic, linear_traffic, prefill_traffic,
+                            rms_norm_traffic, rotary_write_kv_traffic, silu_and_mul_traffic)
 from engine.profiler import KERNEL_PREFIX
 
 HOST_PHASES = ("schedule", "prepare_inputs", "sample", "update", "detokenize")
@@ -63,9 +63,8 @@ def kernel_traffic(info: dict) -> dict[str, Traffic]:
             add("prefill_attention", prefill_traffic(prefix, q_len, heads, kv_heads, head_dim, m["block_size"], elem),
                 layers)
         add("embedding", embedding_traffic(tokens, m["hidden"], elem), 1)
-        add("write_kv_cache", kv_write_traffic(tokens, kv_heads, head_dim, elem), layers)
+        add("rotary_embedding_and_write_kv", rotary_write_kv_traffic(tokens, heads, kv_heads, head_dim, elem), layers)
         add("rms_norm", rms_norm_traffic(tokens, m["hidden"], elem), 2 * layers + 1)
-        add("rotary_embedding", rotary_traffic(tokens, heads, kv_heads, head_dim, elem), layers)
         add("silu_and_mul", silu_and_mul_traffic(tokens, m["intermediate"], elem), layers)
         hidden, inter = m["hidden"], m["intermediate"]
         for inputs, outputs in ((hidden, (heads + 2 * kv_heads) * head_dim), (heads * head_dim, hidden),

@@ -121,12 +121,11 @@ def main() -> None:
         cache = torch.zeros(2, 64, BLOCK_SIZE, KV_HEADS, HEAD_DIM).to(dtype)
         slots = torch.randperm(cache[0].numel() // (KV_HEADS * HEAD_DIM))[:tokens]
         value = qkv[:, HEADS + KV_HEADS:]
-        results[f"write_kv_cache, {tokens} tokens"] = _compare(
-            f"KV write, {tokens} tokens", lambda: cpu_ops.write_kv_cache(key, value, cache, slots),
-            lambda: reference.write_kv_cache(key, value, cache, slots), args.repeat)
-        results[f"rotary_embedding, {tokens} tokens"] = _compare(
-            f"rotary, {tokens} tokens", lambda: cpu_ops.rotary_embedding(positions, query, key, cos_sin),
-            lambda: reference.rotary_embedding(positions, query, key, cos_sin), args.repeat)
+        results[f"rotary_embedding_and_write_kv, {tokens} tokens"] = _compare(
+            f"rotary and KV write, {tokens} tokens",
+            lambda: cpu_ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin, cache, slots),
+            lambda: reference.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin, cache, slots),
+            args.repeat)
     if dtype == torch.bfloat16 and cpu_ops.linear_available():
         results |= _compare_step_matmuls(args.repeat)
     report = {"dtype": args.dtype, "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,

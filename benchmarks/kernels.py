@@ -30,8 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # copy_bandwidth_gbps and measure_limits: benchmarks/gpu_check_steps.py takes them from here
 from bench.roofline import (FP32, INT64, Limits, Traffic, bench_seconds, copy_bandwidth_gbps,  # noqa: F401
-                            decode_traffic, kv_write_traffic, measure_limits, prefill_traffic, rms_norm_traffic,
-                            rotary_traffic, silu_and_mul_traffic)
+                            decode_traffic, measure_limits, prefill_traffic, rms_norm_traffic,
+                            rotary_write_kv_traffic, silu_and_mul_traffic)
 from kernels import KernelOps, get_ops
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -177,7 +177,7 @@ def bench_prefill(setup: Setup, progress: Callable[[str], None] = lambda _: None
 
 
 def bench_elementwise(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
-    """RMSNorm(+residual), rotary, SiLU-and-mul and the cache write at a decode batch and a prefill chunk."""
+    """RMSNorm(+residual), rotary with the cache write, and SiLU-and-mul at a decode batch and a prefill chunk."""
     s, ops, dtype, device = setup.shape, setup.ops, setup.dtype, setup.device
     elem = torch.finfo(dtype).bits // 8
     records = []
@@ -186,27 +186,28 @@ def bench_elementwise(setup: Setup, progress: Callable[[str], None] = lambda _: 
         records.append(_record(kernel, shape, dtype, bench_seconds(fn, device), traffic, setup.limits))
 
     for tokens in setup.sweep.elementwise_tokens:
-        progress(f"norm, rotary, SiLU-and-mul and KV write, {tokens} tokens")
+        progress(f"norm, rotary and KV write, SiLU-and-mul, {tokens} tokens")
         x, residual = (torch.randn(tokens, s.hidden, dtype=dtype, device=device) for _ in range(2))
         weight = torch.randn(s.hidden, dtype=dtype, device=device)
         record("rms_norm", {"batch": tokens, "hidden": s.hidden}, lambda: ops.rms_norm(x, weight, 1e-5, residual),
                rms_norm_traffic(tokens, s.hidden, elem))
         query = torch.randn(tokens, s.num_heads, s.head_dim, dtype=dtype, device=device)
-        key = torch.randn(tokens, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
+        key, value = (torch.randn(tokens, s.num_kv_heads, s.head_dim, dtype=dtype, device=device) for _ in range(2))
         positions = torch.randint(0, 8192, (tokens,), device=device)
-        cos_sin_cache = torch.randn(8192, s.head_dim, device=device)
-        heads = {"batch": tokens, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim}
-        record("rotary_embedding", heads, lambda: ops.rotary_embedding(positions, query, key, cos_sin_cache),
-               rotary_traffic(tokens, s.num_heads, s.num_kv_heads, s.head_dim, elem))
-        gate_up = torch.randn(tokens, 2 * s.intermediate, dtype=dtype, device=device)
-        record("silu_and_mul", {"batch": tokens, "intermediate": s.intermediate}, lambda: ops.silu_and_mul(gate_up),
-               silu_and_mul_traffic(tokens, s.intermediate, elem))
+        # cos^2 + sin^2 = 1: the query, rotated again each repeat, stays finite
+        angles = torch.rand(8192, s.head_dim // 2, device=device) * 6.3
+        cos_sin_cache = torch.cat((angles.cos(), angles.sin()), dim=-1)
         kv_cache = torch.empty(2, tokens // s.block_size * 4, s.block_size, s.num_kv_heads, s.head_dim, dtype=dtype,
                                device=device)
         slots = torch.randperm(kv_cache.shape[1] * s.block_size, device=device)[:tokens]
-        record("write_kv_cache", {**heads, "num_heads": None, "block_size": s.block_size},
-               lambda: ops.write_kv_cache(key, key, kv_cache, slots),
-               kv_write_traffic(tokens, s.num_kv_heads, s.head_dim, elem))
+        heads = {"batch": tokens, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
+                 "block_size": s.block_size}
+        record("rotary_embedding_and_write_kv", heads,
+               lambda: ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, kv_cache, slots),
+               rotary_write_kv_traffic(tokens, s.num_heads, s.num_kv_heads, s.head_dim, elem))
+        gate_up = torch.randn(tokens, 2 * s.intermediate, dtype=dtype, device=device)
+        record("silu_and_mul", {"batch": tokens, "intermediate": s.intermediate}, lambda: ops.silu_and_mul(gate_up),
+               silu_and_mul_traffic(tokens, s.intermediate, elem))
     return records
 
 

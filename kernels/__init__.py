@@ -14,11 +14,10 @@ from typing import Callable, NamedTuple
 
 
 class KernelOps(NamedTuple):
-    write_kv_cache: Callable
+    rotary_embedding_and_write_kv: Callable
     paged_decode_attention: Callable
     prefill_attention: Callable
     rms_norm: Callable
-    rotary_embedding: Callable
     silu_and_mul: Callable
     gelu_tanh_and_mul: Callable
     fused_moe: Callable

@@ -1,6 +1,6 @@
 """The CPU's kernels (kernel_backend="cpu"): the PyTorch reference ops, with the ones a compiled C kernel does
 faster on a CPU taken from kernels/cpu/: decode attention read from the paged cache in place (instead of gathered
-and padded), RMSNorm(+residual), rotary embedding and the KV write in one pass each (instead of 5-20 tensor ops),
+and padded), RMSNorm(+residual), and the rotary embedding with the KV write, in one pass each (instead of 5-20 tensor ops),
 and the bf16 matmuls, on weights packed for AVX-512 BF16 once they are loaded. Each falls back to the reference
 for what the C kernels do not take (fp16, a last dim that is not contiguous), and the whole backend is the
 reference where no C compiler built them."""
@@ -15,7 +15,7 @@ from kernels.cpu.build import load
 # SiLU/GELU-and-mul stay torch's: its two vectorized passes were faster than one C pass behind a ctypes call.
 from kernels.reference import fused_moe, gelu_tanh_and_mul, prefill_attention, silu_and_mul
 
-__all__ = ["write_kv_cache", "paged_decode_attention", "prefill_attention", "rms_norm", "rotary_embedding",
+__all__ = ["rotary_embedding_and_write_kv", "paged_decode_attention", "prefill_attention", "rms_norm",
            "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "pack_linear_weight", "embedding",
            "available"]
 
@@ -28,9 +28,8 @@ _SIGNATURES = {
     "paged_decode_attention": (_INT, [_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _INT, _INT, _PTR, _I64, _I64,
                                       _INT, _INT, _INT, _INT, _FLOAT, _INT, _FLOAT, _INT, _INT]),
     "rms_norm": (None, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _INT, _FLOAT, _INT, _FLOAT, _INT, _INT]),
-    "rotary_embedding": (None, [_PTR, _PTR, _I64, _I64, _INT, _PTR, _I64, _I64, _INT, _PTR, _INT, _I64, _INT, _INT,
-                                _INT]),
-    "write_kv_cache": (_INT, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _INT, _INT]),
+    "rotary_embedding_and_write_kv": (_INT, [_PTR, _PTR, _I64, _I64, _INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR,
+                                             _INT, _INT, _PTR, _INT, _I64, _INT, _INT, _INT]),
     "linear_bf16": (None, [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _INT, _INT, _INT, _INT]),
     "linear_bf16_available": (_INT, []),
 }
@@ -47,8 +46,7 @@ def _function(library_name: str, name: str):
 
 _ATTENTION = _function("paged_decode_attention", "paged_decode_attention")
 _RMS_NORM = _function("elementwise", "rms_norm")
-_ROTARY = _function("elementwise", "rotary_embedding")
-_WRITE_KV = _function("elementwise", "write_kv_cache")
+_ROTARY_WRITE_KV = _function("elementwise", "rotary_embedding_and_write_kv")
 _LINEAR_BUILT = _function("linear", "linear_bf16_available")
 # Only for CPUs with AVX-512 BF16 (kernels/cpu/linear.c); elsewhere the matmuls stay torch's.
 _LINEAR = _function("linear", "linear_bf16") if _LINEAR_BUILT is not None and _LINEAR_BUILT() else None
@@ -120,34 +118,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out if summed is None else (out, summed)
 
 
-def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                     cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None:
-    """kernels/reference.py's rotary_embedding in one pass over query and key, in place."""
-    code = _code(query, key)
-    if (_ROTARY is None or code is None or cos_sin_cache.dtype != torch.float32
-            or not cos_sin_cache.is_contiguous() or positions.dtype != torch.int64 or not positions.is_contiguous()
-            or query.dim() != 3 or key.dim() != 3 or positions.shape != (query.shape[0],)
-            or key.shape[0] != query.shape[0] or cos_sin_cache.shape[1] > min(query.shape[2], key.shape[2])):
-        return reference.rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
-    _ROTARY(positions.data_ptr(), query.data_ptr(), query.stride(0), query.stride(1), query.shape[1],
-            key.data_ptr(), key.stride(0), key.stride(1), key.shape[1], cos_sin_cache.data_ptr(),
-            cos_sin_cache.shape[1], positions.shape[0], int(is_neox), code, torch.get_num_threads())
-
-
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kernels/reference.py's write_kv_cache, one copy per token row; the reference where dtypes differ."""
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
-    if (_WRITE_KV is None or _code(key, value, kv_cache) is None or not kv_cache.is_contiguous()
-            or key.dim() != 3 or key.shape[1:] != (num_kv_heads, head_dim) or value.shape != key.shape
-            or key.stride(1) != head_dim or value.stride(1) != head_dim or slot_mapping.dtype != torch.int64
-            or not slot_mapping.is_contiguous() or slot_mapping.shape != key.shape[:1]):
-        return reference.write_kv_cache(key, value, kv_cache, slot_mapping)
+def rotary_embedding_and_write_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                                  value: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
+                                  slot_mapping: torch.Tensor, is_neox: bool = True) -> None:
+    """kernels/reference.py's rotary_embedding_and_write_kv in one pass over the tokens; the reference where the
+    layouts or dtypes differ."""
+    code = _code(query, key, value, kv_cache)
+    if _ROTARY_WRITE_KV is None or code is None or not _c_takes_rotary_write_kv(positions, query, key, value,
+                                                                               cos_sin_cache, kv_cache, slot_mapping):
+        return reference.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, kv_cache,
+                                                       slot_mapping, is_neox)
+    num_tokens, num_heads, head_dim = query.shape
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]  # blocks x block size
-    status = _WRITE_KV(key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), kv_cache.data_ptr(),
-                       num_slots, slot_mapping.data_ptr(), key.shape[0], num_kv_heads * head_dim,
-                       kv_cache.element_size(), torch.get_num_threads())
+    status = _ROTARY_WRITE_KV(positions.data_ptr(), query.data_ptr(), query.stride(0), query.stride(1), num_heads,
+                              key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), kv_cache.data_ptr(),
+                              num_slots, slot_mapping.data_ptr(), key.shape[1], head_dim, cos_sin_cache.data_ptr(),
+                              cos_sin_cache.shape[1], num_tokens, int(is_neox), code, torch.get_num_threads())
     if status != 0:
         raise IndexError(f"slot_mapping holds a slot outside the cache's {num_slots}")
+
+
+def _c_takes_rotary_write_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """Whether kernels/cpu's rotary_embedding_and_write_kv reads these layouts: key and value rows whose heads are
+    contiguous, as the cache's, a whole float32 table, int64 positions and slots."""
+    if query.dim() != 3 or not kv_cache.is_contiguous():
+        return False
+    num_tokens, _, head_dim = query.shape
+    kv_shape = (num_tokens, kv_cache.shape[-2], head_dim)
+    return (key.shape == kv_shape and value.shape == kv_shape and kv_cache.shape[-1] == head_dim
+            and key.stride(1) == head_dim and value.stride(1) == head_dim
+            and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous()
+            and cos_sin_cache.shape[1] <= head_dim and positions.dtype == torch.int64 and positions.is_contiguous()
+            and positions.shape == (num_tokens,) and slot_mapping.dtype == torch.int64
+            and slot_mapping.is_contiguous() and slot_mapping.shape == (num_tokens,))
 
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,16 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         rot.copy_(torch.cat((o1, o2), -1) if is_neox else torch.stack((o1, o2), -1).flatten(-2))
 
 
+def rotary_embedding_and_write_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                                  value: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
+                                  slot_mapping: torch.Tensor, is_neox: bool = True) -> None:
+    """A layer's new tokens into the cache: rotate query in place (rotary_embedding) and write the rotated key and
+    value into their slots (write_kv_cache); key itself is left as it is."""
+    key = key.clone()
+    rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    write_kv_cache(key, value, kv_cache, slot_mapping)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias): a linear layer's product, as torch computes it (on a GPU, cuBLAS)."""
     return F.linear(x, weight, bias)

@@ -3,7 +3,7 @@ torch.library op, torch.ops.tokmodel.<name>, which the engine calls eagerly and 
 as one opaque node (what Triton's Python launch code could not be).
 
 Each op's schema is inferred from its launcher's signature and declares the arguments it writes (the KV cache, `out`,
-the rotated query and key); a fake implementation gives its outputs' shapes and dtypes without running it. The ops
+the rotated query); a fake implementation gives its outputs' shapes and dtypes without running it. The ops
 are defined with torch.library.Library rather than torch.library.custom_op, which wraps every call in Python
 autograd and version-counter kernels: on a CPU these added 4 to 65 us a call to the launcher's host time (most to
 the ops that write their arguments), the dispatcher alone 2 to 8 (benchmarks/op_dispatch.py), so the eager path
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch.library import Library, infer_schema, register_fake
 
-from kernels import activation, decode_attention, kv_write, reference, rmsnorm, rope
+from kernels import activation, decode_attention, reference, rmsnorm, rope
 from kernels import fused_moe as moe
 from kernels import prefill_attention as prefill
 
@@ -82,8 +82,8 @@ def _fake_fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Te
     return hidden_states.new_empty(hidden_states.shape[0], w2.shape[1])
 
 
-write_kv_cache = _define("write_kv_cache", kv_write.write_kv_cache, _writes_only, ("kv_cache",))
-rotary_embedding = _define("rotary_embedding", rope.rotary_embedding, _writes_only, ("query", "key"))
+rotary_embedding_and_write_kv = _define("rotary_embedding_and_write_kv", rope.rotary_embedding_and_write_kv,
+                                        _writes_only, ("query", "kv_cache"))
 silu_and_mul = _define("silu_and_mul", activation.silu_and_mul, _fake_act_and_mul)
 gelu_tanh_and_mul = _define("gelu_tanh_and_mul", activation.gelu_tanh_and_mul, _fake_act_and_mul)
 fused_moe = _define("fused_moe", moe.fused_moe, _fake_fused_moe)
@@ -122,6 +122,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 # The dense matmuls are cuBLAS's, already at the weight-streaming rate at batch 1 (README, GPU check).
 linear, pack_linear_weight, embedding = reference.linear, reference.pack_linear_weight, reference.embedding
 
-__all__ = ["write_kv_cache", "paged_decode_attention", "prefill_attention", "rms_norm", "rotary_embedding",
+__all__ = ["rotary_embedding_and_write_kv", "paged_decode_attention", "prefill_attention", "rms_norm",
            "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "pack_linear_weight",
            "embedding"]

@@ -120,8 +120,8 @@ def _attention_launches(f: Family, dtype: torch.dtype) -> None:
         head_weight = torch.empty(f.head_dim, dtype=dtype)
         q = ops.rms_norm(q, head_weight, 1e-6, None, f.norm_offset)
         k = ops.rms_norm(k, head_weight, 1e-6, None, f.norm_offset)
-    ops.rotary_embedding(positions, q, k, torch.empty(8192, f.rotary_dim or f.head_dim), True)
-    ops.write_kv_cache(k, v, kv_cache, slots)
+    ops.rotary_embedding_and_write_kv(positions, q, k, v, torch.empty(8192, f.rotary_dim or f.head_dim), kv_cache,
+                                      slots, True)
     out = torch.empty_like(q)
     attention = (kv_cache, block_tables, seq_lens)
     scale = f.head_dim ** -0.5

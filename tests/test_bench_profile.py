@@ -31,8 +31,9 @@ def test_profile_counts_every_step_and_kernel_call_of_the_workload(tmp_path: Pat
     # step, the torch path (without a C compiler) once per decode group (here each sequence)
     decode_groups = 1 if cpu_ops.available() else 2
     # the matmuls: qkv, o, gate-up and down a layer, and the lm_head, each step; one embedding lookup a step
-    assert calls == {"prefill_attention": 1, "paged_decode_attention": 2 * decode_groups, "write_kv_cache": 3,
-                     "rms_norm": 3 * 3, "rotary_embedding": 3, "silu_and_mul": 3, "linear": 3 * 5, "embedding": 3}
+    assert calls == {"prefill_attention": 1, "paged_decode_attention": 2 * decode_groups,
+                     "rotary_embedding_and_write_kv": 3, "rms_norm": 3 * 3, "silu_and_mul": 3, "linear": 3 * 5,
+                     "embedding": 3}
     split = report["step_split"]
     phases = ("schedule", "prepare_inputs", "sample", "update", "detokenize", "forward", "lm_head", "host_other")
     assert sum(split[f"{p}_pct"] for p in phases) == pytest.approx(100.0)

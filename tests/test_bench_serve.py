@@ -246,7 +246,7 @@ def test_tokmodel_profile_drives_the_servers_profiler(server, trace_dir: Path, t
     calls = {row["name"]: row["calls"] for row in report["kernels"]}
     num_layers = 30  # SmolLM2-135M: each step runs each layer's norms, and the final norm once
     assert report["steps"] >= 3 and calls["rms_norm"] == report["steps"] * (2 * num_layers + 1)
-    assert calls["prefill_attention"] >= 1 and calls["write_kv_cache"] == report["steps"] * num_layers
+    assert calls["prefill_attention"] >= 1 and calls["rotary_embedding_and_write_kv"] == report["steps"] * num_layers
 
 
 def test_stopping_a_profiler_that_is_not_running_is_an_openai_error(server) -> None:

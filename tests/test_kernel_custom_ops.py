@@ -44,8 +44,10 @@ def _moe_args() -> tuple:
 
 # name: (args, kwargs) of one call of torch.ops.tokmodel.<name>
 OP_CALLS: dict[str, Callable[[], tuple[tuple, dict]]] = {
-    "write_kv_cache": lambda: ((_randn(3, NUM_KV_HEADS, HEAD_DIM), _randn(3, NUM_KV_HEADS, HEAD_DIM),
-                                *_cache([20])[:1], torch.tensor([0, 17, 5], device=DEVICE)), {}),
+    "rotary_embedding_and_write_kv": lambda: ((torch.tensor([0, 3, 7], device=DEVICE), _randn(3, NUM_HEADS, HEAD_DIM),
+                                               _randn(3, NUM_KV_HEADS, HEAD_DIM), _randn(3, NUM_KV_HEADS, HEAD_DIM),
+                                               _randn(8, HEAD_DIM), *_cache([20])[:1],
+                                               torch.tensor([0, -1, 5], device=DEVICE)), {"is_neox": False}),
     "paged_decode_attention": lambda: ((torch.zeros(3, NUM_HEADS, HEAD_DIM, device=DEVICE),
                                         _randn(3, NUM_HEADS, HEAD_DIM), *_cache([5, 20, 9]), 1, 3, 0.25, 20, None,
                                         None), {}),
@@ -55,8 +57,6 @@ OP_CALLS: dict[str, Callable[[], tuple[tuple, dict]]] = {
                                    30.0), {}),
     "rms_norm": lambda: ((_randn(3, 32), _randn(32), 1e-6, 0.0), {}),
     "fused_add_rms_norm": lambda: ((_randn(3, 32), _randn(3, 32), _randn(32), 1e-6, 1.0), {}),
-    "rotary_embedding": lambda: ((torch.tensor([0, 3, 7], device=DEVICE), _randn(3, NUM_HEADS, HEAD_DIM),
-                                  _randn(3, NUM_KV_HEADS, HEAD_DIM), _randn(8, HEAD_DIM)), {"is_neox": False}),
     "silu_and_mul": lambda: ((_randn(3, 64),), {}),
     "gelu_tanh_and_mul": lambda: ((_randn(3, 64),), {}),
     "fused_moe": lambda: (_moe_args(), {}),
@@ -93,8 +93,7 @@ class TinyAttention(torch.nn.Module):
         hidden, residual = self.ops.rms_norm(hidden, self.weight, 1e-6, residual)
         query = hidden.view(-1, NUM_HEADS, HEAD_DIM).clone()
         key, value = query[:, :NUM_KV_HEADS].contiguous(), query[:, NUM_KV_HEADS:].contiguous()
-        self.ops.rotary_embedding(positions, query, key, rope)
-        self.ops.write_kv_cache(key, value, kv_cache, slots)
+        self.ops.rotary_embedding_and_write_kv(positions, query, key, value, rope, kv_cache, slots)
         out = torch.empty_like(query)
         self.ops.paged_decode_attention(query, kv_cache, tables, seq_lens, 0, 1, HEAD_DIM ** -0.5, 20, out=out)
         self.ops.prefill_attention(query, kv_cache, tables, seq_lens, query_start_loc, 1, 2, HEAD_DIM ** -0.5, 20,

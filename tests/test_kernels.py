@@ -302,39 +302,6 @@ def test_attention_ops_read_whole_tables_and_write_their_rows_of_a_larger_out(ba
     _assert_close(out, expected, target)
 
 
-@pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
-def test_kv_write_scatters_tokens_to_their_slots_and_skips_padding(target: Target) -> None:
-    num_blocks, block_size, num_kv_heads, head_dim = 6, 8, 3, 80
-    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=target.device).to(target.dtype)
-    expected = cache.clone()
-    slots = torch.randperm(num_blocks * block_size, device=target.device)[:10 * target.scale]
-    slots[::4] = -1
-    # fp32 inputs into a narrower cache: the kernel casts on the way in.
-    key, value = (torch.randn(len(slots), num_kv_heads, head_dim, device=target.device) for _ in range(2))
-    triton_ops.write_kv_cache(key, value, cache, slots)
-    ref.write_kv_cache(key, value, expected, slots)
-    assert torch.equal(cache, expected)
-
-
-@needs_cpu_kernels
-@pytest.mark.parametrize("target", CPU_KERNEL_TARGETS, ids=["float32", "bfloat16"])
-def test_cpu_kv_write_copies_strided_rows_to_their_slots_and_skips_padding(target: Target) -> None:
-    num_blocks, block_size, num_kv_heads, head_dim = 6, 8, 3, 16
-    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim).to(target.dtype)
-    expected = cache.clone()
-    slots = torch.randperm(num_blocks * block_size)[:10]
-    slots[::4] = -1
-    # Key and value as the model passes them: views into one projection's rows.
-    kv = torch.randn(len(slots), 3 * num_kv_heads, head_dim).to(target.dtype)
-    key, value = kv[:, :num_kv_heads], kv[:, 2 * num_kv_heads:]
-    cpu_ops.write_kv_cache(key, value, cache, slots)
-    ref.write_kv_cache(key, value, expected, slots)
-    assert torch.equal(cache, expected)
-    with pytest.raises(IndexError, match="slot"):
-        cpu_ops.write_kv_cache(key, value, cache, torch.full_like(slots, num_blocks * block_size))
-    assert torch.equal(cache, expected), "a refused write wrote"
-
-
 @pytest.mark.parametrize("ops, target", ELEMENTWISE_OPS)
 @pytest.mark.parametrize("weight_offset", [0.0, 1.0], ids=["llama", "gemma"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
@@ -352,22 +319,60 @@ def test_rms_norm_matches_reference(with_residual: bool, weight_offset: float, o
     _assert_close(actual, expected, target)
 
 
+def _new_tokens(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, num_slots: int,
+                target: Target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qkv, positions, slots) of a layer's new tokens: query, key and value are views into one fused projection, as
+    the model hands them over; every fourth token is padding (slot -1)."""
+    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, device=target.device).to(target.dtype)
+    positions = torch.randint(0, 64, (num_tokens,), device=target.device)
+    slots = torch.randperm(num_slots, device=target.device)[:num_tokens]
+    slots[::4] = -1
+    return qkv, positions, slots
+
+
 @pytest.mark.parametrize("ops, target", ELEMENTWISE_OPS)
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("rotary_dim", [128, 64], ids=["full", "partial"])
-def test_rotary_embedding_rotates_query_and_key_in_place(rotary_dim: int, is_neox: bool, ops: ModuleType,
-                                                         target: Target) -> None:
-    num_tokens, num_heads, num_kv_heads, head_dim = 6 * target.scale, 8, 2, 128
-    # Query and key are views into one fused qkv projection, as the model hands them over.
-    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, device=target.device).to(target.dtype)
-    query, key = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads]
-    expected_qkv = qkv.clone()
+def test_rotary_embedding_and_write_kv_rotates_query_in_place_and_writes_rotated_key_and_value_to_their_slots(
+        rotary_dim: int, is_neox: bool, ops: ModuleType, target: Target) -> None:
+    num_tokens, num_heads, num_kv_heads, head_dim, num_blocks, block_size = 6 * target.scale, 8, 2, 128, 6, 8
+    qkv, positions, slots = _new_tokens(num_tokens, num_heads, num_kv_heads, head_dim, num_blocks * block_size,
+                                        target)
+    query, key, value = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads], qkv[:, -num_kv_heads:]
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=target.device).to(target.dtype)
     cos_sin_cache = torch.randn(64, rotary_dim, device=target.device)
-    positions = torch.randint(0, 64, (num_tokens,), device=target.device)
-    ops.rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
-    ref.rotary_embedding(positions, expected_qkv[:, :num_heads], expected_qkv[:, num_heads:num_heads + num_kv_heads],
-                         cos_sin_cache, is_neox)
-    _assert_close(qkv, expected_qkv, target)  # the value heads are untouched
+    expected_qkv, expected_cache = qkv.clone(), cache.clone()
+    ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, cache, slots, is_neox)
+    ref.rotary_embedding_and_write_kv(positions, expected_qkv[:, :num_heads],
+                                      expected_qkv[:, num_heads:num_heads + num_kv_heads],
+                                      expected_qkv[:, -num_kv_heads:], cos_sin_cache, expected_cache, slots, is_neox)
+    _assert_close(qkv, expected_qkv, target)  # the query rotated; key and value untouched
+    _assert_close(cache, expected_cache, target)  # padding's slots, and every slot not written, as they were
+    written = cache.view(2, -1, num_kv_heads, head_dim)[:, slots[slots >= 0]]
+    assert not torch.equal(written[0], key[slots >= 0].to(cache.dtype)), "the key went in unrotated"
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("target", CPU_KERNEL_TARGETS, ids=["float32", "bfloat16"])
+def test_cpu_rotary_embedding_and_write_kv_matches_the_reference_and_refuses_a_slot_outside_the_cache(
+        target: Target) -> None:
+    num_tokens, num_heads, num_kv_heads, head_dim, num_blocks, block_size = 10, 4, 3, 16, 6, 8
+    qkv, positions, slots = _new_tokens(num_tokens, num_heads, num_kv_heads, head_dim, num_blocks * block_size,
+                                        target)
+    query, key, value = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads], qkv[:, -num_kv_heads:]
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim).to(target.dtype)
+    cos_sin_cache = torch.randn(64, head_dim)
+    expected_qkv, expected_cache = qkv.clone(), cache.clone()
+    cpu_ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, cache, slots)
+    ref.rotary_embedding_and_write_kv(positions, expected_qkv[:, :num_heads],
+                                      expected_qkv[:, num_heads:num_heads + num_kv_heads],
+                                      expected_qkv[:, -num_kv_heads:], cos_sin_cache, expected_cache, slots)
+    # bf16 too: the C kernel rounds where the reference's ops do.
+    assert torch.equal(qkv, expected_qkv) and torch.equal(cache, expected_cache)
+    with pytest.raises(IndexError, match="slot"):
+        cpu_ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, cache,
+                                              torch.full_like(slots, num_blocks * block_size))
+    assert torch.equal(qkv, expected_qkv) and torch.equal(cache, expected_cache), "a refused write wrote"
 
 
 @pytest.mark.parametrize("ops, target", ELEMENTWISE_OPS)
@@ -515,8 +520,8 @@ def _run_step(ops: KernelOps, step: Step, target: Target) -> None:
     value = qkv[:, num_heads + num_kv_heads:]
     for heads in (query, key):  # Qwen3's per-head norm
         ops.rms_norm(heads, weight[:head_dim], 1e-6)
-    ops.rotary_embedding(positions, query, key, torch.randn(max(lens), head_dim, device=target.device))
-    ops.write_kv_cache(key, value, cache.kv_cache, slots)
+    ops.rotary_embedding_and_write_kv(positions, query, key, value,
+                                      torch.randn(max(lens), head_dim, device=target.device), cache.kv_cache, slots)
     out = torch.empty_like(query)
     half = num_decodes // 2
     for first, end in ((0, half), (half, num_decodes)):
@@ -539,8 +544,8 @@ def test_varied_batches_launch_only_the_kernel_variants_of_the_warm_up(dtype: to
     # Per model and dtype: decode's stage 1 writing the output and writing partials, the merge; RMSNorm over the
     # hidden size, with a residual, and over a head; one of each other kernel.
     assert Counter(name for name, *_ in warm) == {
-        "_decode_split_kernel": 2, "_merge_splits_kernel": 1, "_prefill_kernel": 1, "_write_kv_kernel": 1,
-        "_rms_norm_kernel": 3, "_rotary_kernel": 1, "_act_and_mul_kernel": 1}
+        "_decode_split_kernel": 2, "_merge_splits_kernel": 1, "_prefill_kernel": 1,
+        "_rms_norm_kernel": 3, "_rotary_write_kv_kernel": 1, "_act_and_mul_kernel": 1}
     for step in VARIED_STEPS:
         _run_step(ops, step, target)
     assert launches == warm, f"new variants: {launches - warm}"
@@ -576,9 +581,8 @@ def test_benchmark_counts_compulsory_bytes_and_causal_flops() -> None:
     # A decode is a one-token chunk: both count the same FLOPs.
     assert bench.prefill_traffic(9, 1, 4, 2, 8, 4, 2).flops == bench.decode_traffic(1, 10, 4, 2, 8, 4, 2).flops
     assert bench.rms_norm_traffic(3, 16, 2).bytes == (4 * 3 * 16 + 16) * 2
-    assert bench.rotary_traffic(3, 4, 2, 8, 2).bytes == 2 * 3 * 6 * 8 * 2 + 3 * (8 * 4 + 8)
+    assert bench.rotary_write_kv_traffic(3, 4, 2, 8, 2).bytes == 2 * 3 * 8 * 8 * 2 + 3 * (8 * 4 + 2 * 8)
     assert bench.silu_and_mul_traffic(3, 16, 2).bytes == (3 * 32 + 3 * 16) * 2
-    assert bench.kv_write_traffic(3, 2, 8, 2).bytes == 2 * (2 * 3 * 2 * 8 * 2) + 3 * 8
     # 3 tokens, top-2 of 4 experts (hidden 8, intermediate 5), 2 of them hit: hidden in and out, the 2 experts'
     # gate, up and down weights, an fp32 weight and an int64 id per pair; gate_up (2 x 5 x 8) and down per pair.
     moe = bench.fused_moe_traffic(3, 2, bench.MoeShape(num_experts=4, top_k=2, hidden=8, intermediate=5), 2)

@@ -1,4 +1,5 @@
-"""Paged attention for one layer: write the new K/V into the cache, then attend over it."""
+"""Paged attention for one layer: rotate the new query and key, write the new K/V into the cache, then attend over
+it."""
 from __future__ import annotations
 
 import torch
@@ -22,10 +23,13 @@ class PagedAttention:
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor:
-        """query [num_tokens, num_heads, head_dim], key/value [num_tokens, num_kv_heads, head_dim]."""
-        self.ops.write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+    def __call__(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """query [num_tokens, num_heads, head_dim], key/value [num_tokens, num_kv_heads, head_dim], not yet rotated
+        (neox pairs); cos_sin_cache [max_position, rotary_dim] the layer's rope table."""
+        # One op rotates and writes: a launch fewer per layer than a rotation and then a write.
+        self.ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, kv_cache,
+                                               meta.slot_mapping, True)
         # The ops read the batch's whole tables and write their sequences' rows of out: no slices, no copies.
         out = torch.empty_like(query)
         for start, end, max_seq_len in meta.decode_groups:

@@ -83,8 +83,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.qk_norm_per_head:  # reads the heads in place in qkv; writes new tensors
             q, k = self.q_norm(q), self.k_norm(k)
-        self.ops.rotary_embedding(positions, q, k, rope_cache[self.rope_index], True)
-        out = self.attn(q, k, v, kv_cache, meta)
+        out = self.attn(positions, q, k, v, rope_cache[self.rope_index], kv_cache, meta)
         return self.o_proj(out.view(-1, self.q_size))
 
 

@@ -1,6 +1,5 @@
-/* The layer's small ops on the CPU, one pass each: RMSNorm (with the residual add), rotary embedding and the KV
-   cache write. The
-   PyTorch reference (kernels/reference.py) spends 10-20 tensor ops on each, every one a pass over
+/* The layer's small ops on the CPU, one pass each: RMSNorm (with the residual add), and the rotary embedding
+   with the KV-cache write. The PyTorch reference (kernels/reference.py) spends 10-20 tensor ops on each, every one a pass over
    memory and a dispatch (tens of microseconds at batch 1, where they outnumber the matmuls). The norm and the
    rotation compute in float32 and round to the tensor's dtype exactly where the reference's ops do, so bf16
    results match it; each row goes through float32 buffers on the stack, in loops the compiler vectorizes.
@@ -45,48 +44,47 @@ void rms_norm(const void *x, int64_t x_stride, const void *residual, int64_t res
     }
 }
 
-/* Rotate the first rotary_dim dims of every head of query and key in place. cos_sin [max_position, rotary_dim]
-   float32: cos then sin. neox pairs (i, i + rotary_dim / 2); GPT-J pairs (2i, 2i + 1). */
-void rotary_embedding(const int64_t *positions, void *query, int64_t q_stride_token, int64_t q_stride_head,
-                      int num_heads, void *key, int64_t k_stride_token, int64_t k_stride_head, int num_kv_heads,
-                      const float *cos_sin, int rotary_dim, int64_t num_tokens, int is_neox, int dtype,
-                      int num_threads) {
-    const int half = rotary_dim / 2;
-#pragma omp parallel for num_threads(num_threads) if (num_tokens > 1)
-    for (int64_t t = 0; t < num_tokens; t++) {
-        const float *cos = cos_sin + positions[t] * rotary_dim, *sin = cos + half;
-        for (int h = 0; h < num_heads + num_kv_heads; h++) {
-            void *base = h < num_heads ? query : key;
-            const int64_t row = h < num_heads ? t * q_stride_token + h * q_stride_head
-                                              : t * k_stride_token + (h - num_heads) * k_stride_head;
-            for (int i = 0; i < half; i++) {
-                const int64_t a = row + (is_neox ? i : 2 * i), b = row + (is_neox ? i + half : 2 * i + 1);
-                const float x1 = load(base, a, dtype), x2 = load(base, b, dtype);
-                store(base, a, x1 * cos[i] - x2 * sin[i], dtype);
-                store(base, b, x2 * cos[i] + x1 * sin[i], dtype);
-            }
-        }
+/* Rotate the first 2 * half dims of one head (at element `row` of base) in place: neox pairs (i, i + half), GPT-J
+   pairs (2i, 2i + 1). */
+static void rotate_head(void *base, int64_t row, const float *cos, const float *sin, int half, int is_neox,
+                        int dtype) {
+    for (int i = 0; i < half; i++) {
+        const int64_t a = row + (is_neox ? i : 2 * i), b = row + (is_neox ? i + half : 2 * i + 1);
+        const float x1 = load(base, a, dtype), x2 = load(base, b, dtype);
+        store(base, a, x1 * cos[i] - x2 * sin[i], dtype);
+        store(base, b, x2 * cos[i] + x1 * sin[i], dtype);
     }
 }
 
-/* Each token's key and value rows (num_kv_heads * head_dim elements, contiguous in the projection's output and
-   in the cache) into its slot of the cache [2, num_slots, row]; slot -1 is padding, skipped. One copy a row,
-   where the reference takes a comparison, a host sync and two index_copy_ calls. Returns -1, writing nothing,
-   when a slot lies outside the cache. */
-int write_kv_cache(const void *key, int64_t key_stride, const void *value, int64_t value_stride, void *kv_cache,
-                   int64_t num_slots, const int64_t *slot_mapping, int64_t num_tokens, int64_t row,
-                   int element_size, int num_threads) {
+/* A layer's new tokens into the cache: each token's query heads rotated in place, its key and value rows
+   (num_kv_heads * head_dim elements, contiguous in the projection's output and in the cache) copied into its slot
+   of the cache [2, num_slots, row] and the key rotated there; slot -1 is padding (its query is still rotated).
+   cos_sin [max_position, rotary_dim] float32: cos then sin. Key, value and cache share the dtype. One pass where
+   the reference takes 10-20 tensor ops, a host sync and two index_copy_ calls. Returns -1, writing nothing, when
+   a slot lies outside the cache. */
+int rotary_embedding_and_write_kv(const int64_t *positions, void *query, int64_t q_stride_token,
+                                  int64_t q_stride_head, int num_heads, const void *key, int64_t key_stride,
+                                  const void *value, int64_t value_stride, void *kv_cache, int64_t num_slots,
+                                  const int64_t *slot_mapping, int num_kv_heads, int head_dim, const float *cos_sin,
+                                  int rotary_dim, int64_t num_tokens, int is_neox, int dtype, int num_threads) {
     for (int64_t t = 0; t < num_tokens; t++)
         if (slot_mapping[t] < -1 || slot_mapping[t] >= num_slots) return -1;
-    const size_t row_bytes = (size_t)row * (size_t)element_size;
+    const int half = rotary_dim / 2;
+    const int64_t row = (int64_t)num_kv_heads * head_dim;
+    const size_t element_size = dtype == 0 ? 4 : 2, row_bytes = (size_t)row * element_size;
     char *keys = (char *)kv_cache, *values = keys + (size_t)num_slots * row_bytes;
-#pragma omp parallel for num_threads(num_threads) if (num_tokens > 64)
+#pragma omp parallel for num_threads(num_threads) if (num_tokens > 1)
     for (int64_t t = 0; t < num_tokens; t++) {
+        const float *cos = cos_sin + positions[t] * rotary_dim, *sin = cos + half;
+        for (int h = 0; h < num_heads; h++)
+            rotate_head(query, t * q_stride_token + h * q_stride_head, cos, sin, half, is_neox, dtype);
         const int64_t slot = slot_mapping[t];
         if (slot < 0) continue;
         memcpy(keys + (size_t)slot * row_bytes, (const char *)key + (size_t)(t * key_stride) * element_size, row_bytes);
         memcpy(values + (size_t)slot * row_bytes, (const char *)value + (size_t)(t * value_stride) * element_size,
                row_bytes);
+        for (int h = 0; h < num_kv_heads; h++)
+            rotate_head(keys, slot * row + h * head_dim, cos, sin, half, is_neox, dtype);
     }
     return 0;
 }
