@@ -103,7 +103,7 @@ CPU_DRY_RUN = Plan(
                  "(llama and torch) or (silu_and_mul and cpu-float32)"),
     kernel_shape=Shape(num_heads=4, num_kv_heads=2, head_dim=32, block_size=16, hidden=64, intermediate=128),
     kernel_sweep=Sweep(decode_batches=(1, 2), decode_contexts=(32, 64), prefill_tokens=32, elementwise_tokens=(16, 32),
-                       moe_tokens=(1, 16), copy_elements=2**20, matmul_size=64),
+                       moe_tokens=(1, 16), copy_elements=2**20, matmul_size=64, split_contexts=(32, 64)),
     moe_shapes={"tiny top-2": MoeShape(num_experts=4, top_k=2, hidden=64, intermediate=32)},
     decode_goal_from=(2, 32),
     throughput=Workload(6, (4, 24), (2, 8)),

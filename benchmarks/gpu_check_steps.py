@@ -96,9 +96,22 @@ def run_kernels(plan: Plan, work_dir: Path) -> dict:
     for r in moe:
         log(f"fused MoE {r['model']}, {r['batch']} tokens: {r['frac_of_copy_bw']:.2f} of copy bandwidth, "
             f"{r['tflops']:.1f} TFLOP/s ({r['frac_of_matmul']:.2f} of matmul)")
+    import torch
+
+    from kernels.decode_attention import choose_num_splits
+
+    split_choice = {}
+    for context_len in plan.kernel_sweep.split_contexts:
+        timed = {r["num_splits"]: r["time_us"] for r in records
+                 if r["kernel"] == "decode_attention_splits" and r["context_len"] == context_len}
+        chosen = choose_num_splits(plan.kernel_shape.num_kv_heads, context_len, torch.device(plan.device))
+        split_choice[context_len] = {"fastest": min(timed, key=timed.get), "chosen": chosen, "time_us": timed}
+        log(f"batch-1 decode attention at {context_len} keys: fastest with {min(timed, key=timed.get)} splits "
+            f"({min(timed.values()):.1f} us), eager steps choose {chosen} ({timed[chosen]:.1f} us); "
+            + ", ".join(f"{n}: {us:.1f}" for n, us in timed.items()))
     figures = {"copy_bw_gbps": limits.copy_bw_gbps, "matmul_tflops": limits.matmul_tflops,
                "shape": plan.kernel_shape._asdict(), "dtype": str(plan.kernel_dtype).removeprefix("torch."),
-               "records": records, "fused_moe": moe}
+               "records": records, "fused_moe": moe, "batch1_decode_split_choice": split_choice}
     return {"figures": figures, "goals": goals}
 
 
@@ -209,12 +222,20 @@ def run_decode_latency(plan: Plan, work_dir: Path) -> dict:
     device_ms = profile["step_ms_mean"] * profile["step_split"]["device_busy_pct"] / 100
     log(f"under the profiler: device busy {profile['step_split']['device_busy_pct']:.1f}% of a step, "
         f"{device_ms:.2f} ms a token ({device_ms / floor_ms:.2f}x the floor)")
+    # Where the device's token goes, kernel by kernel: what the next cut of the gap to the floor should aim at.
+    device_ops = [{"name": op["name"][:100], "us_per_token": 1e3 * op["total_ms"] / profile["steps"],
+                   "mean_us": op["mean_us"], "calls_per_token": op["calls"] / profile["steps"]}
+                  for op in profile["ops"]]
+    for op in device_ops:
+        log(f"  {op['us_per_token']:8.1f} us a token  {op['calls_per_token']:5.0f} x {op['mean_us']:6.2f} us  "
+            f"{op['name'][:60]}")
     figures = {"model": "Llama-3.1-8B shape, dummy weights", "dtype": plan.dtype, "prompt_len": plan.decode_prompt_len,
                "decode_steps": len(step_s), "ms_per_token_median": median_ms,
                "ms_per_token_mean": 1e3 * float(np.mean(step_s)), "streamed_weight_bytes": streamed,
                "copy_bw_gbps": copy_gbps, "floor_ms": floor_ms, "floor_over_actual": floor_ms / median_ms,
                "profiled": {"step_ms_mean": profile["step_ms_mean"], "step_split": profile["step_split"],
-                            "device_ms_per_token": device_ms, "device_over_floor": device_ms / floor_ms},
+                            "device_ms_per_token": device_ms, "device_over_floor": device_ms / floor_ms,
+                            "device_ops": device_ops},
                "torch_threads": torch.get_num_threads()}
     return {"figures": figures,
             "goals": [goal("batch-1 decode / weight-streaming floor", median_ms / floor_ms, 1.25, at_most=True,

@@ -33,6 +33,7 @@ from bench.roofline import (FP32, INT64, Limits, Traffic, bench_seconds, copy_ba
                             decode_traffic, measure_limits, prefill_traffic, rms_norm_traffic,
                             rotary_write_kv_traffic, silu_and_mul_traffic)
 from kernels import KernelOps, get_ops
+from kernels.decode_attention import MAX_SPLITS, choose_num_splits, decode_with_splits
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -64,6 +65,7 @@ class Sweep(NamedTuple):
     moe_tokens: tuple[int, ...]  # decode batches (weight-bandwidth bound) and a prefill chunk (compute bound)
     copy_elements: int  # of the copy that measures bandwidth
     matmul_size: int  # n of the n x n x n matmul that measures throughput
+    split_contexts: tuple[int, ...] = (256, 2048)  # batch-1 decode timed at every split count (bench_decode_splits)
 
 
 LLAMA_3_8B = Shape(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, hidden=4096, intermediate=14336)
@@ -151,6 +153,31 @@ def bench_decode(setup: Setup, progress: Callable[[str], None] = lambda _: None)
     return records
 
 
+def bench_decode_splits(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
+    """Batch-1 decode attention (stage 1 and the merge) at every split count, for each of sweep.split_contexts: the
+    data that tunes choose_num_splits' MIN_SPLIT_TOKENS, which picks the split count of eager and mixed steps (a
+    CUDA graph's is fixed at capture for max_model_len). Triton kernels only."""
+    s, records = setup.shape, []
+    for context_len in setup.sweep.split_contexts:
+        progress(f"decode attention, batch 1, context {context_len}, 1 to {MAX_SPLITS} splits")
+        kv_cache, block_tables = _paged_cache(setup, 1, context_len)
+        seq_lens = torch.full((1,), context_len, dtype=torch.int32, device=setup.device)
+        query = torch.randn(1, s.num_heads, s.head_dim, dtype=setup.dtype, device=setup.device)
+        out = torch.empty_like(query)
+        traffic = decode_traffic(1, context_len, s.num_heads, s.num_kv_heads, s.head_dim, s.block_size,
+                                 query.element_size())
+        chosen = choose_num_splits(s.num_kv_heads, context_len, query.device)
+        for num_splits in sorted({2 ** k for k in range(MAX_SPLITS.bit_length())} | {chosen}):
+            seconds = bench_seconds(lambda: decode_with_splits(query, kv_cache, block_tables, seq_lens, 0, 1,
+                                                               s.head_dim ** -0.5, None, num_splits, out=out),
+                                    setup.device)
+            records.append(_record("decode_attention_splits", {**_attention_shape(setup, 1, context_len),
+                                                               "num_splits": num_splits},
+                                   setup.dtype, seconds, traffic, setup.limits))
+        _free_cache(setup.device)
+    return records
+
+
 def bench_prefill(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
     """One prompt of prefill_tokens against SDPA's flash backend on the same (dense) keys and values, repeated to
     every query head: flash reads them per head, which costs nothing here since a prefill is compute-bound."""
@@ -234,7 +261,8 @@ def bench_fused_moe(setup: Setup, shapes: dict[str, MoeShape],
 
 
 def bench_all(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
-    return [record for bench in (bench_decode, bench_prefill, bench_elementwise) for record in bench(setup, progress)]
+    return [record for bench in (bench_decode, bench_decode_splits, bench_prefill, bench_elementwise)
+            for record in bench(setup, progress)]
 
 
 def _free_cache(device: str) -> None:
