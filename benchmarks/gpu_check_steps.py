@@ -77,8 +77,8 @@ def run_kernels(plan: Plan, work_dir: Path) -> dict:
     worst_decode = min(decode, key=lambda r: r["frac_of_copy_bw"])
     (prefill,) = [r for r in records if r["kernel"] == "prefill_attention"]
     largest = max(plan.kernel_sweep.elementwise_tokens)
-    fused = [r for r in records if r["kernel"] not in ("paged_decode_attention", "prefill_attention")
-             and r["batch"] == largest]
+    fused = [r for r in records if r["kernel"] not in ("paged_decode_attention", "decode_attention_splits",
+                                                         "prefill_attention") and r["batch"] == largest]
     worst_fused = min(fused, key=lambda r: r["frac_of_copy_bw"])
     goals = [
         goal("decode attention / copy bandwidth", worst_decode["frac_of_copy_bw"], 0.8,
@@ -96,22 +96,22 @@ def run_kernels(plan: Plan, work_dir: Path) -> dict:
     for r in moe:
         log(f"fused MoE {r['model']}, {r['batch']} tokens: {r['frac_of_copy_bw']:.2f} of copy bandwidth, "
             f"{r['tflops']:.1f} TFLOP/s ({r['frac_of_matmul']:.2f} of matmul)")
-    import torch
-
-    from kernels.decode_attention import choose_num_splits
-
     split_choice = {}
-    for context_len in plan.kernel_sweep.split_contexts:
-        timed = {r["num_splits"]: r["time_us"] for r in records
-                 if r["kernel"] == "decode_attention_splits" and r["context_len"] == context_len}
-        chosen = choose_num_splits(plan.kernel_shape.num_kv_heads, context_len, torch.device(plan.device))
-        split_choice[context_len] = {"fastest": min(timed, key=timed.get), "chosen": chosen, "time_us": timed}
-        log(f"batch-1 decode attention at {context_len} keys: fastest with {min(timed, key=timed.get)} splits "
-            f"({min(timed.values()):.1f} us), eager steps choose {chosen} ({timed[chosen]:.1f} us); "
-            + ", ".join(f"{n}: {us:.1f}" for n, us in timed.items()))
+    for r in records:
+        if r["kernel"] == "decode_attention_splits":
+            case = split_choice.setdefault(f"batch {r['batch']}, {r['context_len']} keys", {"time_us": {}})
+            case["time_us"][r["num_splits"]] = r["time_us"]
+            if r["eager_choice"]:
+                case["eager_choice"] = r["num_splits"]
+    for name, case in split_choice.items():
+        times = case["time_us"]
+        case["fastest"] = min(times, key=times.get)
+        log(f"decode attention at {name}: fastest with {case['fastest']} splits ({times[case['fastest']]:.1f} us), "
+            f"eager steps pick {case['eager_choice']} ({times[case['eager_choice']]:.1f} us); "
+            + ", ".join(f"{n}: {us:.1f}" for n, us in times.items()))
     figures = {"copy_bw_gbps": limits.copy_bw_gbps, "matmul_tflops": limits.matmul_tflops,
                "shape": plan.kernel_shape._asdict(), "dtype": str(plan.kernel_dtype).removeprefix("torch."),
-               "records": records, "fused_moe": moe, "batch1_decode_split_choice": split_choice}
+               "records": records, "fused_moe": moe, "decode_split_choice": split_choice}
     return {"figures": figures, "goals": goals}
 
 

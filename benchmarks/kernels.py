@@ -65,7 +65,8 @@ class Sweep(NamedTuple):
     moe_tokens: tuple[int, ...]  # decode batches (weight-bandwidth bound) and a prefill chunk (compute bound)
     copy_elements: int  # of the copy that measures bandwidth
     matmul_size: int  # n of the n x n x n matmul that measures throughput
-    split_contexts: tuple[int, ...] = (256, 2048)  # batch-1 decode timed at every split count (bench_decode_splits)
+    split_batches: tuple[int, ...] = (1, 8)  # small decode batches timed at every split count (bench_decode_splits)
+    split_contexts: tuple[int, ...] = (256, 2048)
 
 
 LLAMA_3_8B = Shape(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, hidden=4096, intermediate=14336)
@@ -154,27 +155,29 @@ def bench_decode(setup: Setup, progress: Callable[[str], None] = lambda _: None)
 
 
 def bench_decode_splits(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
-    """Batch-1 decode attention (stage 1 and the merge) at every split count, for each of sweep.split_contexts: the
-    data that tunes choose_num_splits' MIN_SPLIT_TOKENS, which picks the split count of eager and mixed steps (a
-    CUDA graph's is fixed at capture for max_model_len). Triton kernels only."""
+    """Small-batch decode attention (stage 1 and the merge) at every split count, for each of sweep.split_batches
+    and sweep.split_contexts: the data that tunes choose_num_splits (MIN_SPLIT_TOKENS), the split count of eager
+    and mixed steps (a CUDA graph's is fixed at capture, for max_model_len). The record of the count
+    choose_num_splits picks says so (eager_choice). Triton kernels only."""
     s, records = setup.shape, []
-    for context_len in setup.sweep.split_contexts:
-        progress(f"decode attention, batch 1, context {context_len}, 1 to {MAX_SPLITS} splits")
-        kv_cache, block_tables = _paged_cache(setup, 1, context_len)
-        seq_lens = torch.full((1,), context_len, dtype=torch.int32, device=setup.device)
-        query = torch.randn(1, s.num_heads, s.head_dim, dtype=setup.dtype, device=setup.device)
-        out = torch.empty_like(query)
-        traffic = decode_traffic(1, context_len, s.num_heads, s.num_kv_heads, s.head_dim, s.block_size,
-                                 query.element_size())
-        chosen = choose_num_splits(s.num_kv_heads, context_len, query.device)
-        for num_splits in sorted({2 ** k for k in range(MAX_SPLITS.bit_length())} | {chosen}):
-            seconds = bench_seconds(lambda: decode_with_splits(query, kv_cache, block_tables, seq_lens, 0, 1,
-                                                               s.head_dim ** -0.5, None, num_splits, out=out),
-                                    setup.device)
-            records.append(_record("decode_attention_splits", {**_attention_shape(setup, 1, context_len),
-                                                               "num_splits": num_splits},
-                                   setup.dtype, seconds, traffic, setup.limits))
-        _free_cache(setup.device)
+    for batch in setup.sweep.split_batches:
+        for context_len in setup.sweep.split_contexts:
+            progress(f"decode attention, batch {batch}, context {context_len}, 1 to {MAX_SPLITS} splits")
+            kv_cache, block_tables = _paged_cache(setup, batch, context_len)
+            seq_lens = torch.full((batch,), context_len, dtype=torch.int32, device=setup.device)
+            query = torch.randn(batch, s.num_heads, s.head_dim, dtype=setup.dtype, device=setup.device)
+            out = torch.empty_like(query)
+            traffic = decode_traffic(batch, context_len, s.num_heads, s.num_kv_heads, s.head_dim, s.block_size,
+                                     query.element_size())
+            chosen = choose_num_splits(batch * s.num_kv_heads, context_len, query.device)
+            for num_splits in sorted({2 ** k for k in range(MAX_SPLITS.bit_length())} | {chosen}):
+                seconds = bench_seconds(lambda: decode_with_splits(query, kv_cache, block_tables, seq_lens, 0, batch,
+                                                                   s.head_dim ** -0.5, None, num_splits, out=out),
+                                        setup.device)
+                shape = _attention_shape(setup, batch, context_len) | {"num_splits": num_splits,
+                                                                       "eager_choice": num_splits == chosen}
+                records.append(_record("decode_attention_splits", shape, setup.dtype, seconds, traffic, setup.limits))
+            _free_cache(setup.device)
     return records
 
 

@@ -36,9 +36,10 @@ def test_dry_run_takes_every_step_and_reports_figures_without_errors(dry_run: di
         assert step["figures"], name
     assert dry_run["steps"]["tests"]["figures"]["passed"] > 0
     assert dry_run["steps"]["kernels"]["figures"]["records"]
-    splits = dry_run["steps"]["kernels"]["figures"]["batch1_decode_split_choice"]
-    assert [int(context) for context in splits] == list(CPU_DRY_RUN.kernel_sweep.split_contexts)
-    assert all(str(choice["chosen"]) in choice["time_us"] for choice in splits.values())
+    sweep = CPU_DRY_RUN.kernel_sweep
+    splits = dry_run["steps"]["kernels"]["figures"]["decode_split_choice"]
+    assert len(splits) == len(sweep.split_batches) * len(sweep.split_contexts)
+    assert all(str(case["eager_choice"]) in case["time_us"] for case in splits.values())
     assert dry_run["steps"]["decode_latency"]["figures"]["profiled"]["device_ops"]
     assert dry_run["steps"]["compile_stalls"]["figures"]["after_warm_up"], "no kernel launch counted"
     assert all(dry_run[key] for key in ("device", "date", "commit"))
