@@ -278,11 +278,14 @@ def _device_slug() -> str:
 
 
 def _print_table(records: list[dict]) -> None:
-    print(f"{'kernel':<24}{'batch':>6}{'ctx':>6}{'time_us':>10}{'GB/s':>8}{'TFLOP/s':>9}{'of_copy':>8}{'vs_sdpa':>8}")
+    print(f"{'kernel':<32}{'batch':>6}{'ctx':>6}{'splits':>7}{'time_us':>10}{'GB/s':>8}{'TFLOP/s':>9}{'of_copy':>8}"
+          f"{'vs_sdpa':>8}")
     for r in records:
         sdpa = "" if r["frac_of_sdpa"] is None else f"{r['frac_of_sdpa']:.2f}"
-        print(f"{r['kernel']:<24}{r['batch']:>6}{r['context_len'] or '':>6}{r['time_us']:>10.1f}{r['gbps']:>8.0f}"
-              f"{r['tflops']:>9.1f}{r['frac_of_copy_bw']:>8.2f}{sdpa:>8}")
+        splits = "" if "num_splits" not in r else f"{r['num_splits']}{'*' if r['eager_choice'] else ''}"
+        print(f"{r['kernel']:<32}{r['batch']:>6}{r['context_len'] or '':>6}{splits:>7}{r['time_us']:>10.1f}"
+              f"{r['gbps']:>8.0f}{r['tflops']:>9.1f}{r['frac_of_copy_bw']:>8.2f}{sdpa:>8}")
+    print("splits: * the count eager steps pick (choose_num_splits)")
 
 
 def main(argv: list[str] | None = None) -> None:

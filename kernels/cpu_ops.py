@@ -29,7 +29,7 @@ _SIGNATURES = {
                                       _INT, _INT, _INT, _INT, _FLOAT, _INT, _FLOAT, _INT, _INT]),
     "rms_norm": (None, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _INT, _FLOAT, _INT, _FLOAT, _INT, _INT]),
     "rotary_embedding_and_write_kv": (_INT, [_PTR, _PTR, _I64, _I64, _INT, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR,
-                                             _INT, _INT, _PTR, _INT, _I64, _INT, _INT, _INT]),
+                                             _INT, _INT, _PTR, _I64, _INT, _I64, _INT, _INT, _INT]),
     "linear_bf16": (None, [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _INT, _INT, _INT, _INT]),
     "linear_bf16_available": (_INT, []),
 }
@@ -133,9 +133,12 @@ def rotary_embedding_and_write_kv(positions: torch.Tensor, query: torch.Tensor, 
     status = _ROTARY_WRITE_KV(positions.data_ptr(), query.data_ptr(), query.stride(0), query.stride(1), num_heads,
                               key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), kv_cache.data_ptr(),
                               num_slots, slot_mapping.data_ptr(), key.shape[1], head_dim, cos_sin_cache.data_ptr(),
-                              cos_sin_cache.shape[1], num_tokens, int(is_neox), code, torch.get_num_threads())
-    if status != 0:
+                              cos_sin_cache.shape[0], cos_sin_cache.shape[1], num_tokens, int(is_neox), code,
+                              torch.get_num_threads())
+    if status == -1:
         raise IndexError(f"slot_mapping holds a slot outside the cache's {num_slots}")
+    if status == -2:
+        raise IndexError(f"positions holds a position outside the rotary table's {cos_sin_cache.shape[0]}")
 
 
 def _c_takes_rotary_write_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def _write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter key/value [num_tokens, num_kv_heads, head_dim] into their slots; slot -1 is skipped (padding)."""
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
@@ -112,8 +112,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out if residual is None else (out, residual)
 
 
-def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                     cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None:
+def _rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, is_neox: bool = True) -> None:
     """Rotate query [num_tokens, num_heads, head_dim] and key [num_tokens, num_kv_heads, head_dim] in place.
     cos_sin_cache [max_position, rotary_dim]: cos in the first half, sin in the second; rotary_dim may be < head_dim.
     neox rotates (x[:half], x[half:]) pairs; GPT-J rotates interleaved (x[0::2], x[1::2]) pairs."""
@@ -133,11 +133,11 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
 def rotary_embedding_and_write_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                                   value: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
                                   slot_mapping: torch.Tensor, is_neox: bool = True) -> None:
-    """A layer's new tokens into the cache: rotate query in place (rotary_embedding) and write the rotated key and
-    value into their slots (write_kv_cache); key itself is left as it is."""
+    """A layer's new tokens into the cache: rotate query in place (_rotary_embedding) and write the rotated key and
+    value into their slots (_write_kv_cache); key itself is left as it is."""
     key = key.clone()
-    rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
-    write_kv_cache(key, value, kv_cache, slot_mapping)
+    _rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    _write_kv_cache(key, value, kv_cache, slot_mapping)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -66,13 +66,15 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, k_cache_p
 def rotary_embedding_and_write_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                                   value: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
                                   slot_mapping: torch.Tensor, is_neox: bool = True) -> None:
-    """kernels.reference.rotary_embedding_and_write_kv (the specification)."""
+    """kernels.reference.rotary_embedding_and_write_kv (the specification). Positions are not checked against the
+    table (that would cost a sync): the model runner makes them, each below max_model_len."""
     assert (query.stride(-1) == key.stride(-1) == value.stride(-1) == cos_sin_cache.stride(-1) == kv_cache.stride(-1)
             == 1), "head_dim must be contiguous"
     # Slots are flat over (block, position in block): valid because a block's positions are contiguous in the layout.
     assert kv_cache.stride(1) == kv_cache.shape[2] * kv_cache.stride(2), "cache blocks must be contiguous"
     half = cos_sin_cache.shape[-1] // 2
     num_tokens, num_heads, head_dim = query.shape
+    assert 2 * half <= head_dim, f"rotary_dim {cos_sin_cache.shape[-1]} exceeds head_dim {head_dim}"
     num_kv_heads = key.shape[1]
     _rotary_write_kv_kernel[(num_tokens,)](
         positions, query, key, value, cos_sin_cache, kv_cache[0], kv_cache[1], slot_mapping,

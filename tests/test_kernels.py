@@ -352,26 +352,48 @@ def test_rotary_embedding_and_write_kv_rotates_query_in_place_and_writes_rotated
     assert not torch.equal(written[0], key[slots >= 0].to(cache.dtype)), "the key went in unrotated"
 
 
+@pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
+def test_triton_rotary_embedding_and_write_kv_casts_into_a_narrower_cache_at_any_head_dim(target: Target) -> None:
+    num_tokens, num_heads, num_kv_heads, head_dim, num_blocks, block_size = 5 * target.scale, 4, 3, 80, 6, 8
+    # fp32 projections into the target's cache, head dim 80: the tail of each head row is masked
+    qkv, positions, slots = _new_tokens(num_tokens, num_heads, num_kv_heads, head_dim, num_blocks * block_size,
+                                        target._replace(dtype=torch.float32))
+    query, key, value = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads], qkv[:, -num_kv_heads:]
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=target.device).to(target.dtype)
+    cos_sin_cache = torch.randn(64, 48, device=target.device)  # partial: 48 of 80 dims rotate
+    expected_query, expected_cache = query.clone(), cache.clone()
+    triton_ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, cache, slots)
+    ref.rotary_embedding_and_write_kv(positions, expected_query, key, value, cos_sin_cache, expected_cache, slots)
+    _assert_close(query, expected_query, target._replace(atol=1e-5, rtol=1e-5))
+    _assert_close(cache, expected_cache, target)
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("target", CPU_KERNEL_TARGETS, ids=["float32", "bfloat16"])
-def test_cpu_rotary_embedding_and_write_kv_matches_the_reference_and_refuses_a_slot_outside_the_cache(
-        target: Target) -> None:
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize("rotary_dim", [16, 8], ids=["full", "partial"])
+def test_cpu_rotary_embedding_and_write_kv_matches_the_reference_exactly_and_refuses_what_is_out_of_range(
+        rotary_dim: int, is_neox: bool, target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
     num_tokens, num_heads, num_kv_heads, head_dim, num_blocks, block_size = 10, 4, 3, 16, 6, 8
     qkv, positions, slots = _new_tokens(num_tokens, num_heads, num_kv_heads, head_dim, num_blocks * block_size,
                                         target)
     query, key, value = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads], qkv[:, -num_kv_heads:]
     cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim).to(target.dtype)
-    cos_sin_cache = torch.randn(64, head_dim)
+    cos_sin_cache = torch.randn(64, rotary_dim)
     expected_qkv, expected_cache = qkv.clone(), cache.clone()
-    cpu_ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, cache, slots)
     ref.rotary_embedding_and_write_kv(positions, expected_qkv[:, :num_heads],
                                       expected_qkv[:, num_heads:num_heads + num_kv_heads],
-                                      expected_qkv[:, -num_kv_heads:], cos_sin_cache, expected_cache, slots)
+                                      expected_qkv[:, -num_kv_heads:], cos_sin_cache, expected_cache, slots, is_neox)
+    # The views the model passes reach the C kernel, not the reference it falls back to.
+    monkeypatch.setattr(cpu_ops.reference, "rotary_embedding_and_write_kv", None)
+    cpu_ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, cache, slots, is_neox)
     # bf16 too: the C kernel rounds where the reference's ops do.
     assert torch.equal(qkv, expected_qkv) and torch.equal(cache, expected_cache)
-    with pytest.raises(IndexError, match="slot"):
-        cpu_ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, cache,
-                                              torch.full_like(slots, num_blocks * block_size))
+    for bad_slots, bad_positions, what in ((torch.full_like(slots, num_blocks * block_size), positions, "slot"),
+                                           (slots, torch.full_like(positions, 64), "position")):
+        with pytest.raises(IndexError, match=what):
+            cpu_ops.rotary_embedding_and_write_kv(bad_positions, query, key, value, cos_sin_cache, cache, bad_slots,
+                                                  is_neox)
     assert torch.equal(qkv, expected_qkv) and torch.equal(cache, expected_cache), "a refused write wrote"
 
 

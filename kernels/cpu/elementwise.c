@@ -59,16 +59,19 @@ static void rotate_head(void *base, int64_t row, const float *cos, const float *
 /* A layer's new tokens into the cache: each token's query heads rotated in place, its key and value rows
    (num_kv_heads * head_dim elements, contiguous in the projection's output and in the cache) copied into its slot
    of the cache [2, num_slots, row] and the key rotated there; slot -1 is padding (its query is still rotated).
-   cos_sin [max_position, rotary_dim] float32: cos then sin. Key, value and cache share the dtype. One pass where
-   the reference takes 10-20 tensor ops, a host sync and two index_copy_ calls. Returns -1, writing nothing, when
-   a slot lies outside the cache. */
+   cos_sin [num_positions, rotary_dim] float32: cos then sin. Key, value and cache share the dtype. One pass where
+   the reference takes 10-20 tensor ops, a host sync and two index_copy_ calls. Returns, writing nothing, -1 when a
+   slot lies outside the cache and -2 when a position lies outside the table. */
 int rotary_embedding_and_write_kv(const int64_t *positions, void *query, int64_t q_stride_token,
                                   int64_t q_stride_head, int num_heads, const void *key, int64_t key_stride,
                                   const void *value, int64_t value_stride, void *kv_cache, int64_t num_slots,
                                   const int64_t *slot_mapping, int num_kv_heads, int head_dim, const float *cos_sin,
-                                  int rotary_dim, int64_t num_tokens, int is_neox, int dtype, int num_threads) {
-    for (int64_t t = 0; t < num_tokens; t++)
+                                  int64_t num_positions, int rotary_dim, int64_t num_tokens, int is_neox, int dtype,
+                                  int num_threads) {
+    for (int64_t t = 0; t < num_tokens; t++) {
         if (slot_mapping[t] < -1 || slot_mapping[t] >= num_slots) return -1;
+        if (positions[t] < 0 || positions[t] >= num_positions) return -2;
+    }
     const int half = rotary_dim / 2;
     const int64_t row = (int64_t)num_kv_heads * head_dim;
     const size_t element_size = dtype == 0 ? 4 : 2, row_bytes = (size_t)row * element_size;
