@@ -77,8 +77,8 @@ def run_kernels(plan: Plan, work_dir: Path) -> dict:
     worst_decode = min(decode, key=lambda r: r["frac_of_copy_bw"])
     (prefill,) = [r for r in records if r["kernel"] == "prefill_attention"]
     largest = max(plan.kernel_sweep.elementwise_tokens)
-    fused = [r for r in records if r["kernel"] not in ("paged_decode_attention", "decode_attention_splits",
-                                                         "prefill_attention") and r["batch"] == largest]
+    fused = [r for r in records if r["kernel"] in ("rms_norm", "rotary_embedding_and_write_kv", "silu_and_mul")
+             and r["batch"] == largest]
     worst_fused = min(fused, key=lambda r: r["frac_of_copy_bw"])
     goals = [
         goal("decode attention / copy bandwidth", worst_decode["frac_of_copy_bw"], 0.8,
@@ -111,8 +111,29 @@ def run_kernels(plan: Plan, work_dir: Path) -> dict:
             + ", ".join(f"{n}: {us:.1f}" for n, us in times.items()))
     figures = {"copy_bw_gbps": limits.copy_bw_gbps, "matmul_tflops": limits.matmul_tflops,
                "shape": plan.kernel_shape._asdict(), "dtype": str(plan.kernel_dtype).removeprefix("torch."),
-               "records": records, "fused_moe": moe, "decode_split_choice": split_choice}
+               "records": records, "fused_moe": moe, "decode_split_choice": split_choice,
+               "gemv_vs_cublas": _gemv_vs_cublas(records)}
     return {"figures": figures, "goals": goals}
+
+
+def _gemv_vs_cublas(records: list[dict]) -> dict:
+    """Per dense layer and decode batch: cuBLAS's time, kernels/gemv.py's best config and its time, cuBLAS's time
+    over it (above 1: gemv is faster), and how far gemv's output is from cuBLAS's."""
+    summary = {}
+    for r in records:
+        if r["kernel"] in ("linear_cublas", "gemv"):
+            case = summary.setdefault(f"{r['layer']} {r['n']}x{r['k']}, {r['batch']} rows", {})
+            if r["kernel"] == "linear_cublas":
+                case["cublas_us"] = r["time_us"]
+            elif r["time_us"] < case.get("gemv_us", float("inf")):
+                case.update(gemv_us=r["time_us"], gemv_config=r["config"], gemv_max_abs_diff=r["max_abs_diff"],
+                            gemv_frac_of_copy_bw=r["frac_of_copy_bw"])
+    for name, case in summary.items():
+        case["speedup"] = case["cublas_us"] / case["gemv_us"]
+        log(f"decode matmul {name}: cuBLAS {case['cublas_us']:.1f} us, gemv {case['gemv_us']:.1f} us "
+            f"({case['gemv_frac_of_copy_bw']:.2f} of copy bandwidth; {case['speedup']:.2f}x), "
+            f"max |diff| {case['gemv_max_abs_diff']:.3g}, {case['gemv_config']}")
+    return summary
 
 
 # ---- 3. end to end ----

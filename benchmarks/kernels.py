@@ -30,9 +30,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # copy_bandwidth_gbps and measure_limits: benchmarks/gpu_check_steps.py takes them from here
 from bench.roofline import (FP32, INT64, Limits, Traffic, bench_seconds, copy_bandwidth_gbps,  # noqa: F401
-                            decode_traffic, measure_limits, prefill_traffic, rms_norm_traffic,
+                            decode_traffic, linear_traffic, measure_limits, prefill_traffic, rms_norm_traffic,
                             rotary_write_kv_traffic, silu_and_mul_traffic)
-from kernels import KernelOps, get_ops
+from kernels import KernelOps, gemv, get_ops
 from kernels.decode_attention import MAX_SPLITS, choose_num_splits, decode_with_splits
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -67,6 +67,7 @@ class Sweep(NamedTuple):
     matmul_size: int  # n of the n x n x n matmul that measures throughput
     split_batches: tuple[int, ...] = (1, 8)  # small decode batches timed at every split count (bench_decode_splits)
     split_contexts: tuple[int, ...] = (256, 2048)
+    gemv_rows: tuple[int, ...] = (1, 8)  # decode batches of the skinny-matmul comparison (bench_gemv)
 
 
 LLAMA_3_8B = Shape(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, hidden=4096, intermediate=14336)
@@ -181,6 +182,37 @@ def bench_decode_splits(setup: Setup, progress: Callable[[str], None] = lambda _
     return records
 
 
+def bench_gemv(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
+    """The dense layers' matmuls at decode batches: cuBLAS (torch's linear, the engine's) against kernels/gemv.py in
+    every config that takes the batch, on the same x and weight; each record says how far its output is from
+    cuBLAS's (max_abs_diff). Whether the engine should call gemv at these sizes is this comparison's to say."""
+    s, dtype, device, records = setup.shape, setup.dtype, setup.device, []
+    elem = torch.finfo(dtype).bits // 8
+    layers = {"qkv": ((s.num_heads + 2 * s.num_kv_heads) * s.head_dim, s.hidden),
+              "o": (s.hidden, s.num_heads * s.head_dim), "gate_up": (2 * s.intermediate, s.hidden),
+              "down": (s.hidden, s.intermediate)}
+    for layer, (n, k) in layers.items():
+        weight = torch.randn(n, k, dtype=dtype, device=device) / k ** 0.5
+        for rows in setup.sweep.gemv_rows:
+            progress(f"decode matmul {layer} ({n} x {k}), {rows} rows: cuBLAS and {len(gemv.CONFIGS)} gemv configs")
+            x = torch.randn(rows, k, dtype=dtype, device=device)
+            expected = F.linear(x, weight)
+            shape = {"layer": layer, "batch": rows, "n": n, "k": k}
+            traffic = linear_traffic(rows, k, n, elem)
+            records.append(_record("linear_cublas", shape, dtype, bench_seconds(lambda: F.linear(x, weight), device),
+                                   traffic, setup.limits) | {"max_abs_diff": 0.0})
+            for config in gemv.CONFIGS:
+                if rows > 1 and not config.use_dot:
+                    continue
+                diff = (gemv.gemv(x, weight, None, config).float() - expected.float()).abs().max().item()
+                seconds = bench_seconds(lambda: gemv.gemv(x, weight, None, config), device)
+                records.append(_record("gemv", shape | {"config": config._asdict()}, dtype, seconds, traffic,
+                                       setup.limits) | {"max_abs_diff": diff})
+        del weight
+        _free_cache(device)
+    return records
+
+
 def bench_prefill(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
     """One prompt of prefill_tokens against SDPA's flash backend on the same (dense) keys and values, repeated to
     every query head: flash reads them per head, which costs nothing here since a prefill is compute-bound."""
@@ -264,7 +296,7 @@ def bench_fused_moe(setup: Setup, shapes: dict[str, MoeShape],
 
 
 def bench_all(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
-    return [record for bench in (bench_decode, bench_decode_splits, bench_prefill, bench_elementwise)
+    return [record for bench in (bench_decode, bench_decode_splits, bench_prefill, bench_elementwise, bench_gemv)
             for record in bench(setup, progress)]
 
 

@@ -12,9 +12,10 @@ from types import ModuleType
 from triton.runtime import KernelInterface
 from triton.runtime.jit import JITFunction
 
-from kernels import activation, decode_attention, fused_moe, prefill_attention, rmsnorm, rope
+from kernels import activation, decode_attention, fused_moe, gemv, prefill_attention, rmsnorm, rope
 
-KERNEL_MODULES: tuple[ModuleType, ...] = (activation, decode_attention, fused_moe, prefill_attention, rmsnorm, rope)
+KERNEL_MODULES: tuple[ModuleType, ...] = (activation, decode_attention, fused_moe, gemv, prefill_attention, rmsnorm,
+                                          rope)
 
 
 def jit_functions() -> Iterator[tuple[ModuleType, str, KernelInterface]]:

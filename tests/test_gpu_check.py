@@ -40,6 +40,9 @@ def test_dry_run_takes_every_step_and_reports_figures_without_errors(dry_run: di
     splits = dry_run["steps"]["kernels"]["figures"]["decode_split_choice"]
     assert len(splits) == len(sweep.split_batches) * len(sweep.split_contexts)
     assert all(str(case["eager_choice"]) in case["time_us"] for case in splits.values())
+    gemv_cases = dry_run["steps"]["kernels"]["figures"]["gemv_vs_cublas"]
+    assert len(gemv_cases) == 4 * len(sweep.gemv_rows)  # qkv, o, gate-up and down at each batch
+    assert all(case["gemv_max_abs_diff"] < 1e-4 for case in gemv_cases.values())  # fp32 in the dry run
     assert dry_run["steps"]["decode_latency"]["figures"]["profiled"]["device_ops"]
     assert dry_run["steps"]["compile_stalls"]["figures"]["after_warm_up"], "no kernel launch counted"
     assert all(dry_run[key] for key in ("device", "date", "commit"))

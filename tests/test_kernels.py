@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from benchmarks import kernels as bench
 from kernels import KernelOps, get_ops
 from kernels import reference as ref
-from kernels import compile_count, cpu_ops, decode_attention, triton_ops
+from kernels import compile_count, cpu_ops, decode_attention, gemv, triton_ops
 from kernels.decode_attention import choose_num_splits, decode_with_splits
 from kernels.fused_moe import moe_align_block_size
 from tests.kernel_launches import launches  # noqa: F401 (fixture)
@@ -586,6 +586,25 @@ def test_varied_batches_compile_nothing_after_warm_up(dtype: torch.dtype) -> Non
         _run_step(ops, step, target)
     torch.cuda.synchronize()
     assert compile_count.compiled_variants() == warm
+
+
+# bf16 alone on a GPU: each config is a compile, and the GPU check's kernels step times them all in bf16.
+@pytest.mark.parametrize("target", [_target("cpu", torch.float32, 1e-5, 1), _target("cpu", torch.float16, 1e-3, 1),
+                                    _target("cuda", torch.bfloat16, 2e-2, 8)])
+@pytest.mark.parametrize("config", gemv.CONFIGS, ids=lambda c: f"{c.block_n}x{c.block_k}{'-dot' if c.use_dot else ''}")
+def test_gemv_matches_the_reference_linear(config: gemv.GemvConfig, target: Target) -> None:
+    # N and K off every block multiple: the last program's columns and the walk's last step are masked.
+    n, k = 40 * target.scale + 3, 200 * target.scale + 5
+    weight = torch.randn(n, k, device=target.device).to(target.dtype) / k ** 0.5
+    bias = torch.randn(n, device=target.device).to(target.dtype)
+    for num_rows in ((1, 5, gemv.MAX_ROWS) if config.use_dot else (1,)):
+        x = torch.randn(num_rows, k, device=target.device).to(target.dtype)
+        for b in (None, bias):
+            expected = ref.linear(x.float(), weight.float(), None if b is None else b.float()).to(target.dtype)
+            _assert_close(gemv.gemv(x, weight, b, config), expected, target)
+    with pytest.raises(ValueError, match="rows"):
+        gemv.gemv(torch.randn(gemv.MAX_ROWS + 1 if config.use_dot else 2, k, device=target.device).to(target.dtype),
+                  weight, None, config)
 
 
 def test_triton_backend_serves_every_kernel_op() -> None:
