@@ -232,6 +232,7 @@ class ModelRunner:
         overwrite before they read them."""
         if self.config.kernel_backend != "triton":
             return  # the torch path compiles nothing
+        self._tune_linear()
         # A context the engine can never hold needs no variant: skip the steps that do not fit.
         num_blocks = self.kv_caches[0].shape[1]
         longest = min(2 * MIN_SPLIT_TOKENS, self.config.max_model_len, num_blocks * self.block_size)
@@ -240,6 +241,16 @@ class ModelRunner:
             lens = decode_lens + prefill_lens
             if sum(-(-n // self.block_size) for n in lens) <= num_blocks:
                 self._dummy_step(lens, [1] * len(decode_lens) + prefill_lens, [])
+
+    def _tune_linear(self) -> None:
+        """Time the dense layers' matmuls at decode batches, cuBLAS against kernels/gemv.py (kernels.gemv.tune), so
+        that decode steps (and the graphs captured next) run the faster on this GPU."""
+        weights = [m.weight for m in self.model.modules() if isinstance(m, KernelLayoutWeight)]
+        for row in get_ops(self.config.kernel_backend).tune_linear(weights):
+            faster = "gemv" if row["chosen"] else "cuBLAS"
+            gemv_us = "no config matched" if row["gemv_us"] is None else f"gemv {row['gemv_us']:.1f} us"
+            logger.info("decode matmul %dx%d at %d rows: cuBLAS %.1f us, %s: %s", row["n"], row["k"], row["rows"],
+                        row["cublas_us"], gemv_us, faster)
 
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:

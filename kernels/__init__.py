@@ -3,10 +3,11 @@
 Every op exists twice with one signature: a Triton kernel (kernel_backend="triton", registered as the torch.library
 op torch.ops.tokmodel.<name> in kernels/triton_ops.py) and the PyTorch reference in kernels/reference.py
 (kernel_backend="torch"). kernel_backend="cpu" is the reference with the ops a compiled C kernel does faster on a
-CPU (kernels/cpu_ops.py). `linear` (the dense layers' matmul) is torch's on every backend but the CPU's, where a
-C kernel reads bf16 weights that `pack_linear_weight` put in its layout once they were loaded (elsewhere that
-returns the weight as it is), and `embedding` looks rows up in such a weight (a tied LM head's). Kernels know only
-tensors.
+CPU (kernels/cpu_ops.py). `linear` (the dense layers' matmul) is torch's, but on the CPU, where a C kernel reads
+bf16 weights that `pack_linear_weight` put in its layout once they were loaded (elsewhere that returns the weight
+as it is), and on the Triton backend at decode batches where `tune_linear` (at warm-up, on the model's weights)
+measured kernels/gemv.py faster than cuBLAS; `embedding` looks rows up in such a weight (a tied LM head's).
+Kernels know only tensors.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class KernelOps(NamedTuple):
     gelu_tanh_and_mul: Callable
     fused_moe: Callable
     linear: Callable
+    tune_linear: Callable
     pack_linear_weight: Callable
     embedding: Callable
 

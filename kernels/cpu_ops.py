@@ -13,11 +13,11 @@ import torch
 from kernels import reference
 from kernels.cpu.build import load
 # SiLU/GELU-and-mul stay torch's: its two vectorized passes were faster than one C pass behind a ctypes call.
-from kernels.reference import fused_moe, gelu_tanh_and_mul, prefill_attention, silu_and_mul
+from kernels.reference import fused_moe, gelu_tanh_and_mul, prefill_attention, silu_and_mul, tune_linear
 
 __all__ = ["rotary_embedding_and_write_kv", "paged_decode_attention", "prefill_attention", "rms_norm",
-           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "pack_linear_weight", "embedding",
-           "available"]
+           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "tune_linear", "pack_linear_weight",
+           "embedding", "available"]
 
 # kernels/cpu/linear.c's packed layout: blocks of PACK_BLOCK output columns, each [K / 2][PACK_BLOCK][2].
 PACK_BLOCK = 32

@@ -4,20 +4,28 @@ once with no split over K.
 At batch 1 on the Llama-3.1-8B shape cuBLAS streams the gate-up and down weights at 4.0-4.2 TB/s on an H200, but
 the qkv and o projections (N of 6144 and 4096) at 3.1-3.3, and splits o and down over K with a reduction kernel
 after each (1.7 us): about 0.2 ms of a 4.5 ms token (README, "Where batch-1 decode's time goes"). Here each
-program owns BLOCK_N output columns and walks all of K, so there is nothing to reduce afterwards; how fast that
-streams depends on the block shape, which only a GPU can pick. The GPU check's kernels step times every CONFIGS
-entry against cuBLAS at the decode shapes (benchmarks/kernels.py, bench_gemv): the engine's `linear` stays
-torch's (cuBLAS) until this wins there.
+program owns BLOCK_N output columns and walks all of K, so there is nothing to reduce afterwards. How fast that
+streams depends on the block shape and the GPU, so nothing is assumed: at warm-up `tune` times cuBLAS and every
+CONFIGS entry on the model's own weights at each of ROW_BUCKETS, and the Triton backend's `linear` calls gemv
+only where a config beat cuBLAS there (by MARGIN) with cuBLAS's output; everywhere else it is cuBLAS's. The GPU
+check's kernels step reports the same comparison at the Llama-3-8B shapes (benchmarks/kernels.py, bench_gemv).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 MAX_ROWS = 16  # tl.dot's smallest M: fewer rows are masked
+ROW_BUCKETS = (1, 4, MAX_ROWS)  # a batch of r rows takes the choice tuned at the smallest bucket >= r
+MARGIN = 1.05  # gemv is chosen only this much faster than cuBLAS: timings that close could flip from run to run
+# Smaller weights stream in a few microseconds, where launches, not bandwidth, set the time: not worth tuning (and
+# the GPU tests' many small models start no slower).
+MIN_TUNED_ELEMENTS = 1 << 22
 
 
 class GemvConfig(NamedTuple):
@@ -87,3 +95,57 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         BLOCK_K=config.block_k, PRECISION="ieee" if x.dtype == torch.float32 else None,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
+
+
+# (row bucket, N, K, dtype, device) -> the config that beat cuBLAS there; filled by tune, read by chosen_config
+_choices: dict[tuple, GemvConfig] = {}
+_reports: dict[tuple, list[dict]] = {}  # (N, K, dtype, device) -> tune's rows for it: each shape is timed once
+
+
+def chosen_config(x: torch.Tensor, weight: torch.Tensor) -> GemvConfig | None:
+    """The config `tune` chose for x's rows and this weight's shape, or None (cuBLAS)."""
+    if not _choices or x.shape[0] > MAX_ROWS:
+        return None
+    bucket = next(b for b in ROW_BUCKETS if b >= x.shape[0])
+    return _choices.get((bucket, weight.shape[0], weight.shape[1], x.dtype, x.device))
+
+
+def tune(weights: Iterable[torch.Tensor]) -> list[dict]:
+    """For each distinct shape of the 16-bit CUDA weights [N, K] of at least MIN_TUNED_ELEMENTS and each row
+    bucket: time cuBLAS and every config whose output matches cuBLAS's on random rows; remember the fastest config
+    if it beats cuBLAS by MARGIN. Once per shape and process. Returns a row per (shape, bucket) for the log;
+    nothing to tune elsewhere (a CPU, fp32, small weights)."""
+    report = []
+    for weight in weights:
+        shape = (weight.shape[0], weight.shape[1], weight.dtype, weight.device)
+        if (not weight.is_cuda or weight.dim() != 2 or weight.dtype == torch.float32
+                or weight.numel() < MIN_TUNED_ELEMENTS):
+            continue
+        if shape not in _reports:
+            _reports[shape] = _tune_shape(weight, shape)
+        report += _reports[shape]
+    return list({(row["n"], row["k"], row["rows"]): row for row in report}.values())
+
+
+def _tune_shape(weight: torch.Tensor, shape: tuple) -> list[dict]:
+    from triton.testing import do_bench
+
+    report = []
+    for rows in ROW_BUCKETS:
+        x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        expected = F.linear(x, weight).float()
+        tolerance = 2e-2 * expected.abs().max().item() + 1e-6  # a 16-bit rounding of the output
+        cublas_ms = do_bench(lambda: F.linear(x, weight), warmup=2, rep=10)
+        timed = {}
+        for config in CONFIGS:
+            if rows > 1 and not config.use_dot:
+                continue
+            if (gemv(x, weight, None, config).float() - expected).abs().max().item() <= tolerance:
+                timed[config] = do_bench(lambda config=config: gemv(x, weight, None, config), warmup=2, rep=10)
+        best = min(timed, key=timed.get, default=None)
+        if best is not None and timed[best] * MARGIN < cublas_ms:
+            _choices[(rows, *shape)] = best
+        report.append({"n": shape[0], "k": shape[1], "rows": rows, "cublas_us": 1e3 * cublas_ms,
+                       "gemv_us": None if best is None else 1e3 * timed[best],
+                       "chosen": _choices.get((rows, *shape))})
+    return report

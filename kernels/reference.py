@@ -145,6 +145,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def tune_linear(weights: list[torch.Tensor]) -> list[dict]:
+    """Choose, per weight shape, what `linear` runs at decode batches (the Triton backend's times kernels/gemv.py
+    against cuBLAS); torch's linear has no choice to make. Returns what was measured, for the log: nothing."""
+    return []
+
+
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     """A loaded linear weight in the layout this backend's `linear` reads: torch's own [N, K], as it is."""
     return weight

@@ -18,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.library import Library, infer_schema, register_fake
 
-from kernels import activation, decode_attention, reference, rmsnorm, rope
+from kernels import activation, decode_attention, gemv, reference, rmsnorm, rope
 from kernels import fused_moe as moe
 from kernels import prefill_attention as prefill
 
@@ -73,6 +74,16 @@ def _fake_fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: to
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape, dtype=sum_dtype)
 
 
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_n: int, block_k: int,
+          num_warps: int, num_stages: int, use_dot: bool) -> torch.Tensor:
+    return gemv.gemv(x, weight, bias, gemv.GemvConfig(block_n, block_k, num_warps, num_stages, use_dot))
+
+
+def _fake_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block_n: int, block_k: int,
+               num_warps: int, num_stages: int, use_dot: bool) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def _fake_act_and_mul(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
@@ -90,6 +101,7 @@ fused_moe = _define("fused_moe", moe.fused_moe, _fake_fused_moe)
 _decode_op = _define("paged_decode_attention", _paged_decode_attention, _writes_only, ("out",))
 _prefill_op = _define("prefill_attention", _prefill_attention, _writes_only, ("out",))
 _rms_norm_op = _define("rms_norm", _rms_norm, _fake_rms_norm)
+_gemv_op = _define("gemv", _gemv, _fake_gemv)
 _fused_add_rms_norm_op = _define("fused_add_rms_norm", _fused_add_rms_norm, _fake_fused_add_rms_norm)
 
 
@@ -119,9 +131,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return _fused_add_rms_norm_op(x, residual, weight, eps, weight_offset)
 
 
-# The dense matmuls are cuBLAS's, already at the weight-streaming rate at batch 1 (README, GPU check).
-linear, pack_linear_weight, embedding = reference.linear, reference.pack_linear_weight, reference.embedding
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """kernels.reference.linear: cuBLAS's, or at a decode batch kernels/gemv.py's where tune_linear found it faster
+    for this weight's shape (at prefill sizes the lookup is one comparison)."""
+    config = gemv.chosen_config(x, weight)
+    if config is None:
+        return F.linear(x, weight, bias)
+    return _gemv_op(x, weight, bias, *config)
+
+
+tune_linear = gemv.tune
+pack_linear_weight, embedding = reference.pack_linear_weight, reference.embedding
 
 __all__ = ["rotary_embedding_and_write_kv", "paged_decode_attention", "prefill_attention", "rms_norm",
-           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "pack_linear_weight",
+           "silu_and_mul", "gelu_tanh_and_mul", "fused_moe", "linear", "tune_linear", "pack_linear_weight",
            "embedding"]

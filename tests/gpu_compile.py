@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from kernels import triton_ops
+from kernels import gemv, triton_ops
 from tests.kernel_launches import H100, Launch, recorded_launch_args
 
 A100 = GPUTarget("cuda", 80, 32)
@@ -90,7 +90,19 @@ def record_layer(family: Family, dtype: torch.dtype) -> dict[tuple, Launch]:
         _mlp_launches(family, dtype, num_tokens=len(SHORT_CONTEXTS) + 1 + PREFILL[1])
         if family.num_experts:
             _mlp_launches(family, dtype, num_tokens=1)
+        if dtype != torch.float32:  # gemv is tuned for 16-bit weights only
+            _gemv_launches(family, dtype)
     return launches
+
+
+def _gemv_launches(f: Family, dtype: torch.dtype) -> None:
+    """The qkv projection at decode batches in every config tune may choose (Qwen2's biased one too)."""
+    weight = torch.empty((f.num_heads + 2 * f.num_kv_heads) * f.head_dim, f.hidden, dtype=dtype)
+    for config in gemv.CONFIGS:
+        for num_rows in (1, 4) if config.use_dot else (1,):
+            gemv.gemv(torch.empty(num_rows, f.hidden, dtype=dtype), weight, None, config)
+    gemv.gemv(torch.empty(1, f.hidden, dtype=dtype), weight, torch.empty(weight.shape[0], dtype=dtype),
+              gemv.CONFIGS[0])
 
 
 def _attention_launches(f: Family, dtype: torch.dtype) -> None:

@@ -607,6 +607,21 @@ def test_gemv_matches_the_reference_linear(config: gemv.GemvConfig, target: Targ
                   weight, None, config)
 
 
+def test_triton_linear_runs_gemv_only_at_the_row_buckets_tune_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight, bias = torch.randn(40, 48), torch.randn(40)
+    assert gemv.tune([weight]) == [] and not gemv._choices  # nothing to time off a GPU
+    monkeypatch.setattr(gemv, "_choices", {(4, 40, 48, torch.float32, torch.device("cpu")): gemv.CONFIGS[0]})
+    launched = []
+    monkeypatch.setattr(gemv, "gemv", lambda *args: launched.append(args) or ref.linear(*args[:3]))
+    for num_rows, runs_gemv in ((1, False), (2, True), (4, True), (5, False), (gemv.MAX_ROWS + 1, False)):
+        x = torch.randn(num_rows, 48)
+        del launched[:]
+        torch.testing.assert_close(triton_ops.linear(x, weight, bias), ref.linear(x, weight, bias))
+        assert bool(launched) == runs_gemv, num_rows
+        if runs_gemv:
+            assert launched[0][3] == gemv.CONFIGS[0]
+
+
 def test_triton_backend_serves_every_kernel_op() -> None:
     ops = get_ops("triton")
     assert all(getattr(ops, name) is getattr(triton_ops, name) for name in KernelOps._fields)
