@@ -224,6 +224,7 @@ def run_decode_latency(plan: Plan, work_dir: Path) -> dict:
 
     from benchmarks.kernels import copy_bandwidth_gbps
     from engine import LLM
+    from kernels import gemv
 
     copy_gbps = copy_bandwidth_gbps(plan.device, plan.kernel_sweep.copy_elements)
     llm = LLM(model=str(shape_config(plan, work_dir, "llama-3.1-8b")), load_format="dummy", device=plan.device,
@@ -250,6 +251,12 @@ def run_decode_latency(plan: Plan, work_dir: Path) -> dict:
     for op in device_ops:
         log(f"  {op['us_per_token']:8.1f} us a token  {op['calls_per_token']:5.0f} x {op['mean_us']:6.2f} us  "
             f"{op['name'][:60]}")
+    # What the warm-up chose for each matmul (kernels/gemv.py or cuBLAS): tune's rows, cached, returned again.
+    matmuls = [row | {"chosen": row["chosen"] and row["chosen"]._asdict()}
+               for row in gemv.tune(p for p in model.parameters() if p.dim() == 2)]
+    for row in matmuls:
+        log(f"  decode matmul {row['n']}x{row['k']} at {row['rows']} rows: cuBLAS {row['cublas_us']:.1f} us, gemv "
+            f"{row['gemv_us'] or float('nan'):.1f} us: {'gemv' if row['chosen'] else 'cuBLAS'}")
     figures = {"model": "Llama-3.1-8B shape, dummy weights", "dtype": plan.dtype, "prompt_len": plan.decode_prompt_len,
                "decode_steps": len(step_s), "ms_per_token_median": median_ms,
                "ms_per_token_mean": 1e3 * float(np.mean(step_s)), "streamed_weight_bytes": streamed,
@@ -257,6 +264,7 @@ def run_decode_latency(plan: Plan, work_dir: Path) -> dict:
                "profiled": {"step_ms_mean": profile["step_ms_mean"], "step_split": profile["step_split"],
                             "device_ms_per_token": device_ms, "device_over_floor": device_ms / floor_ms,
                             "device_ops": device_ops},
+               "decode_matmuls": matmuls,
                "torch_threads": torch.get_num_threads()}
     return {"figures": figures,
             "goals": [goal("batch-1 decode / weight-streaming floor", median_ms / floor_ms, 1.25, at_most=True,
