@@ -129,15 +129,22 @@ def _attention_shape(setup: Setup, batch: int, context_len: int) -> dict:
             "head_dim": s.head_dim, "block_size": s.block_size}
 
 
+def _decode_inputs(setup: Setup, batch: int,
+                   context_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kv_cache, block_tables, seq_lens, query, out) of a decode batch whose sequences all hold context_len keys."""
+    s = setup.shape
+    kv_cache, block_tables = _paged_cache(setup, batch, context_len)
+    seq_lens = torch.full((batch,), context_len, dtype=torch.int32, device=setup.device)
+    query = torch.randn(batch, s.num_heads, s.head_dim, dtype=setup.dtype, device=setup.device)
+    return kv_cache, block_tables, seq_lens, query, torch.empty_like(query)
+
+
 def bench_decode(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
     s, records = setup.shape, []
     for batch in setup.sweep.decode_batches:
         for context_len in setup.sweep.decode_contexts:
             progress(f"decode attention, batch {batch}, context {context_len}")
-            kv_cache, block_tables = _paged_cache(setup, batch, context_len)
-            seq_lens = torch.full((batch,), context_len, dtype=torch.int32, device=setup.device)
-            query = torch.randn(batch, s.num_heads, s.head_dim, dtype=setup.dtype, device=setup.device)
-            out = torch.empty_like(query)
+            kv_cache, block_tables, seq_lens, query, out = _decode_inputs(setup, batch, context_len)
             scale = s.head_dim ** -0.5
             seconds = bench_seconds(lambda: setup.ops.paged_decode_attention(
                 query, kv_cache, block_tables, seq_lens, 0, batch, scale, context_len, out=out), setup.device)
@@ -164,10 +171,7 @@ def bench_decode_splits(setup: Setup, progress: Callable[[str], None] = lambda _
     for batch in setup.sweep.split_batches:
         for context_len in setup.sweep.split_contexts:
             progress(f"decode attention, batch {batch}, context {context_len}, 1 to {MAX_SPLITS} splits")
-            kv_cache, block_tables = _paged_cache(setup, batch, context_len)
-            seq_lens = torch.full((batch,), context_len, dtype=torch.int32, device=setup.device)
-            query = torch.randn(batch, s.num_heads, s.head_dim, dtype=setup.dtype, device=setup.device)
-            out = torch.empty_like(query)
+            kv_cache, block_tables, seq_lens, query, out = _decode_inputs(setup, batch, context_len)
             traffic = decode_traffic(batch, context_len, s.num_heads, s.num_kv_heads, s.head_dim, s.block_size,
                                      query.element_size())
             chosen = choose_num_splits(batch * s.num_kv_heads, context_len, query.device)
