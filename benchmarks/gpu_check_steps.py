@@ -224,6 +224,7 @@ def run_decode_latency(plan: Plan, work_dir: Path) -> dict:
 
     from benchmarks.kernels import copy_bandwidth_gbps
     from engine import LLM
+    from engine.layers.linear import dense_layers
     from kernels import gemv
 
     copy_gbps = copy_bandwidth_gbps(plan.device, plan.kernel_sweep.copy_elements)
@@ -252,8 +253,7 @@ def run_decode_latency(plan: Plan, work_dir: Path) -> dict:
         log(f"  {op['us_per_token']:8.1f} us a token  {op['calls_per_token']:5.0f} x {op['mean_us']:6.2f} us  "
             f"{op['name'][:60]}")
     # What the warm-up chose for each matmul (kernels/gemv.py or cuBLAS): tune's rows, cached, returned again.
-    matmuls = [row | {"chosen": row["chosen"] and row["chosen"]._asdict()}
-               for row in gemv.tune(p for p in model.parameters() if p.dim() == 2)]
+    matmuls = [row | {"chosen": row["chosen"] and row["chosen"]._asdict()} for row in gemv.tune(dense_layers(model))]
     for row in matmuls:
         log(f"  decode matmul {row['n']}x{row['k']} at {row['rows']} rows: cuBLAS {row['cublas_us']:.1f} us, gemv "
             f"{row['gemv_us'] or float('nan'):.1f} us: {'gemv' if row['chosen'] else 'cuBLAS'}")

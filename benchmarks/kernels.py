@@ -67,7 +67,7 @@ class Sweep(NamedTuple):
     matmul_size: int  # n of the n x n x n matmul that measures throughput
     split_batches: tuple[int, ...] = (1, 8)  # small decode batches timed at every split count (bench_decode_splits)
     split_contexts: tuple[int, ...] = (256, 2048)
-    gemv_rows: tuple[int, ...] = (1, 8)  # decode batches of the skinny-matmul comparison (bench_gemv)
+    gemv_rows: tuple[int, ...] = gemv.ROW_BUCKETS  # decode batches of the skinny-matmul comparison (bench_gemv)
 
 
 LLAMA_3_8B = Shape(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, hidden=4096, intermediate=14336)
@@ -187,9 +187,10 @@ def bench_decode_splits(setup: Setup, progress: Callable[[str], None] = lambda _
 
 
 def bench_gemv(setup: Setup, progress: Callable[[str], None] = lambda _: None) -> list[dict]:
-    """The dense layers' matmuls at decode batches: cuBLAS (torch's linear, the engine's) against kernels/gemv.py in
-    every config that takes the batch, on the same x and weight; each record says how far its output is from
-    cuBLAS's (max_abs_diff). Whether the engine should call gemv at these sizes is this comparison's to say."""
+    """The dense layers' matmuls at the decode batches the engine tunes (kernels/gemv.py's ROW_BUCKETS): cuBLAS
+    (torch's linear) against gemv in every config that takes the batch, on the same x and weight (gemv.compare,
+    as the engine's warm-up, timed by bench_seconds); each record says how far its output is from cuBLAS's
+    (max_abs_diff)."""
     s, dtype, device, records = setup.shape, setup.dtype, setup.device, []
     elem = torch.finfo(dtype).bits // 8
     layers = {"qkv": ((s.num_heads + 2 * s.num_kv_heads) * s.head_dim, s.hidden),
@@ -198,20 +199,15 @@ def bench_gemv(setup: Setup, progress: Callable[[str], None] = lambda _: None) -
     for layer, (n, k) in layers.items():
         weight = torch.randn(n, k, dtype=dtype, device=device) / k ** 0.5
         for rows in setup.sweep.gemv_rows:
-            progress(f"decode matmul {layer} ({n} x {k}), {rows} rows: cuBLAS and {len(gemv.CONFIGS)} gemv configs")
+            progress(f"decode matmul {layer} ({n} x {k}), {rows} rows: cuBLAS and gemv")
             x = torch.randn(rows, k, dtype=dtype, device=device)
-            expected = F.linear(x, weight)
-            shape = {"layer": layer, "batch": rows, "n": n, "k": k}
-            traffic = linear_traffic(rows, k, n, elem)
-            records.append(_record("linear_cublas", shape, dtype, bench_seconds(lambda: F.linear(x, weight), device),
-                                   traffic, setup.limits) | {"max_abs_diff": 0.0})
-            for config in gemv.CONFIGS:
-                if rows > 1 and not config.use_dot:
-                    continue
-                diff = (gemv.gemv(x, weight, None, config).float() - expected.float()).abs().max().item()
-                seconds = bench_seconds(lambda: gemv.gemv(x, weight, None, config), device)
-                records.append(_record("gemv", shape | {"config": config._asdict()}, dtype, seconds, traffic,
-                                       setup.limits) | {"max_abs_diff": diff})
+            shape, traffic = {"layer": layer, "batch": rows, "n": n, "k": k}, linear_traffic(rows, k, n, elem)
+            comparison = gemv.compare(x, weight, None, lambda fn: 1e3 * bench_seconds(fn, device))
+            records.append(_record("linear_cublas", shape, dtype, comparison.cublas_ms / 1e3, traffic, setup.limits)
+                           | {"max_abs_diff": 0.0})
+            for config, ms in comparison.gemv_ms.items():
+                records.append(_record("gemv", shape | {"config": config._asdict()}, dtype, ms / 1e3, traffic,
+                                       setup.limits) | {"max_abs_diff": comparison.max_abs_diff[config]})
         del weight
         _free_cache(device)
     return records

@@ -18,7 +18,7 @@ from engine.cuda_graphs import DecodeGraphs, capture_sizes
 from engine.device_copy import to_device
 from engine.distributed import TPGroup, tensor_parallel
 from engine.input_batch import InputBatch
-from engine.layers.linear import KernelLayoutWeight
+from engine.layers.linear import KernelLayoutWeight, dense_layers
 from engine.logprobs import PromptLogprobRows, prompt_logprobs
 from engine.models import get_model_class
 from engine.outputs import Logprob
@@ -244,9 +244,10 @@ class ModelRunner:
 
     def _tune_linear(self) -> None:
         """Time the dense layers' matmuls at decode batches, cuBLAS against kernels/gemv.py (kernels.gemv.tune), so
-        that decode steps (and the graphs captured next) run the faster on this GPU."""
-        weights = [m.weight for m in self.model.modules() if isinstance(m, KernelLayoutWeight)]
-        for row in get_ops(self.config.kernel_backend).tune_linear(weights):
+        that the decode graphs captured next run the faster on this GPU. Eager steps always run cuBLAS."""
+        if not self.uses_cuda_graphs:
+            return
+        for row in get_ops(self.config.kernel_backend).tune_linear(dense_layers(self.model)):
             faster = "gemv" if row["chosen"] else "cuBLAS"
             gemv_us = "no config matched" if row["gemv_us"] is None else f"gemv {row['gemv_us']:.1f} us"
             logger.info("decode matmul %dx%d at %d rows: cuBLAS %.1f us, %s: %s", row["n"], row["k"], row["rows"],

@@ -6,13 +6,14 @@ the qkv and o projections (N of 6144 and 4096) at 3.1-3.3, and splits o and down
 after each (1.7 us): about 0.2 ms of a 4.5 ms token (README, "Where batch-1 decode's time goes"). Here each
 program owns BLOCK_N output columns and walks all of K, so there is nothing to reduce afterwards. How fast that
 streams depends on the block shape and the GPU, so nothing is assumed: at warm-up `tune` times cuBLAS and every
-CONFIGS entry on the model's own weights at each of ROW_BUCKETS, and the Triton backend's `linear` calls gemv
-only where a config beat cuBLAS there (by MARGIN) with cuBLAS's output; everywhere else it is cuBLAS's. The GPU
-check's kernels step reports the same comparison at the Llama-3-8B shapes (benchmarks/kernels.py, bench_gemv).
+CONFIGS entry on the model's own layers at each of ROW_BUCKETS, and in the decode steps' CUDA graphs the Triton
+backend's `linear` calls gemv only where a config beat cuBLAS there (by MARGIN) with cuBLAS's output; everywhere
+else it is cuBLAS's. The GPU check's kernels step reports the same comparison at the Llama-3-8B shapes
+(benchmarks/kernels.py, bench_gemv).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -36,7 +37,8 @@ class GemvConfig(NamedTuple):
     use_dot: bool  # tensor cores on [MAX_ROWS, BLOCK_K] x [BLOCK_K, BLOCK_N]; else (one row only) a multiply-reduce
 
 
-# Candidates the GPU check times; programs = N / block_n (128-1536 for N of 4096-24576: one to twelve an SM).
+# The candidates tune times; programs = N / block_n (Llama-3-8B: 64 to 768 for o and qkv, 448 to 3584 for gate-up,
+# thousands for the LM head).
 CONFIGS = (
     GemvConfig(16, 512, 4, 4, True),
     GemvConfig(32, 256, 4, 4, True),
@@ -97,55 +99,84 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return out
 
 
-# (row bucket, N, K, dtype, device) -> the config that beat cuBLAS there; filled by tune, read by chosen_config
+class Comparison(NamedTuple):
+    """cuBLAS against each config that takes the rows, on the same x, weight and bias (milliseconds)."""
+    cublas_ms: float
+    gemv_ms: dict[GemvConfig, float]
+    max_abs_diff: dict[GemvConfig, float]  # from cuBLAS's output
+
+
+def compare(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            time_ms: Callable[[Callable[[], object]], float]) -> Comparison:
+    """F.linear's time and gemv's in every config that takes x's rows, by time_ms, and how far each config's
+    output is from F.linear's."""
+    expected = F.linear(x, weight, bias).float()
+    gemv_ms, diffs = {}, {}
+    for config in CONFIGS:
+        if x.shape[0] == 1 or config.use_dot:
+            diffs[config] = (gemv(x, weight, bias, config).float() - expected).abs().max().item()
+            gemv_ms[config] = time_ms(lambda config=config: gemv(x, weight, bias, config))
+    return Comparison(time_ms(lambda: F.linear(x, weight, bias)), gemv_ms, diffs)
+
+
+# (row bucket, N, K, has bias, dtype, device) -> the config that beat cuBLAS there; filled by tune, read by
+# chosen_config
 _choices: dict[tuple, GemvConfig] = {}
-_reports: dict[tuple, list[dict]] = {}  # (N, K, dtype, device) -> tune's rows for it: each shape is timed once
+_reports: dict[tuple, list[dict]] = {}  # (N, K, has bias, dtype, device) -> tune's rows: each shape timed once
 
 
-def chosen_config(x: torch.Tensor, weight: torch.Tensor) -> GemvConfig | None:
-    """The config `tune` chose for x's rows and this weight's shape, or None (cuBLAS)."""
-    if not _choices or x.shape[0] > MAX_ROWS:
+def _shape(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    return weight.shape[0], weight.shape[1], bias is not None, weight.dtype, weight.device
+
+
+def chosen_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> GemvConfig | None:
+    """The config `tune` chose for x's rows and this layer, when the call is being captured into a CUDA graph
+    (tune timed the device alone; an eager call also pays gemv's launch, several microseconds more than cuBLAS's);
+    None otherwise: cuBLAS."""
+    if not _choices or not 1 <= x.shape[0] <= MAX_ROWS or not torch.cuda.is_current_stream_capturing():
+        return None
+    if x.dim() != 2 or x.stride(1) != 1 or x.dtype != weight.dtype:
         return None
     bucket = next(b for b in ROW_BUCKETS if b >= x.shape[0])
-    return _choices.get((bucket, weight.shape[0], weight.shape[1], x.dtype, x.device))
+    return _choices.get((bucket, *_shape(weight, bias)))
 
 
-def tune(weights: Iterable[torch.Tensor]) -> list[dict]:
-    """For each distinct shape of the 16-bit CUDA weights [N, K] of at least MIN_TUNED_ELEMENTS and each row
-    bucket: time cuBLAS and every config whose output matches cuBLAS's on random rows; remember the fastest config
-    if it beats cuBLAS by MARGIN. Once per shape and process. Returns a row per (shape, bucket) for the log;
-    nothing to tune elsewhere (a CPU, fp32, small weights)."""
-    report = []
-    for weight in weights:
-        shape = (weight.shape[0], weight.shape[1], weight.dtype, weight.device)
-        if (not weight.is_cuda or weight.dim() != 2 or weight.dtype == torch.float32
+@torch.inference_mode()
+def tune(layers: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> list[dict]:
+    """For each distinct (weight [N, K], bias) of the 16-bit CUDA layers with at least MIN_TUNED_ELEMENTS weights
+    and each row bucket: time cuBLAS and every config whose output is within a 16-bit rounding of cuBLAS's on
+    random rows; remember the fastest config if it beats cuBLAS by MARGIN. Once per shape and process (this
+    compiles every config, so none compiles later). Returns a row per (shape, bucket) for the log; nothing to tune
+    elsewhere (a CPU, fp32, small weights)."""
+    report = {}
+    for weight, bias in layers:
+        if (weight.dim() != 2 or not weight.is_cuda or weight.dtype == torch.float32
                 or weight.numel() < MIN_TUNED_ELEMENTS):
             continue
+        shape = _shape(weight, bias)
         if shape not in _reports:
-            _reports[shape] = _tune_shape(weight, shape)
-        report += _reports[shape]
-    return list({(row["n"], row["k"], row["rows"]): row for row in report}.values())
+            _reports[shape] = _tune_shape(weight, bias, shape)
+            torch.cuda.empty_cache()  # do_bench's L2-flushing buffer: the memory is the KV cache's
+        report |= {(*shape[:3], row["rows"]): row for row in _reports[shape]}
+    return list(report.values())
 
 
-def _tune_shape(weight: torch.Tensor, shape: tuple) -> list[dict]:
+def _tune_shape(weight: torch.Tensor, bias: torch.Tensor | None, shape: tuple) -> list[dict]:
     from triton.testing import do_bench
+
+    def median_ms(fn: Callable[[], object]) -> float:  # device time, the L2 flushed between runs
+        return do_bench(fn, warmup=2, rep=10, return_mode="median")
 
     report = []
     for rows in ROW_BUCKETS:
         x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        expected = F.linear(x, weight).float()
-        tolerance = 2e-2 * expected.abs().max().item() + 1e-6  # a 16-bit rounding of the output
-        cublas_ms = do_bench(lambda: F.linear(x, weight), warmup=2, rep=10)
-        timed = {}
-        for config in CONFIGS:
-            if rows > 1 and not config.use_dot:
-                continue
-            if (gemv(x, weight, None, config).float() - expected).abs().max().item() <= tolerance:
-                timed[config] = do_bench(lambda config=config: gemv(x, weight, None, config), warmup=2, rep=10)
+        comparison = compare(x, weight, bias, median_ms)
+        tolerance = 2e-2 * F.linear(x, weight, bias).float().abs().max().item() + 1e-6  # a 16-bit rounding
+        timed = {c: ms for c, ms in comparison.gemv_ms.items() if comparison.max_abs_diff[c] <= tolerance}
         best = min(timed, key=timed.get, default=None)
-        if best is not None and timed[best] * MARGIN < cublas_ms:
+        if best is not None and timed[best] * MARGIN < comparison.cublas_ms:
             _choices[(rows, *shape)] = best
-        report.append({"n": shape[0], "k": shape[1], "rows": rows, "cublas_us": 1e3 * cublas_ms,
-                       "gemv_us": None if best is None else 1e3 * timed[best],
-                       "chosen": _choices.get((rows, *shape))})
+        report.append({"n": shape[0], "k": shape[1], "bias": shape[2], "rows": rows,
+                       "cublas_us": 1e3 * comparison.cublas_ms,
+                       "gemv_us": None if best is None else 1e3 * timed[best], "chosen": _choices.get((rows, *shape))})
     return report

@@ -145,9 +145,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def tune_linear(weights: list[torch.Tensor]) -> list[dict]:
-    """Choose, per weight shape, what `linear` runs at decode batches (the Triton backend's times kernels/gemv.py
-    against cuBLAS); torch's linear has no choice to make. Returns what was measured, for the log: nothing."""
+def tune_linear(layers: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[dict]:
+    """Choose, per (weight, bias) of the dense layers, what `linear` runs at decode batches (the Triton backend's
+    times kernels/gemv.py against cuBLAS); torch's linear has no choice to make. Returns what was measured, for the
+    log: nothing."""
     return []
 
 

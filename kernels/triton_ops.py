@@ -132,9 +132,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """kernels.reference.linear: cuBLAS's, or at a decode batch kernels/gemv.py's where tune_linear found it faster
-    for this weight's shape (at prefill sizes the lookup is one comparison)."""
-    config = gemv.chosen_config(x, weight)
+    """kernels.reference.linear: cuBLAS's, or in a decode step's CUDA graph kernels/gemv.py's where tune_linear found
+    it faster for this layer (elsewhere the lookup is a comparison or two)."""
+    config = gemv.chosen_config(x, weight, bias)
     if config is None:
         return F.linear(x, weight, bias)
     return _gemv_op(x, weight, bias, *config)

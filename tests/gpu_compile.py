@@ -96,13 +96,11 @@ def record_layer(family: Family, dtype: torch.dtype) -> dict[tuple, Launch]:
 
 
 def _gemv_launches(f: Family, dtype: torch.dtype) -> None:
-    """The qkv projection at decode batches in every config tune may choose (Qwen2's biased one too)."""
+    """The qkv projection at decode batches in every config tune may choose, without and with a bias (Qwen2's)."""
     weight = torch.empty((f.num_heads + 2 * f.num_kv_heads) * f.head_dim, f.hidden, dtype=dtype)
     for config in gemv.CONFIGS:
-        for num_rows in (1, 4) if config.use_dot else (1,):
-            gemv.gemv(torch.empty(num_rows, f.hidden, dtype=dtype), weight, None, config)
-    gemv.gemv(torch.empty(1, f.hidden, dtype=dtype), weight, torch.empty(weight.shape[0], dtype=dtype),
-              gemv.CONFIGS[0])
+        for bias in (None, torch.empty(weight.shape[0], dtype=dtype)):
+            gemv.gemv(torch.empty(1, f.hidden, dtype=dtype), weight, bias, config)
 
 
 def _attention_launches(f: Family, dtype: torch.dtype) -> None:

@@ -607,19 +607,28 @@ def test_gemv_matches_the_reference_linear(config: gemv.GemvConfig, target: Targ
                   weight, None, config)
 
 
-def test_triton_linear_runs_gemv_only_at_the_row_buckets_tune_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triton_linear_runs_gemv_only_in_graph_capture_at_the_row_buckets_tune_chose(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gemv, "_choices", {})
+    monkeypatch.setattr(gemv, "_reports", {})
     weight, bias = torch.randn(40, 48), torch.randn(40)
-    assert gemv.tune([weight]) == [] and not gemv._choices  # nothing to time off a GPU
-    monkeypatch.setattr(gemv, "_choices", {(4, 40, 48, torch.float32, torch.device("cpu")): gemv.CONFIGS[0]})
+    assert gemv.tune([(weight, bias)]) == [] and not gemv._choices  # nothing to time off a GPU
+    gemv._choices[(4, 40, 48, True, torch.float32, torch.device("cpu"))] = gemv.CONFIGS[0]
     launched = []
     monkeypatch.setattr(gemv, "gemv", lambda *args: launched.append(args) or ref.linear(*args[:3]))
-    for num_rows, runs_gemv in ((1, False), (2, True), (4, True), (5, False), (gemv.MAX_ROWS + 1, False)):
-        x = torch.randn(num_rows, 48)
+    for capturing in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        for num_rows, runs_gemv in ((0, False), (1, False), (2, True), (4, True), (5, False),
+                                    (gemv.MAX_ROWS + 1, False)):
+            x = torch.randn(num_rows, 48)
+            del launched[:]
+            torch.testing.assert_close(triton_ops.linear(x, weight, bias), ref.linear(x, weight, bias))
+            assert bool(launched) == (runs_gemv and capturing), (num_rows, capturing)
+            if launched:
+                assert launched[0][3] == gemv.CONFIGS[0]
         del launched[:]
-        torch.testing.assert_close(triton_ops.linear(x, weight, bias), ref.linear(x, weight, bias))
-        assert bool(launched) == runs_gemv, num_rows
-        if runs_gemv:
-            assert launched[0][3] == gemv.CONFIGS[0]
+        triton_ops.linear(torch.randn(2, 48), weight)  # tuned with its bias: without one it is another layer
+        assert not launched
 
 
 def test_triton_backend_serves_every_kernel_op() -> None:

@@ -33,6 +33,11 @@ class KernelLayoutWeight:
             self.weight = nn.Parameter(laid_out, requires_grad=False)
 
 
+def dense_layers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) of each layer of the model whose weight goes to `linear`: what KernelOps.tune_linear tunes."""
+    return [(m.weight, getattr(m, "bias", None)) for m in model.modules() if isinstance(m, KernelLayoutWeight)]
+
+
 class StackedLinear(KernelLayoutWeight, nn.Linear):
     """Column-parallel nn.Linear over the concatenated outputs of named parts. parts: for each part, (its size
     in the checkpoint, its rows on this rank, the first of them in the checkpoint's part)."""
