@@ -247,7 +247,12 @@ class ModelRunner:
         that the decode graphs captured next run the faster on this GPU. Eager steps always run cuBLAS."""
         if not self.uses_cuda_graphs:
             return
-        for row in get_ops(self.config.kernel_backend).tune_linear(dense_layers(self.model)):
+        try:
+            measured = get_ops(self.config.kernel_backend).tune_linear(dense_layers(self.model))
+        except Exception:  # cuBLAS everywhere beats not serving; the layers tuned before the failure keep their choice
+            logger.exception("timing the decode matmuls failed: the rest stay cuBLAS's")
+            return
+        for row in measured:
             faster = "gemv" if row["chosen"] else "cuBLAS"
             gemv_us = "no config matched" if row["gemv_us"] is None else f"gemv {row['gemv_us']:.1f} us"
             logger.info("decode matmul %dx%d at %d rows: cuBLAS %.1f us, %s: %s", row["n"], row["k"], row["rows"],
