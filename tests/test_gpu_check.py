@@ -44,6 +44,7 @@ def test_dry_run_takes_every_step_and_reports_figures_without_errors(dry_run: di
     assert len(gemv_cases) == 4 * len(sweep.gemv_rows)  # qkv, o, gate-up and down at each batch
     assert all(case["gemv_max_abs_diff"] < 1e-4 for case in gemv_cases.values())  # fp32 in the dry run
     assert dry_run["steps"]["decode_latency"]["figures"]["profiled"]["device_ops"]
+    assert dry_run["steps"]["decode_latency"]["figures"]["ms_per_token_median_without_gemv"] > 0
     assert dry_run["steps"]["compile_stalls"]["figures"]["after_warm_up"], "no kernel launch counted"
     assert all(dry_run[key] for key in ("device", "date", "commit"))
 
