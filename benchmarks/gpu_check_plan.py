@@ -63,14 +63,14 @@ class Plan(NamedTuple):
 H100 = Plan(
     name="h100", device="cuda", dtype="bfloat16", kernel_dtype=torch.bfloat16, model_overrides={},
     # 635 s in all (610 on one GPU, where tensor_parallel skips in seconds); the steps but tests and throughput
-    # end well inside theirs, so a run takes about 560 s, under the device tool's 10 minutes (or run it as two
+    # end well inside theirs, so a run takes about 570 s, under the device tool's 10 minutes (or run it as two
     # calls, --steps). Sized from the GPU runs (benchmarks/results/gpu-check-nvidia-h*-2026-11-2[56].json): the
     # tests take 194 s on the H200 and about 260-290 s on the H100 (its host is slower: 96% of them in 210 s),
-    # kernels 13-14 s (before the split sweep and the gemv comparison: about 26 and 40 more timings of ~0.15 s and
+    # kernels 13-14 s (before the split sweep and the gemv comparison: about 26 and 44 more timings of ~0.15 s and
     # 5 gemv compiles), throughput all its limit (its peer runs against a deadline 25 s before it), decode_latency
     # 15-17 s (before it profiled a second decode, tuned the matmuls at warm-up, about a second on each engine's
-    # start once Triton's cache holds the gemv configs, and timed a decode without gemv), serving 28-36 s, compile_stalls 19-20 s, fast_path 30-32 s,
-    # idle_time 17-24 s.
+    # start once Triton's cache holds the gemv configs, and timed a decode without gemv), serving 28-36 s,
+    # compile_stalls 19-20 s, fast_path 30-32 s, idle_time 17-24 s.
     step_time_limit_s={"tests": 270, "kernels": 45, "throughput": 100, "decode_latency": 45, "serving": 50,
                        "compile_stalls": 25, "fast_path": 40, "idle_time": 30,
                        "tensor_parallel": 30},  # TP: a skip in seconds on one GPU; two GPUs need about 120
