@@ -120,9 +120,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 def rotary_embedding_and_write_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                                   value: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
-                                  slot_mapping: torch.Tensor, is_neox: bool = True) -> None:
-    """kernels/reference.py's rotary_embedding_and_write_kv in one pass over the tokens; the reference where the
-    layouts or dtypes differ."""
+                                  slot_mapping: torch.Tensor, is_neox: bool = True,
+                                  q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+                                  norm_eps: float = 1e-6, norm_weight_offset: float = 0.0) -> None:
+    """kernels/reference.py's rotary_embedding_and_write_kv in one pass over the tokens (after rms_norm's over the
+    heads, with norm weights); the reference where the layouts or dtypes differ."""
+    if q_norm_weight is not None:
+        query.copy_(rms_norm(query, q_norm_weight, norm_eps, None, norm_weight_offset))
+        key = rms_norm(key, k_norm_weight, norm_eps, None, norm_weight_offset)
     code = _code(query, key, value, kv_cache)
     if _ROTARY_WRITE_KV is None or code is None or not _c_takes_rotary_write_kv(positions, query, key, value,
                                                                                cos_sin_cache, kv_cache, slot_mapping):

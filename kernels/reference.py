@@ -132,10 +132,17 @@ def _rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.T
 
 def rotary_embedding_and_write_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                                   value: torch.Tensor, cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor,
-                                  slot_mapping: torch.Tensor, is_neox: bool = True) -> None:
+                                  slot_mapping: torch.Tensor, is_neox: bool = True,
+                                  q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
+                                  norm_eps: float = 1e-6, norm_weight_offset: float = 0.0) -> None:
     """A layer's new tokens into the cache: rotate query in place (_rotary_embedding) and write the rotated key and
-    value into their slots (_write_kv_cache); key itself is left as it is."""
-    key = key.clone()
+    value into their slots (_write_kv_cache); key itself is left as it is. With norm weights (Qwen3, Gemma 3),
+    every head of query and key goes through rms_norm first (query in place)."""
+    if q_norm_weight is not None:
+        query.copy_(rms_norm(query, q_norm_weight, norm_eps, None, norm_weight_offset))
+        key = rms_norm(key, k_norm_weight, norm_eps, None, norm_weight_offset)
+    else:
+        key = key.clone()
     _rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
     _write_kv_cache(key, value, kv_cache, slot_mapping)
 

@@ -126,12 +126,13 @@ def _attention_launches(f: Family, dtype: torch.dtype) -> None:
     if f.qk_norm == "all":
         q, k = (ops.rms_norm(t, torch.empty(t.shape[-1], dtype=dtype), 1e-6) for t in (q, k))
     q, k, v = (t.view(num_tokens, -1, f.head_dim) for t in (q, k, v))
-    if f.qk_norm == "head":
+    norm = {}
+    if f.qk_norm == "head":  # normalised with the rotation, in the same kernel
         head_weight = torch.empty(f.head_dim, dtype=dtype)
-        q = ops.rms_norm(q, head_weight, 1e-6, None, f.norm_offset)
-        k = ops.rms_norm(k, head_weight, 1e-6, None, f.norm_offset)
+        norm = {"q_norm_weight": head_weight, "k_norm_weight": head_weight, "norm_eps": 1e-6,
+                "norm_weight_offset": f.norm_offset}
     ops.rotary_embedding_and_write_kv(positions, q, k, v, torch.empty(8192, f.rotary_dim or f.head_dim), kv_cache,
-                                      slots, True)
+                                      slots, True, **norm)
     out = torch.empty_like(q)
     attention = (kv_cache, block_tables, seq_lens)
     scale = f.head_dim ** -0.5

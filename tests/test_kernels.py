@@ -333,20 +333,29 @@ def _new_tokens(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: in
 @pytest.mark.parametrize("ops, target", ELEMENTWISE_OPS)
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("rotary_dim", [128, 64], ids=["full", "partial"])
+@pytest.mark.parametrize("norm_offset", [None, 0.0, 1.0], ids=["no-norm", "qk-norm", "gemma-qk-norm"])
 def test_rotary_embedding_and_write_kv_rotates_query_in_place_and_writes_rotated_key_and_value_to_their_slots(
-        rotary_dim: int, is_neox: bool, ops: ModuleType, target: Target) -> None:
+        norm_offset: float | None, rotary_dim: int, is_neox: bool, ops: ModuleType, target: Target) -> None:
     num_tokens, num_heads, num_kv_heads, head_dim, num_blocks, block_size = 6 * target.scale, 8, 2, 128, 6, 8
     qkv, positions, slots = _new_tokens(num_tokens, num_heads, num_kv_heads, head_dim, num_blocks * block_size,
                                         target)
     query, key, value = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads], qkv[:, -num_kv_heads:]
     cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=target.device).to(target.dtype)
     cos_sin_cache = torch.randn(64, rotary_dim, device=target.device)
+    # Qwen3's and Gemma 3's per-head norms of query and key, before the rotation
+    norm = {} if norm_offset is None else {
+        "q_norm_weight": torch.randn(head_dim, device=target.device).to(target.dtype),
+        "k_norm_weight": torch.randn(head_dim, device=target.device).to(target.dtype), "norm_eps": 1e-6,
+        "norm_weight_offset": norm_offset}
     expected_qkv, expected_cache = qkv.clone(), cache.clone()
-    ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, cache, slots, is_neox)
+    ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, cache, slots, is_neox, **norm)
     ref.rotary_embedding_and_write_kv(positions, expected_qkv[:, :num_heads],
                                       expected_qkv[:, num_heads:num_heads + num_kv_heads],
-                                      expected_qkv[:, -num_kv_heads:], cos_sin_cache, expected_cache, slots, is_neox)
-    _assert_close(qkv, expected_qkv, target)  # the query rotated; key and value untouched
+                                      expected_qkv[:, -num_kv_heads:], cos_sin_cache, expected_cache, slots, is_neox,
+                                      **norm)
+    if norm:  # the norm's sum of squares adds up in another order: a 16-bit rounding may land one step away
+        target = target._replace(atol=2 * target.atol, rtol=2 * target.rtol)
+    _assert_close(qkv, expected_qkv, target)  # the query (normalised and) rotated; key and value untouched
     _assert_close(cache, expected_cache, target)  # padding's slots, and every slot not written, as they were
     written = cache.view(2, -1, num_kv_heads, head_dim)[:, slots[slots >= 0]]
     assert not torch.equal(written[0], key[slots >= 0].to(cache.dtype)), "the key went in unrotated"
@@ -540,10 +549,11 @@ def _run_step(ops: KernelOps, step: Step, target: Target) -> None:
     qkv = _query(num_tokens, num_heads + 2 * num_kv_heads, head_dim, target)  # the fused projection's views
     query, key = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads]
     value = qkv[:, num_heads + num_kv_heads:]
-    for heads in (query, key):  # Qwen3's per-head norm
-        ops.rms_norm(heads, weight[:head_dim], 1e-6)
-    ops.rotary_embedding_and_write_kv(positions, query, key, value,
-                                      torch.randn(max(lens), head_dim, device=target.device), cache.kv_cache, slots)
+    rope = torch.randn(max(lens), head_dim, device=target.device)
+    ops.rotary_embedding_and_write_kv(positions, query, key, value, rope, cache.kv_cache, slots)
+    # Qwen3's layers: the per-head norms in the same kernel
+    ops.rotary_embedding_and_write_kv(positions, query, key, value, rope, cache.kv_cache, slots, True,
+                                      weight[:head_dim], weight[:head_dim], 1e-6)
     out = torch.empty_like(query)
     half = num_decodes // 2
     for first, end in ((0, half), (half, num_decodes)):
@@ -564,10 +574,11 @@ def test_varied_batches_launch_only_the_kernel_variants_of_the_warm_up(dtype: to
         _run_step(ops, step, target)
     warm = set(launches)
     # Per model and dtype: decode's stage 1 writing the output and writing partials, the merge; RMSNorm over the
-    # hidden size, with a residual, and over a head; one of each other kernel.
+    # hidden size and with a residual; the rotation and KV write without and with per-head norms (Llama's and
+    # Qwen3's layers); one of each other kernel.
     assert Counter(name for name, *_ in warm) == {
         "_decode_split_kernel": 2, "_merge_splits_kernel": 1, "_prefill_kernel": 1,
-        "_rms_norm_kernel": 3, "_rotary_write_kv_kernel": 1, "_act_and_mul_kernel": 1}
+        "_rms_norm_kernel": 2, "_rotary_write_kv_kernel": 2, "_act_and_mul_kernel": 1}
     for step in VARIED_STEPS:
         _run_step(ops, step, target)
     assert launches == warm, f"new variants: {launches - warm}"

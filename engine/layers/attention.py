@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention_metadata import AttentionMetadata
+from engine.layers.layernorm import RMSNorm
 from kernels import KernelOps
 
 
@@ -24,12 +25,17 @@ class PagedAttention:
         self.logits_soft_cap = logits_soft_cap
 
     def __call__(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+                 cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                 qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
         """query [num_tokens, num_heads, head_dim], key/value [num_tokens, num_kv_heads, head_dim], not yet rotated
-        (neox pairs); cos_sin_cache [max_position, rotary_dim] the layer's rope table."""
-        # One op rotates and writes: a launch fewer per layer than a rotation and then a write.
+        (neox pairs); cos_sin_cache [max_position, rotary_dim] the layer's rope table; qk_norm: the norms of each
+        head of query and key, applied before the rotation (Qwen3, Gemma 3)."""
+        # One op (normalises,) rotates and writes: launches fewer per layer than each on its own.
+        norm = {} if qk_norm is None else {
+            "q_norm_weight": qk_norm[0].weight, "k_norm_weight": qk_norm[1].weight, "norm_eps": qk_norm[0].eps,
+            "norm_weight_offset": qk_norm[0].weight_offset}
         self.ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, kv_cache,
-                                               meta.slot_mapping, True)
+                                               meta.slot_mapping, True, **norm)
         # The ops read the batch's whole tables and write their sequences' rows of out: no slices, no copies.
         out = torch.empty_like(query)
         for start, end, max_seq_len in meta.decode_groups:

@@ -81,9 +81,9 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.qk_norm_per_head:  # reads the heads in place in qkv; writes new tensors
-            q, k = self.q_norm(q), self.k_norm(k)
-        out = self.attn(positions, q, k, v, rope_cache[self.rope_index], kv_cache, meta)
+        # Per-head norms go in with the rotation and the KV write: one pass over the heads in qkv.
+        qk_norm = (self.q_norm, self.k_norm) if self.q_norm is not None and self.qk_norm_per_head else None
+        out = self.attn(positions, q, k, v, rope_cache[self.rope_index], kv_cache, meta, qk_norm)
         return self.o_proj(out.view(-1, self.q_size))
 
 
