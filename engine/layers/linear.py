@@ -34,8 +34,11 @@ class KernelLayoutWeight:
 
 
 def dense_layers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(weight, bias) of each layer of the model whose weight goes to `linear`: what KernelOps.tune_linear tunes."""
-    return [(m.weight, getattr(m, "bias", None)) for m in model.modules() if isinstance(m, KernelLayoutWeight)]
+    """(weight, bias) of each layer of the model whose weight goes to `linear` inside a decode step's CUDA graph:
+    what KernelOps.tune_linear tunes. Not the LM head, which runs after the graph on the sampled rows."""
+    lm_head = getattr(model, "lm_head", None)
+    return [(m.weight, getattr(m, "bias", None)) for m in model.modules()
+            if isinstance(m, KernelLayoutWeight) and m is not lm_head]
 
 
 class StackedLinear(KernelLayoutWeight, nn.Linear):
