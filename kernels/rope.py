@@ -95,7 +95,9 @@ def rotary_embedding_and_write_kv(positions: torch.Tensor, query: torch.Tensor, 
     assert 2 * half <= head_dim, f"rotary_dim {cos_sin_cache.shape[-1]} exceeds head_dim {head_dim}"
     norm = q_norm_weight is not None
     assert norm == (k_norm_weight is not None), "query and key are normalised together"
-    if norm and 2 * half < head_dim:  # partial rotary: the norm reads whole heads, the rotation pairs; two passes
+    # Two passes where the fused one would not round as rms_norm does: partial rotary (the norm reads whole heads,
+    # the rotation pairs) or a weight of another dtype (rms_norm's output takes the wider one).
+    if norm and (2 * half < head_dim or not query.dtype == key.dtype == q_norm_weight.dtype == k_norm_weight.dtype):
         query.copy_(rmsnorm.rms_norm(query, q_norm_weight, norm_eps, None, norm_weight_offset))
         key = rmsnorm.rms_norm(key, k_norm_weight, norm_eps, None, norm_weight_offset)
         norm = False

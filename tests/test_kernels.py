@@ -383,6 +383,34 @@ def test_triton_rotary_embedding_and_write_kv_casts_into_a_narrower_cache_at_any
     _assert_close(cache, expected_cache, target)
 
 
+@pytest.mark.parametrize("target", ELEMENTWISE_TARGETS)
+@pytest.mark.parametrize("norm_offset", [0.0, 1.0], ids=["qwen3", "gemma"])
+def test_triton_qk_norm_in_the_rotary_kernel_rounds_as_the_norm_kernel_then_the_rotation(norm_offset: float,
+                                                                                        target: Target) -> None:
+    # Head dim 96 and 6 query heads over 3: masked lanes and heads beside the norm's sums.
+    num_tokens, num_heads, num_kv_heads, head_dim, num_blocks, block_size = 5 * target.scale, 6, 3, 96, 6, 8
+    qkv, positions, slots = _new_tokens(num_tokens, num_heads, num_kv_heads, head_dim, num_blocks * block_size,
+                                        target)
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=target.device).to(target.dtype)
+    cos_sin_cache = torch.randn(64, head_dim, device=target.device)
+    q_weight, k_weight = (torch.randn(head_dim, device=target.device).to(target.dtype) for _ in range(2))
+    expected_qkv, expected_cache = qkv.clone(), cache.clone()
+    query, key, value = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads], qkv[:, -num_kv_heads:]
+    triton_ops.rotary_embedding_and_write_kv(positions, query, key, value, cos_sin_cache, cache, slots, True,
+                                             q_weight, k_weight, 1e-6, norm_offset)
+    # The same as the norm kernel, then the op without a norm: each rounding where it rounds, bit for bit in fp16
+    # in the interpreter (fp32 keeps the sums' order, in the last bits; a GPU may round one step away).
+    expected_query = expected_qkv[:, :num_heads]
+    expected_query.copy_(triton_ops.rms_norm(expected_query, q_weight, 1e-6, None, norm_offset))
+    normed_key = triton_ops.rms_norm(expected_qkv[:, num_heads:num_heads + num_kv_heads], k_weight, 1e-6, None,
+                                     norm_offset)
+    triton_ops.rotary_embedding_and_write_kv(positions, expected_query, normed_key, expected_qkv[:, -num_kv_heads:],
+                                             cos_sin_cache, expected_cache, slots, True)
+    exact = target.device == "cpu" and target.dtype == torch.float16
+    _assert_close(qkv, expected_qkv, target._replace(atol=0.0, rtol=0.0) if exact else target)
+    _assert_close(cache, expected_cache, target._replace(atol=0.0, rtol=0.0) if exact else target)
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("target", CPU_KERNEL_TARGETS, ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
