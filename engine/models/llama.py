@@ -69,9 +69,11 @@ class LlamaAttention(nn.Module):
         kind = layer_type(config, layer_idx)
         ropes = rope_layer_types(config)
         self.rope_index = ropes.index(kind if kind in ropes else None)
+        # Per-head norms go in with the rotation and the KV write: one pass over the heads in qkv.
+        per_head_norms = (self.q_norm, self.k_norm) if qk_norm is not None and qk_norm_per_head else None
         self.attn = PagedAttention(ops, self.num_heads, self.num_kv_heads, self.head_dim,
                                    self.head_dim ** -0.5 if scale is None else scale,
-                                   sliding_window(config, layer_idx), logits_soft_cap)
+                                   sliding_window(config, layer_idx), logits_soft_cap, per_head_norms)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, rope_cache: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -81,9 +83,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        # Per-head norms go in with the rotation and the KV write: one pass over the heads in qkv.
-        qk_norm = (self.q_norm, self.k_norm) if self.q_norm is not None and self.qk_norm_per_head else None
-        out = self.attn(positions, q, k, v, rope_cache[self.rope_index], kv_cache, meta, qk_norm)
+        out = self.attn(positions, q, k, v, rope_cache[self.rope_index], kv_cache, meta)
         return self.o_proj(out.view(-1, self.q_size))
 
 
