@@ -282,7 +282,7 @@ def _decode_ms_without_gemv(llm, plan: Plan) -> float:
     from kernels import gemv
 
     runner = llm.engine.runner
-    gemv._choices.clear()
+    gemv.forget_choices()
     runner.graphs = DecodeGraphs(runner.graphs.sizes)
     runner.capture_cuda_graphs()
     median_ms = 1e3 * float(np.median(_decode_step_seconds(llm, plan)))

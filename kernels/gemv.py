@@ -141,6 +141,11 @@ def chosen_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return _choices.get((bucket, *_shape(weight, bias)))
 
 
+def forget_choices() -> None:
+    """Drop what tune chose: graphs captured after this run on cuBLAS alone (the GPU check's A/B of gemv)."""
+    _choices.clear()
+
+
 @torch.inference_mode()
 def tune(layers: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> list[dict]:
     """For each distinct (weight [N, K], bias) of the 16-bit CUDA layers with at least MIN_TUNED_ELEMENTS weights
