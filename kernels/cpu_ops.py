@@ -1,9 +1,9 @@
 """The CPU's kernels (kernel_backend="cpu"): the PyTorch reference ops, with the ones a compiled C kernel does
 faster on a CPU taken from kernels/cpu/: decode attention read from the paged cache in place (instead of gathered
 and padded), RMSNorm(+residual), and the rotary embedding with the KV write, in one pass each (instead of 5-20
-tensor ops), and the bf16 matmuls, on weights packed for AVX-512 BF16 once they are loaded. Each falls back to the reference
-for what the C kernels do not take (fp16, a last dim that is not contiguous), and the whole backend is the
-reference where no C compiler built them."""
+tensor ops), and the bf16 matmuls, on weights packed for AVX-512 BF16 once they are loaded. Each falls back to the
+reference for what the C kernels do not take (fp16, a last dim that is not contiguous), and the whole backend is
+the reference where no C compiler built them."""
 from __future__ import annotations
 
 import ctypes
